@@ -1,0 +1,249 @@
+"""The `captioner` command: prepare, features, train, evaluate, caption, synth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _beams(text: str) -> list[int]:
+    try:
+        beams = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected beam sizes like 1,3,5, got {text!r}") from None
+    if not beams or min(beams) < 1:
+        raise argparse.ArgumentTypeError("beam sizes must be >= 1")
+    return beams
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .data.corpus import CorpusError, read_corpus
+    from .data.text import Vocab, length_report
+
+    kwargs = {"strict": a.strict}
+    fmt = a.format
+    src = a.source
+    if fmt == "flickr8k-text":
+        kwargs.update(text_dir=src, image_dir=a.images)
+    elif fmt == "karpathy":
+        kwargs.update(json_path=src, image_dir=a.images)
+    elif fmt == "kaggle":
+        kwargs.update(csv_path=src, image_dir=a.images)
+    elif fmt == "coco":
+        kwargs.update(annotation_files=[src, *a.extra], image_dir=a.images)
+    elif fmt == "folder":
+        kwargs.update(captions_file=src, image_dir=a.images)
+    try:
+        corpus = read_corpus(fmt, **kwargs)
+    except CorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokens = [t for it in corpus.split("train") for t in it.tokens]
+    vocab = Vocab.build(train_tokens, min_freq=a.min_freq, max_size=a.max_words)
+    corpus.save(out / "corpus.json")
+    vocab.save(out / "vocab.json")
+    lengths = length_report(train_tokens, a.max_len)
+    report = {**corpus.report.to_dict(), "vocab_size": len(vocab), "train_caption_lengths": lengths}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(corpus.report.summary())
+    print(f"vocabulary: {len(vocab)} entries (min_freq={a.min_freq}, max_words={a.max_words})")
+    print(f"train captions longer than {a.max_len} words (truncated in training): {lengths['truncated']}"
+          f" of {lengths['captions']}")
+    print(f"wrote {out / 'corpus.json'}, {out / 'vocab.json'}, {out / 'report.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- features
+
+def cmd_features(a: argparse.Namespace) -> int:
+    from .data.corpus import Corpus
+    from .features import FeatureStoreError, extract_features
+
+    if a.corpus:
+        corpus = Corpus.load(a.corpus)
+        splits = set(a.splits.split(",")) if a.splits else None
+        names = [it.image for it in corpus.items if splits is None or it.split in splits]
+        root = corpus.image_root
+    else:
+        root = Path(a.images)
+        exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+        names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in exts)
+    try:
+        summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
+                                   batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
+                                   overwrite=a.overwrite, progress=not a.quiet)
+    except FeatureStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    if summary["failed"]:
+        print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .train import TrainConfig, train
+
+    try:
+        cfg = load_config(TrainConfig, a.config, a.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = train(cfg, resume=a.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_model
+
+    res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit)
+    print(res["markdown"])
+    for k, s in res["seconds"].items():
+        print(f"beam {k}: {s} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------- caption
+
+def cmd_caption(a: argparse.Namespace) -> int:
+    from .data.images import ImageError, load_image
+    from .modeldir import Captioner, ModelDirError
+
+    try:
+        model = Captioner.from_pretrained(a.model)
+    except ModelDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    for i, path in enumerate(a.images):
+        try:
+            img = load_image(path, max_pixels=a.max_pixels)
+        except ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        r = model.caption([img], beam_size=a.beam, n_best=a.n_best, return_attention=bool(a.attention))[0]
+        if a.attention:
+            from .viz import attention_figure
+
+            target = Path(a.attention)
+            if len(a.images) > 1:
+                target = target.with_name(f"{target.stem}-{Path(path).stem}{target.suffix or '.png'}")
+            attention_figure(img, r["words"], r["attention"], tuple(r["grid"]), target, title=r["caption"])
+            r["attention_figure"] = str(target)
+        if a.json:
+            obj = {"image": path, "caption": r["caption"], "score": r["score"]}
+            if a.n_best > 1:
+                obj["n_best"] = r["n_best"]
+            if a.attention:
+                obj["attention_figure"] = r["attention_figure"]
+            print(json.dumps(obj), flush=True)
+        else:
+            print(f"{path}: {r['caption']}")
+            if a.n_best > 1:
+                for j, h in enumerate(r["n_best"], 1):
+                    print(f"  {j}. {h['caption']}  ({h['score']:.3f})")
+            if a.attention:
+                print(f"  attention figure: {r['attention_figure']}")
+    return status
+
+
+# ----------------------------------------------------------------------------- synth
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .data.synthetic import make_shapes_dataset
+
+    path = make_shapes_dataset(a.out, a.n, size=a.size, seed=a.seed)
+    print(f"wrote {a.n} images and {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="captioner", description="Image captioning that works offline on a CPU.")
+    p.add_argument("--version", action="version", version=f"captioner {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="read a dataset into corpus.json + vocab.json + report.json")
+    s.add_argument("format", choices=["flickr8k-text", "karpathy", "kaggle", "coco", "folder"])
+    s.add_argument("source", help="flickr8k-text: the Flickr8k_text folder; karpathy: dataset_*.json; "
+                                  "kaggle: captions.txt; coco: captions_*.json; folder: CSV/JSONL of captions")
+    s.add_argument("extra", nargs="*", help="coco: more captions_*.json files")
+    s.add_argument("--images", required=True, help="folder holding the images")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--min-freq", type=int, default=5, help="words rarer than this in train become <unk>")
+    s.add_argument("--max-words", type=int, default=None, help="keep at most this many words (top-k)")
+    s.add_argument("--max-len", type=int, default=30, help="caption length (words) reported for truncation")
+    s.add_argument("--strict", action="store_true", help="fail on any problem instead of reporting and skipping")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("features", help="cache encoder grids of images (resumable)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--corpus", help="corpus.json from `captioner prepare`")
+    g.add_argument("--images", help="a folder of images (all of them)")
+    s.add_argument("--splits", default=None, help="only these splits of the corpus, e.g. train,val")
+    s.add_argument("--out", required=True, help="feature store folder")
+    s.add_argument("--encoder", default="efficientnet-lite0")
+    s.add_argument("--resize", choices=["squash", "center-crop"], default=None)
+    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--workers", type=int, default=1, help="image decoding processes")
+    s.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("train", help="train a captioning model", description="Overrides: key=value, e.g. "
+                       "optim.lr=3e-4 optim.epochs=10 model.hidden_dim=256 data.corpus=... out_dir=...")
+    s.add_argument("--config", default=None, help="YAML config (see configs/)")
+    s.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="score a model on a split (JSON + Markdown)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--features", required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--beam", type=_beams, default=[1, 3, 5], help="beam sizes, e.g. 1,3,5")
+    s.add_argument("--limit", type=int, default=0, help="only the first N images")
+    s.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, captions.json")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("caption", help="caption images with a model (default: the bundled one)")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--model", default="flickr8k-sat", help="model directory or bundled model name")
+    s.add_argument("--beam", type=int, default=None, help="beam size (default: the model's, 3)")
+    s.add_argument("--n-best", type=int, default=1, help="also list the N best captions with scores")
+    s.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    s.add_argument("--attention", default=None, metavar="OUT.png", help="write an attention figure")
+    s.add_argument("--max-pixels", type=int, default=64_000_000)
+    s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=300)
+    s.add_argument("--size", type=int, default=96)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The one safe image loader: any file, bytes or stream -> a loaded RGB image.
+
+Every code path that reads images (datasets, CLI, inference) goes through
+:func:`load_image`, so that all of them agree on orientation, colour handling
+and error messages, and none of them can be taken down by a hostile file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageError",
+    "ImageSource",
+    "load_image",
+    "try_load_image",
+]
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Decompression-bomb guard: images with more pixels are refused unless asked."""
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+class ImageError(Exception):
+    """Bad image input. ``str(e) == f"{source}: {reason}"``."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+    def __reduce__(self):  # keep it picklable (DataLoader workers)
+        return (type(self), (self.source, self.reason))
+
+
+# --------------------------------------------------------------------------
+# PIL's own decompression-bomb check
+# --------------------------------------------------------------------------
+# We enforce ``max_pixels`` ourselves from the header, so PIL's global check
+# (which warns, or raises without telling the size) is switched off while one
+# of our loads runs, and restored when the last concurrent load finishes.
+
+_pil_guard_lock = threading.Lock()
+_pil_guard_depth = 0
+_pil_guard_saved: int | None = None
+
+
+@contextmanager
+def _pil_bomb_check_off() -> Iterator[None]:
+    global _pil_guard_depth, _pil_guard_saved
+    with _pil_guard_lock:
+        if _pil_guard_depth == 0:
+            _pil_guard_saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pil_guard_depth += 1
+    try:
+        yield
+    finally:
+        with _pil_guard_lock:
+            _pil_guard_depth -= 1
+            if _pil_guard_depth == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_guard_saved
+
+
+# --------------------------------------------------------------------------
+# Mode conversion
+# --------------------------------------------------------------------------
+
+
+def _to_uint8_gray(im: Image.Image) -> Image.Image:
+    """Scale a high-bit-depth grey image (I;16*, I, F) to mode L.
+
+    I;16*: full 16-bit range (65535 -> 255). I: treated as 16-bit when its
+    values fit in 0..65535, else stretched min..max. F: 0..1 -> 0..255 when it
+    fits, else stretched min..max.
+    """
+    arr = np.asarray(im).astype(np.float64)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        out = arr / 257.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        out = arr * 255.0
+    elif hi > lo:
+        out = (arr - lo) * (255.0 / (hi - lo))
+    else:
+        out = np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
+
+
+def _on_white(im: Image.Image) -> Image.Image:
+    """Composite an image with alpha (or a transparent colour) onto white."""
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_uint8_gray(im)
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        return _on_white(im)
+    if im.mode == "P" and im.palette is not None and im.palette.mode == "RGBA":
+        return _on_white(im)
+    if im.mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def _decode(fp: BinaryIO, source: str, max_pixels: int | None) -> Image.Image:
+    """Open ``fp``, check its size from the header, then decode to RGB."""
+    with _pil_bomb_check_off():
+        try:
+            im = Image.open(fp)
+        except UnidentifiedImageError:
+            raise ImageError(source, "not an image file (cannot identify format)") from None
+        except Exception as e:  # PIL plugins raise many types on bad headers
+            raise ImageError(source, f"truncated or corrupt image data: {e}") from e
+        # Leaving the ``with`` closes files PIL opened itself, never the caller's.
+        with im:
+            width, height = im.size
+            pixels = width * height
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageError(
+                    source,
+                    f"image has {width} x {height} = {pixels} pixels, more than the "
+                    f"limit of {max_pixels}; raise max_pixels if you trust this file",
+                )
+            try:
+                im.load()  # Image.open left animated images on their first frame
+            except Exception as e:
+                raise ImageError(source, f"truncated or corrupt image data: {e}") from e
+            try:
+                # Always a new in-memory image, detached from the file.
+                out = ImageOps.exif_transpose(im)
+            except Exception:  # unreadable EXIF must not cost us a good image
+                out = im.copy()
+        try:
+            return _to_rgb(out)
+        except Exception as e:
+            raise ImageError(source, f"cannot convert mode {out.mode} to RGB: {e}") from e
+
+
+def load_image(
+    src: ImageSource,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+) -> Image.Image:
+    """Load ``src`` (path, bytes or binary file object) as a fully loaded RGB image.
+
+    EXIF orientation is applied, transparency is composited on white, and
+    animated images give their first frame. Any problem raises
+    :class:`ImageError`; images over ``max_pixels`` (``None``: no limit) are
+    refused before decoding. File objects are read but not closed.
+    """
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        source = name if name is not None else "<bytes>"
+        if len(src) == 0:
+            raise ImageError(source, "empty data (0 bytes)")
+        return _decode(io.BytesIO(bytes(src)), source, max_pixels)
+
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        source = name if name is not None else os.fspath(src)
+        if path.is_dir():
+            raise ImageError(source, "is a directory, not an image file")
+        try:
+            with open(path, "rb") as fp:
+                if os.fstat(fp.fileno()).st_size == 0:
+                    raise ImageError(source, "empty file (0 bytes)")
+                return _decode(fp, source, max_pixels)
+        except FileNotFoundError:
+            raise ImageError(source, "file not found") from None
+        except PermissionError:
+            raise ImageError(source, "permission denied") from None
+        except IsADirectoryError:
+            raise ImageError(source, "is a directory, not an image file") from None
+        except OSError as e:
+            raise ImageError(source, f"cannot read file: {e.strerror or e}") from e
+
+    if hasattr(src, "read"):
+        file_name = getattr(src, "name", None)
+        if name is not None:
+            source = name
+        elif isinstance(file_name, (str, os.PathLike)):
+            source = os.fspath(file_name)
+        else:
+            source = "<file object>"
+        try:
+            return _decode(src, source, max_pixels)
+        except OSError as e:  # reading the stream itself failed
+            raise ImageError(source, f"cannot read file: {e}") from e
+
+    raise TypeError(
+        f"load_image expects a path, bytes or a binary file object, got {type(src).__name__}"
+    )
+
+
+def try_load_image(
+    src: ImageSource, **kw: Any
+) -> tuple[Image.Image | None, str | None]:
+    """Like :func:`load_image` but returns ``(image, None)`` or ``(None, message)``."""
+    try:
+        return load_image(src, **kw), None
+    except ImageError as e:
+        return None, str(e)

@@ -1,0 +1,197 @@
+"""One decoding engine for every architecture: greedy, batched beam search, sampling.
+
+Written only against the step interface of :class:`captioner.models.base.Decoder`
+(``encode`` / ``init_state`` / ``step``), so every architecture gets all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.base import Decoder
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start> / <end>
+    score: float  # sum of log-probabilities, <end> included when it was produced
+    norm_score: float  # score / length**length_penalty (what the n-best list is ranked by)
+    attention: torch.Tensor | None  # (len(tokens), P) attention that produced each word
+    finished: bool  # produced <end> before max_len
+
+
+def _expand(tensors: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
+    return tuple(t.repeat_interleave(k, dim=0) for t in tensors)
+
+
+def _select(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.index_select(0, index) for t in tensors)
+
+
+def _norm(score: float, length: int, length_penalty: float) -> float:
+    return score / (max(length, 1) ** length_penalty) if length_penalty else score
+
+
+@torch.inference_mode()
+def greedy_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
+                  max_len: int = 30, length_penalty: float = 0.0) -> list[Hypothesis]:
+    """Most probable word at every step. features (B, P, C) -> one hypothesis per image."""
+    memory = model.encode(features)
+    state = model.init_state(memory)
+    B = features.shape[0]
+    prev = torch.full((B,), start_id, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    scores = torch.zeros(B)
+    words, atts = [], []
+    for _ in range(max_len):
+        logp, state, att = model.step(prev, state, memory)
+        best = logp.argmax(dim=-1)
+        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, best[:, None]).squeeze(1))
+        best = torch.where(done, torch.full_like(best, end_id), best)
+        words.append(best)
+        atts.append(att)
+        done |= best == end_id
+        prev = best
+        if bool(done.all()):
+            break
+    words_t = torch.stack(words, 1)  # (B, T)
+    hyps = []
+    for b in range(B):
+        seq = words_t[b].tolist()
+        n = seq.index(end_id) if end_id in seq else len(seq)
+        att = torch.stack([a[b] for a in atts[:n]]) if atts and atts[0] is not None and n else None
+        s = float(scores[b])
+        hyps.append(Hypothesis(seq[:n], s, _norm(s, n + 1 if n < len(seq) else n, length_penalty), att, n < len(seq)))
+    return hyps
+
+
+@torch.inference_mode()
+def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
+                beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
+                n_best: int = 1) -> list[list[Hypothesis]]:
+    """Batched beam search: all images and all beams advance together in one ``step`` call.
+
+    Finished beams keep their score and stay in the beam (they only extend with <end> at no
+    cost), so the search stops when every beam of every image has finished or at ``max_len``.
+    The final hypotheses are ranked by ``score / length ** length_penalty`` (length counts
+    the <end> token; 0 = raw log-probability). Returns ``n_best`` hypotheses per image.
+    """
+    k = beam_size
+    B = features.shape[0]
+    memory = _expand(model.encode(features), k)
+    state = model.init_state(memory)
+    prev = torch.full((B * k,), start_id, dtype=torch.long)
+    scores = torch.full((B, k), float("-inf"))
+    scores[:, 0] = 0.0  # all beams start identical: keep one so the first step picks k distinct words
+    finished = torch.zeros(B, k, dtype=torch.bool)
+    history = torch.empty(B, k, 0, dtype=torch.long)
+    att_hist = None
+    offsets = (torch.arange(B) * k).unsqueeze(1)  # (B,1)
+    for _ in range(max_len):
+        logp, state, att = model.step(prev, state, memory)  # (B*k, V)
+        V = logp.shape[-1]
+        logp = logp.view(B, k, V)
+        # a finished beam may only "continue" with <end> at zero cost
+        frozen = torch.full_like(logp[0, 0], float("-inf"))
+        frozen[end_id] = 0.0
+        logp = torch.where(finished.unsqueeze(-1), frozen, logp)
+        cand = (scores.unsqueeze(-1) + logp).view(B, k * V)
+        top_scores, top_idx = cand.topk(k, dim=1)  # (B, k)
+        beam_idx, word = top_idx // V, top_idx % V
+        flat = (offsets + beam_idx).view(-1)
+        state = _select(state, flat)
+        history = torch.cat([history.gather(1, beam_idx.unsqueeze(-1).expand(-1, -1, history.shape[2])),
+                             word.unsqueeze(-1)], dim=2)
+        if att is not None:
+            att = att.view(B, k, -1)
+            step_att = att.gather(1, beam_idx.unsqueeze(-1).expand(-1, -1, att.shape[-1]))
+            if att_hist is None:
+                att_hist = step_att.unsqueeze(2)
+            else:
+                idx = beam_idx[:, :, None, None].expand(-1, -1, att_hist.shape[2], att_hist.shape[3])
+                att_hist = torch.cat([att_hist.gather(1, idx), step_att.unsqueeze(2)], dim=2)
+        finished = finished.gather(1, beam_idx) | (word == end_id)
+        scores = top_scores
+        prev = word.view(-1)
+        if bool(finished.all()):
+            break
+    results = []
+    for b in range(B):
+        hyps = []
+        for j in range(k):
+            if scores[b, j] == float("-inf"):
+                continue
+            seq = history[b, j].tolist()
+            n = seq.index(end_id) if end_id in seq else len(seq)
+            s = float(scores[b, j])
+            att = att_hist[b, j, :n] if att_hist is not None and n else None
+            hyps.append(Hypothesis(seq[:n], s, _norm(s, n + 1 if n < len(seq) else n, length_penalty),
+                                   att, n < len(seq)))
+        hyps.sort(key=lambda h: h.norm_score, reverse=True)
+        results.append(hyps[:n_best])
+    return results
+
+
+@torch.inference_mode()
+def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, max_len: int = 30,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+           seed: int | None = None) -> list[list[Hypothesis]]:
+    """Draw captions from the model's distribution (system S3's decoding), seeded."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    B = features.shape[0]
+    memory = _expand(model.encode(features), num_samples)
+    state = model.init_state(memory)
+    n = B * num_samples
+    prev = torch.full((n,), start_id, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    scores = torch.zeros(n)
+    words, atts = [], []
+    for _ in range(max_len):
+        logp, state, att = model.step(prev, state, memory)
+        logits = logp / max(temperature, 1e-6)
+        if top_k > 0:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_l, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_l.softmax(-1).cumsum(-1)
+            drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest set reaching top_p
+            logits = logits.scatter(1, order, sorted_l.masked_fill(drop, float("-inf")))
+        word = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+        word = torch.where(done, torch.full_like(word, end_id), word)
+        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1))
+        words.append(word)
+        atts.append(att)
+        done |= word == end_id
+        prev = word
+        if bool(done.all()):
+            break
+    words_t = torch.stack(words, 1)
+    out: list[list[Hypothesis]] = []
+    for b in range(B):
+        group = []
+        for j in range(num_samples):
+            i = b * num_samples + j
+            seq = words_t[i].tolist()
+            m = seq.index(end_id) if end_id in seq else len(seq)
+            att = torch.stack([a[i] for a in atts[:m]]) if atts and atts[0] is not None and m else None
+            group.append(Hypothesis(seq[:m], float(scores[i]), float(scores[i]), att, m < len(seq)))
+        out.append(group)
+    return out
+
+
+def decode(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, beam_size: int = 1,
+           max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1) -> list[list[Hypothesis]]:
+    """Greedy when beam_size == 1 (exactly the beam-1 result), beam search otherwise."""
+    was_training = model.training
+    model.eval()
+    try:
+        if beam_size == 1:
+            return [[h] for h in greedy_search(model, features, start_id=start_id, end_id=end_id,
+                                               max_len=max_len, length_penalty=length_penalty)]
+        return beam_search(model, features, start_id=start_id, end_id=end_id, beam_size=beam_size,
+                           max_len=max_len, length_penalty=length_penalty, n_best=n_best)
+    finally:
+        model.train(was_training)

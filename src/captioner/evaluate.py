@@ -1,0 +1,55 @@
+"""`captioner evaluate`: decode a split with a model directory, score it, write JSON + Markdown."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .data.corpus import Corpus
+from .features import FeatureStore
+from .metrics import METRIC_NAMES
+from .modeldir import load_model_dir
+from .train import TrainData, evaluate_split
+
+
+def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str:
+    """rows: beam size -> scores in [0,1]. Percentages with one decimal, as papers print them."""
+    names = [m for m in METRIC_NAMES if any(m in r for r in rows.values())]
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| beam | " + " | ".join(names) + " |")
+    lines.append("|---:|" + "---:|" * len(names))
+    for beam, r in rows.items():
+        lines.append(f"| {beam} | " + " | ".join(f"{100 * r[m]:.1f}" if m in r else "n/a" for m in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test", beams: Sequence[int] = (1, 3, 5),
+                   out: str | None = None, max_len: int | None = None, limit: int = 0,
+                   metrics: Sequence[str] | None = None) -> dict:
+    decoder, vocab, cfg = load_model_dir(model)
+    store = FeatureStore.open(features)
+    if store.meta["encoder"]["name"] != cfg["encoder"]["name"]:
+        raise ValueError(f"{features}: features from {store.meta['encoder']['name']}, "
+                         f"but the model was trained on {cfg['encoder']['name']}")
+    data = TrainData(Corpus.load(corpus), vocab, store, split, 10_000)
+    max_len = max_len or cfg.get("decoding", {}).get("max_len", 30)
+    result = {"model": str(model), "split": split, "images": min(limit, len(data.images)) if limit else len(data.images),
+              "beams": {}, "seconds": {}, "captions": {}}
+    for k in beams:
+        t0 = time.perf_counter()
+        scores, cands = evaluate_split(decoder, vocab, data, beam_size=k, max_len=max_len, metrics=metrics,
+                                       limit=limit)
+        result["beams"][k] = scores
+        result["seconds"][k] = round(time.perf_counter() - t0, 1)
+        result["captions"][k] = cands
+    result["markdown"] = markdown_table(result["beams"], title=f"{Path(str(model)).name} on {split} "
+                                                              f"({result['images']} images)")
+    if out:
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        (o / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "captions"}, indent=2))
+        (o / "captions.json").write_text(json.dumps(result["captions"], indent=1))
+        (o / "metrics.md").write_text(result["markdown"])
+    return result

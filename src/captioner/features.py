@@ -1,0 +1,255 @@
+"""Feature store: encoder grids of a set of images, cached once, read back zero-copy.
+
+Layout of a store directory::
+
+    features.npy   float16 (N, H*W, C), a plain .npy file written through a memory map
+    status.npy     uint8 (N,): 0 = to do, 1 = done, 2 = failed (unreadable image)
+    index.json     {"images": [name, ...]}: row i holds images[i]
+    meta.json      format/version, encoder spec, preprocessing, grid shape, fingerprint
+    errors.jsonl   one {"image", "error"} line per image that could not be read
+
+Crash safety: a row's features are written before its status byte, both into shared
+memory maps, so a killed process never leaves a row marked done with partial data
+(the kernel keeps the written pages); a rerun computes only rows whose status is 0.
+The fingerprint (encoder, preprocessing, image names and sizes) guards against resuming
+into a store made from other inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+FORMAT = "captioner-features"
+VERSION = 1
+TODO, DONE, FAILED = 0, 1, 2
+
+
+class FeatureStoreError(RuntimeError):
+    pass
+
+
+def fingerprint(spec_dict: dict, images: Sequence[str], root: Path) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(spec_dict, sort_keys=True).encode())
+    for name in images:
+        p = root / name
+        size = p.stat().st_size if p.exists() else -1
+        h.update(f"{name}\0{size}\n".encode())
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class _DecodeDataset:
+    """Loads and resizes images (run in DataLoader workers, so decoding overlaps the CNN)."""
+
+    def __init__(self, root: Path, names: list[str], rows: list[int], spec, max_pixels):
+        self.root, self.names, self.rows, self.spec, self.max_pixels = root, names, rows, spec, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from .data.images import try_load_image
+        from .encoders import image_to_array
+
+        row = self.rows[i]
+        name = self.names[row]
+        img, err = try_load_image(self.root / name, max_pixels=self.max_pixels)
+        if img is None:
+            return row, None, err
+        return row, image_to_array(img, self.spec), None
+
+
+def _collate(items):
+    return items
+
+
+def extract_features(
+    image_root: str | Path,
+    images: Sequence[str],
+    out_dir: str | Path,
+    *,
+    encoder: str = "efficientnet-lite0",
+    resize: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 8,
+    workers: int = 1,
+    max_pixels: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    limit_batches: int | None = None,
+) -> dict:
+    """Compute (or finish computing) the features of ``images`` into ``out_dir``.
+
+    Returns a summary: rows computed now, rows already done, failures, images/s.
+    ``limit_batches`` stops after that many batches (for tests and benchmarks).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .data.images import DEFAULT_MAX_PIXELS
+    from .encoders import ImageEncoder, get_encoder_spec
+
+    root, out = Path(image_root), Path(out_dir)
+    names = list(images)
+    if len(set(names)) != len(names):
+        raise FeatureStoreError("the image list has duplicates; each image must appear once")
+    spec = get_encoder_spec(encoder, resize=resize, image_size=image_size)
+    if max_pixels is None:
+        max_pixels = DEFAULT_MAX_PIXELS
+    n, hw, c = len(names), spec.grid[0] * spec.grid[1], spec.channels
+    fp = fingerprint(spec.to_dict(), names, root)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "encoder": spec.to_dict(),
+        "shape": [n, hw, c],
+        "dtype": "float16",
+        "image_root": str(root.resolve()),
+        "fingerprint": fp,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    feat_path, status_path = out / "features.npy", out / "status.npy"
+    fresh = overwrite or not (out / "meta.json").exists()
+    if not fresh:
+        old = json.loads((out / "meta.json").read_text())
+        if old.get("fingerprint") != fp or old.get("shape") != meta["shape"]:
+            raise FeatureStoreError(
+                f"{out}: this store was made from other images or another encoder "
+                f"({old.get('encoder', {}).get('name')}, {old.get('shape')}); "
+                "use a new output directory or --overwrite"
+            )
+    if fresh:
+        for p in (feat_path, status_path, out / "errors.jsonl", out / "meta.json"):
+            p.unlink(missing_ok=True)
+        np.lib.format.open_memmap(status_path, mode="w+", dtype=np.uint8, shape=(n,)).flush()
+        np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16, shape=(n, hw, c)).flush()
+        _write_json_atomic(out / "index.json", {"images": names})
+        _write_json_atomic(out / "meta.json", {**meta, "complete": False})
+
+    status = np.load(status_path, mmap_mode="r+")
+    feats = np.load(feat_path, mmap_mode="r+")
+    todo = [int(i) for i in np.flatnonzero(status == TODO)]
+    already = int((status == DONE).sum())
+    t0 = time.perf_counter()
+    done_now = failed_now = 0
+    if todo:
+        enc = ImageEncoder(spec)
+        ds = _DecodeDataset(root, names, todo, spec, max_pixels)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+            prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+        )
+        bar = tqdm(total=len(todo), unit="img", desc=f"features {spec.name}", disable=not progress,
+                   dynamic_ncols=True)
+        with open(out / "errors.jsonl", "a") as errlog:
+            for b, batch in enumerate(loader):
+                if limit_batches is not None and b >= limit_batches:
+                    break
+                good = [(r, a) for r, a, e in batch if a is not None]
+                for r, _, e in batch:
+                    if e is not None:
+                        errlog.write(json.dumps({"image": names[r], "error": e}) + "\n")
+                        errlog.flush()
+                        status[r] = FAILED
+                        failed_now += 1
+                if good:
+                    rows = np.array([r for r, _ in good])
+                    grid = enc.encode_arrays(np.stack([a for _, a in good]))
+                    feats[rows] = grid.numpy().astype(np.float16)  # data first ...
+                    status[rows] = DONE  # ... then the done mark
+                    done_now += len(good)
+                bar.update(len(batch))
+                if b % 50 == 0:
+                    feats.flush()
+                    status.flush()
+        bar.close()
+    feats.flush()
+    status.flush()
+    secs = time.perf_counter() - t0
+    complete = bool((status != TODO).all())
+    _write_json_atomic(out / "meta.json", {**meta, "complete": complete})
+    return {
+        "store": str(out),
+        "images": n,
+        "computed": done_now,
+        "already_done": already,
+        "failed": int((status == FAILED).sum()),
+        "complete": complete,
+        "seconds": round(secs, 2),
+        "images_per_second": round((done_now + failed_now) / secs, 2) if secs > 0 and todo else None,
+    }
+
+
+@dataclass
+class FeatureStore:
+    """A finished (or partial) store opened read-only; ``features`` is a zero-copy memory map."""
+
+    path: Path
+    features: np.ndarray  # (N, H*W, C) float16 memmap
+    status: np.ndarray  # (N,) uint8
+    images: list[str]
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str | Path, *, require_complete: bool = False) -> "FeatureStore":
+        path = Path(path)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            images = json.loads((path / "index.json").read_text())["images"]
+            feats = np.load(path / "features.npy", mmap_mode="r")
+            status = np.load(path / "status.npy", mmap_mode="r")
+        except FileNotFoundError as e:
+            raise FeatureStoreError(f"{path}: not a feature store ({Path(e.filename).name} missing); "
+                                    "run `captioner features` first") from None
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise FeatureStoreError(f"{path}: damaged feature store ({e}); rerun `captioner features`") from None
+        if meta.get("format") != FORMAT:
+            raise FeatureStoreError(f"{path}/meta.json: not a captioner feature store")
+        if list(feats.shape) != meta["shape"] or len(images) != feats.shape[0] or status.shape[0] != feats.shape[0]:
+            raise FeatureStoreError(f"{path}: features.npy, status.npy and index.json disagree in size; "
+                                    "rerun `captioner features --overwrite`")
+        if require_complete and (status == TODO).any():
+            raise FeatureStoreError(f"{path}: {int((status == TODO).sum())} rows still to compute; "
+                                    "rerun `captioner features` to finish")
+        return cls(path, feats, status, images, meta)
+
+    @property
+    def row_of(self) -> dict[str, int]:
+        if not hasattr(self, "_row_of"):
+            self._row_of = {name: i for i, name in enumerate(self.images)}
+        return self._row_of
+
+    def has(self, image: str) -> bool:
+        i = self.row_of.get(image)
+        return i is not None and self.status[i] == DONE
+
+    def get(self, image: str) -> np.ndarray:
+        """The (H*W, C) float16 grid of one image: a view into the memory map, no copy."""
+        i = self.row_of[image]
+        if self.status[i] != DONE:
+            raise KeyError(f"{image}: no features ({'failed' if self.status[i] == FAILED else 'not computed'})")
+        return self.features[i]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.meta["encoder"]["grid"])
+
+    def errors(self) -> list[dict]:
+        p = self.path / "errors.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

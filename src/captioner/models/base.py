@@ -1,0 +1,74 @@
+"""The decoder interface every architecture implements, and the architecture registry.
+
+A decoder turns a grid of image features into words, one step at a time:
+
+    memory = decoder.encode(features)              # once per image: projections, masks, ...
+    state  = decoder.init_state(memory)            # recurrent state before the first word
+    log_probs, state, attention = decoder.step(prev_tokens, state, memory)
+
+``memory`` and ``state`` are tuples of tensors whose first dimension is the batch, so the
+decoding engine (:mod:`captioner.decoding`) can expand them for beam search and reorder
+them without knowing the architecture. ``forward`` is the teacher-forced pass for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+State = tuple[torch.Tensor, ...]
+Memory = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # (B, T, V): scores of target words 1..T given words 0..T-1
+    attention: torch.Tensor | None = None  # (B, T, P) attention weights, if the model attends
+    extra_loss: torch.Tensor | None = None  # scalar regulariser added to the cross-entropy
+    aux: dict = field(default_factory=dict)
+
+
+class Decoder(nn.Module):
+    """Base class: subclasses implement encode / init_state / step / forward."""
+
+    def encode(self, features: torch.Tensor) -> Memory:
+        """features (B, P, C) -> memory tuple (batch-first tensors)."""
+        return (features,)
+
+    def init_state(self, memory: Memory) -> State:
+        raise NotImplementedError
+
+    def step(self, prev_tokens: torch.Tensor, state: State, memory: Memory):
+        """prev_tokens (B,) -> (log_probs (B, V), new state, attention (B, P) or None)."""
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        """Teacher forcing. tokens (B, T+1) = <start> w1 .. wn <end> <pad>...; lengths = n+2."""
+        raise NotImplementedError
+
+
+_ARCHITECTURES: dict[str, tuple[type, type]] = {}
+
+
+def register_architecture(name: str, config_cls: type) -> Callable[[type], type]:
+    """Class decorator: ``@register_architecture("sat", SATConfig)``."""
+
+    def deco(cls: type) -> type:
+        _ARCHITECTURES[name] = (cls, config_cls)
+        cls.arch_name = name
+        return cls
+
+    return deco
+
+
+def get_architecture(name: str) -> tuple[type, type]:
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(sorted(_ARCHITECTURES))}")
+    return _ARCHITECTURES[name]
+
+
+def available_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)

@@ -1,0 +1,296 @@
+"""Training: teacher forcing on cached encoder features, validated by real decoding.
+
+One epoch = every training caption once, in length buckets (captions of similar length
+batched together, longest first inside a batch, so no step is spent on padding).
+Every epoch ends with greedy decoding of the validation images, scored with the COCO
+metrics; that score drives lr decay, early stopping and the choice of the best model.
+
+Files in ``out_dir``::
+
+    config.yaml        the resolved training config
+    last.pt            checkpoint of the last finished epoch (model, optimizer, scheduler,
+                       RNG states, history); written to a temporary file then renamed
+    best/              model directory (config.json + vocab.json + model.safetensors)
+    metrics.jsonl      one line per epoch
+    curves.png         loss and validation score per epoch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import save_yaml
+from .data.corpus import Corpus
+from .data.text import Vocab
+from .features import FeatureStore
+from .models import build_decoder
+from .modeldir import save_model_dir
+
+
+@dataclass
+class DataConfig:
+    corpus: str = ""  # corpus.json from `captioner prepare`
+    vocab: str = ""  # vocab.json (default: next to the corpus)
+    features: str = ""  # feature store directory from `captioner features`
+    max_len: int = 30  # captions longer than this many words are truncated (the <end> kept)
+    train_split: str = "train"
+    val_split: str = "val"
+    val_images: int = 0  # 0 = all validation images
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    batch_size: int = 64
+    epochs: int = 20
+    grad_clip: float = 5.0
+    weight_decay: float = 0.0
+    lr_decay: float = 0.8  # multiply the lr by this ...
+    lr_patience: int = 2  # ... after this many epochs without a better validation score
+    early_stop: int = 6  # stop after this many epochs without improvement (0 = never)
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "sat"
+    model: dict[str, Any] = field(default_factory=dict)  # architecture config (see models/<arch>.py)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    val_metric: str = "CIDEr-D"  # or BLEU-4
+    val_beam: int = 1
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = leave the default
+    out_dir: str = "runs/sat"
+    progress: bool = True
+
+
+class TrainData:
+    """Caption token ids, their lengths and the feature row of their image."""
+
+    def __init__(self, corpus: Corpus, vocab: Vocab, store: FeatureStore, split: str, max_len: int):
+        items = [it for it in corpus.split(split) if store.has(it.image)]
+        if not items:
+            raise ValueError(f"no {split!r} images of the corpus have features in {store.path}")
+        self.images = [it.image for it in items]
+        self.refs = {it.image: it.captions for it in items}
+        rows = np.array([store.row_of[im] for im in self.images])
+        self.features = torch.from_numpy(np.ascontiguousarray(store.features[rows]))  # (N, P, C) float16
+        seqs, owner = [], []
+        for i, it in enumerate(items):
+            for toks in it.tokens:
+                if toks:
+                    seqs.append(vocab.encode(toks, max_len=max_len))
+                    owner.append(i)
+        self.lengths = torch.tensor([len(s) for s in seqs])
+        self.tokens = torch.zeros(len(seqs), int(self.lengths.max()), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            self.tokens[j, : len(s)] = torch.tensor(s)
+        self.owner = torch.tensor(owner)
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def batches(self, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
+        """Shuffle, bucket by length in pools of 50 batches, sort each batch longest first."""
+        order = rng.permutation(len(self))
+        pool = batch_size * 50
+        out = []
+        for p in range(0, len(order), pool):
+            chunk = order[p:p + pool]
+            chunk = chunk[np.argsort(-self.lengths[chunk].numpy(), kind="stable")]
+            out += [torch.from_numpy(chunk[i:i + batch_size].copy()) for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def batch(self, idx: torch.Tensor):
+        lengths = self.lengths[idx]
+        T = int(lengths.max())
+        return self.features[self.owner[idx]].float(), self.tokens[idx, :T], lengths
+
+
+def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on real target words only (mask from lengths), plus the model's regulariser."""
+    T = out.logits.shape[1]
+    targets = tokens[:, 1:T + 1]
+    mask = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    ce = F.cross_entropy(out.logits[mask], targets[mask])
+    total = ce + (out.extra_loss if out.extra_loss is not None else 0.0)
+    return total, ce
+
+
+def evaluate_split(decoder, vocab: Vocab, data: TrainData, *, beam_size: int = 1, max_len: int = 30,
+                   batch_size: int = 100, metrics=None, limit: int = 0) -> tuple[dict, dict[str, str]]:
+    """Decode the images of ``data`` and score them against their references."""
+    from .decoding import decode
+    from .metrics import compute_metrics
+
+    n = len(data.images) if not limit else min(limit, len(data.images))
+    cands: dict[str, str] = {}
+    for i in range(0, n, batch_size):
+        feats = data.features[i:min(n, i + batch_size)].float()
+        hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
+                      max_len=max_len)
+        for j, h in enumerate(hyps):
+            cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
+    refs = {k: data.refs[k] for k in cands}
+    res = compute_metrics(refs, cands, metrics=metrics)
+    return res.scores, cands
+
+
+def _rng_state() -> dict:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": json.dumps([keys.tolist(), int(pos), int(has_gauss), float(cached)]),
+            "python": json.dumps(random.getstate(), default=list)}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    keys, pos, has_gauss, cached = json.loads(s["numpy"])
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(s["python"])
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict], path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep, [h["train_loss"] for h in history], marker="o", label="train (total)")
+    ax[0].plot(ep, [h["train_ce"] for h in history], marker=".", label="train cross-entropy")
+    ax[0].set_xlabel("epoch"), ax[0].set_title("loss"), ax[0].legend()
+    ax[1].plot(ep, [h["val"].get(metric, float("nan")) for h in history], marker="o", color="C2")
+    ax[1].set_xlabel("epoch"), ax[1].set_title(f"validation {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None) -> dict:
+    """Train (or resume) and return a summary. ``stop_after_steps`` is for tests."""
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Corpus.load(cfg.data.corpus)
+    vocab_path = cfg.data.vocab or str(Path(cfg.data.corpus).with_name("vocab.json"))
+    vocab = Vocab.load(vocab_path)
+    store = FeatureStore.open(cfg.data.features)
+    enc = store.meta["encoder"]
+    train_data = TrainData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
+    val_data = TrainData(corpus, vocab, store, cfg.data.val_split, cfg.data.max_len)
+
+    model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    decoder = build_decoder(cfg.arch, model_cfg)
+    opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                           weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
+                                                       patience=cfg.optim.lr_patience)
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
+    ckpt = out / "last.pt"
+    if resume and ckpt.exists():
+        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        decoder.load_state_dict(c["model"])
+        opt.load_state_dict(c["optimizer"])
+        sched.load_state_dict(c["scheduler"])
+        _set_rng_state(c["rng"])
+        state = json.loads(c["state"])
+    elif resume:
+        print(f"--resume: no checkpoint in {out}, starting from scratch")
+    save_yaml(cfg, out / "config.yaml")
+
+    info = {"encoder": enc, "decoding": {"beam_size": 3, "max_len": cfg.data.max_len, "length_penalty": 0.0},
+            "training": {"config": asdict(cfg), "corpus": corpus.name,
+                         "train_images": len(train_data.images), "train_captions": len(train_data)}}
+    metrics_needed = ["BLEU-4", "CIDEr-D"] if cfg.val_metric in ("BLEU-4", "CIDEr-D") else [cfg.val_metric]
+    steps_run = 0
+    while state["epoch"] < cfg.optim.epochs:
+        epoch = state["epoch"] + 1
+        rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
+        decoder.train()
+        batches = train_data.batches(cfg.optim.batch_size, rng)
+        t0 = time.perf_counter()
+        tot = ce_sum = 0.0
+        seen = 0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.optim.epochs}", unit="batch", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        for idx in bar:
+            feats, tokens, lengths = train_data.batch(idx)
+            out_ = decoder(feats, tokens, lengths)
+            loss, ce = caption_loss(out_, tokens, lengths)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            n = len(idx)
+            tot += loss.item() * n
+            ce_sum += ce.item() * n
+            seen += n
+            state["step"] += 1
+            steps_run += 1
+            bar.set_postfix(loss=f"{tot / seen:.3f}", caps_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if stop_after_steps is not None and steps_run >= stop_after_steps:
+                return {"stopped_at_step": state["step"]}
+        bar.close()
+        train_secs = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores, cands = evaluate_split(decoder, vocab, val_data, beam_size=cfg.val_beam, max_len=cfg.data.max_len,
+                                       metrics=metrics_needed, limit=cfg.data.val_images)
+        score = scores[cfg.val_metric]
+        improved = score > state["best"]
+        sched.step(score)
+        row = {"epoch": epoch, "train_loss": tot / seen, "train_ce": ce_sum / seen,
+               "captions_per_s": round(seen / train_secs, 1), "train_seconds": round(train_secs, 1),
+               "val_seconds": round(time.perf_counter() - t1, 1), "lr": opt.param_groups[0]["lr"],
+               "val": {k: round(v, 5) for k, v in scores.items()},
+               "example": next(iter(cands.values()))}
+        state["history"].append(row)
+        if improved:
+            state.update(best=score, best_epoch=epoch, bad_epochs=0)
+            save_model_dir(out / "best", decoder, vocab,
+                           {**info, "metrics": {"val": {"split": cfg.data.val_split, "beam": cfg.val_beam,
+                                                        "epoch": epoch, **scores}}})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        _atomic_save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "rng": _rng_state(), "state": json.dumps(state)}, ckpt)
+        tmp = out / "metrics.jsonl.tmp"  # rewritten whole from the checkpointed history: no duplicates on resume
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
+        os.replace(tmp, out / "metrics.jsonl")
+        plot_curves(state["history"], out / "curves.png", cfg.val_metric)
+        print(f"epoch {epoch}: loss {row['train_loss']:.3f}  val {cfg.val_metric} {score:.4f}"
+              f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {row['captions_per_s']} captions/s",
+              flush=True)
+        if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
+            print(f"early stop: no better {cfg.val_metric} for {state['bad_epochs']} epochs")
+            break
+    return {"best": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+            "out_dir": str(out), "history": state["history"]}
