@@ -54,11 +54,11 @@ def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
     decoder, vocab, model_cfg = load_model_dir(tmp_path / "run" / "best")
     test = TrainData(corpus, vocab, store, "test", 12)
     metrics = ["BLEU-4", "CIDEr-D"]
-    trained, cands = evaluate_split(decoder, vocab, test, beam_size=3, max_len=12, metrics=metrics)
+    trained, cands, _ = evaluate_split(decoder, vocab, test, beam_size=3, max_len=12, metrics=metrics)
 
     torch.manual_seed(0)
     untrained_model = build_decoder("sat", {**SMALL, "vocab_size": len(vocab), "feature_dim": 1280})
-    untrained, _ = evaluate_split(untrained_model, vocab, test, beam_size=3, max_len=12, metrics=metrics)
+    untrained, _, _ = evaluate_split(untrained_model, vocab, test, beam_size=3, max_len=12, metrics=metrics)
 
     train_caps = Counter(c for it in corpus.split("train") for c in it.captions)
     blind_caption = train_caps.most_common(1)[0][0]

@@ -39,13 +39,16 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
               "beams": {}, "seconds": {}, "captions": {}}
     for k in beams:
         t0 = time.perf_counter()
-        scores, cands = evaluate_split(decoder, vocab, data, beam_size=k, max_len=max_len, metrics=metrics,
+        scores, cands, unavailable = evaluate_split(decoder, vocab, data, beam_size=k, max_len=max_len, metrics=metrics,
                                        limit=limit)
         result["beams"][k] = scores
         result["seconds"][k] = round(time.perf_counter() - t0, 1)
         result["captions"][k] = cands
+    result["unavailable"] = unavailable
     result["markdown"] = markdown_table(result["beams"], title=f"{Path(str(model)).name} on {split} "
                                                               f"({result['images']} images)")
+    for name, why in result["unavailable"].items():
+        result["markdown"] += f"\n{name}: not computed: {why}\n"
     if out:
         o = Path(out)
         o.mkdir(parents=True, exist_ok=True)

@@ -130,8 +130,10 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torc
 
 
 def evaluate_split(decoder, vocab: Vocab, data: TrainData, *, beam_size: int = 1, max_len: int = 30,
-                   batch_size: int = 100, metrics=None, limit: int = 0) -> tuple[dict, dict[str, str]]:
-    """Decode the images of ``data`` and score them against their references."""
+                   batch_size: int = 100, metrics=None, limit: int = 0) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """Decode the images of ``data`` and score them against their references.
+
+    Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
     from .decoding import decode
     from .metrics import compute_metrics
 
@@ -145,7 +147,7 @@ def evaluate_split(decoder, vocab: Vocab, data: TrainData, *, beam_size: int = 1
             cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
     refs = {k: data.refs[k] for k in cands}
     res = compute_metrics(refs, cands, metrics=metrics)
-    return res.scores, cands
+    return res.scores, cands, dict(res.unavailable)
 
 
 def _rng_state() -> dict:
@@ -261,7 +263,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         bar.close()
         train_secs = time.perf_counter() - t0
         t1 = time.perf_counter()
-        scores, cands = evaluate_split(decoder, vocab, val_data, beam_size=cfg.val_beam, max_len=cfg.data.max_len,
+        scores, cands, _ = evaluate_split(decoder, vocab, val_data, beam_size=cfg.val_beam, max_len=cfg.data.max_len,
                                        metrics=metrics_needed, limit=cfg.data.val_images)
         score = scores[cfg.val_metric]
         improved = score > state["best"]
@@ -281,7 +283,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         _atomic_save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": _rng_state(), "state": json.dumps(state)}, ckpt)
+                      "rng": _rng_state(), "state": json.dumps(state), "config": json.dumps(asdict(cfg))}, ckpt)
         tmp = out / "metrics.jsonl.tmp"  # rewritten whole from the checkpointed history: no duplicates on resume
         tmp.write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
         os.replace(tmp, out / "metrics.jsonl")

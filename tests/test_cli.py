@@ -1,0 +1,124 @@
+"""The `captioner` command end to end: prepare -> features -> evaluate, and caption with the bundled model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.cli import main
+from captioner.modeldir import PRETRAINED_DIR, Captioner
+
+BUNDLED = PRETRAINED_DIR / "flickr8k-sat"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True)
+
+
+def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
+    shapes = synthetic.root / "shapes"
+    out = tmp_path / "prep"
+    assert main(["prepare", "folder", str(shapes / "captions.csv"), "--images", str(shapes / "images"),
+                 "--out", str(out), "--min-freq", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sum(report["images_per_split"].values()) == 400
+    assert (out / "corpus.json").exists() and (out / "vocab.json").exists()
+
+    feats = tmp_path / "feats"
+    assert main(["features", "--corpus", str(out / "corpus.json"), "--splits", "test", "--out", str(feats),
+                 "--quiet", "--workers", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["complete"] and summary["computed"] == report["images_per_split"]["test"]
+
+    # a model trained for one epoch is enough to check the evaluate command's outputs
+    from captioner.train import DataConfig, OptimConfig, TrainConfig, train
+
+    train(TrainConfig(model={"embed_dim": 32, "hidden_dim": 32, "attention_dim": 32},
+                      data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),
+                      optim=OptimConfig(epochs=1, batch_size=64), out_dir=str(tmp_path / "run"), progress=False))
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "best"), "--corpus", str(synthetic.corpus),
+                 "--features", str(feats), "--beam", "1,2", "--out", str(ev)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert set(metrics["beams"]) == {"1", "2"}
+    for scores in metrics["beams"].values():
+        assert {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"} <= set(scores)
+    assert "SPICE" in metrics["unavailable"]
+    md = (ev / "metrics.md").read_text()
+    assert "| beam |" in md and md in printed
+
+
+def test_evaluate_rejects_bad_beam_list():
+    r = run_cli("evaluate", "--model", "x", "--corpus", "y", "--features", "z", "--beam", "1,zero")
+    assert r.returncode == 2 and "beam sizes" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    """Generated 'photos' of many sizes, aspect ratios and colour modes."""
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    out = []
+
+    def noise(w, h):
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    noise(1600, 240).save(d / "panorama.jpg")
+    noise(90, 700).convert("L").save(d / "tall_gray.png")
+    rgba = noise(320, 200).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(d / "transparent.png")
+    noise(64, 48).convert("P").save(d / "palette.gif")
+    Image.fromarray((rng.integers(0, 65535, (120, 160))).astype(np.uint16)).save(d / "sixteen_bit.png")
+    noise(3000, 2000).save(d / "large.jpg", quality=70)
+    noise(17, 9).convert("CMYK").save(d / "tiny_cmyk.jpg")
+    noise(200, 200).convert("1").save(d / "bilevel.png")
+    for p in sorted(d.iterdir()):
+        out.append(p)
+    return out
+
+
+def test_bundled_model_is_shipped_with_its_metrics():
+    cfg = json.loads((BUNDLED / "config.json").read_text())
+    assert {p.name for p in BUNDLED.iterdir()} >= {"config.json", "vocab.json", "model.safetensors"}
+    assert cfg["arch"] == "sat" and cfg["encoder"]["name"] == "efficientnet-lite0"
+    test = cfg["metrics"]["test"]
+    assert {"1", "3", "5"} <= set(test["beams"])
+
+
+def test_caption_any_photo_with_the_bundled_model(photos):
+    model = Captioner.from_pretrained()  # the default: the bundled model
+    results = model.caption([str(p) for p in photos], beam_size=3, n_best=2, return_attention=True)
+    assert len(results) == len(photos)
+    for r in results:
+        assert isinstance(r["caption"], str) and r["caption"].strip()
+        assert len(r["n_best"]) == 2 and r["n_best"][0]["score"] >= r["n_best"][1]["score"]
+        assert len(r["attention"]) == len(r["words"]) and all(len(a) == 49 for a in r["attention"])
+
+
+def test_caption_cli_json_lines_and_attention_figure(photos, tmp_path):
+    paths = [str(p) for p in photos[:3]]
+    r = run_cli("caption", *paths, "--json", "--n-best", "3", "--attention", str(tmp_path / "att.png"))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["image"] for o in lines] == paths
+    for o in lines:
+        assert o["caption"] and len(o["n_best"]) == 3
+        fig = Path(o["attention_figure"])
+        assert fig.exists() and Image.open(fig).size[0] > 300
+
+
+def test_caption_cli_reports_bad_files_and_continues(photos, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    r = run_cli("caption", str(bad), str(photos[0]), "--json", "--beam", "1")
+    assert r.returncode == 1
+    assert f"{bad}: not an image file" in r.stderr
+    assert json.loads(r.stdout.strip())["image"] == str(photos[0])
