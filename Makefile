@@ -5,6 +5,9 @@
 # so no requirement can pull another torch build.
 
 PYTHON ?= python3
+# Where torch comes from. On the project's machines `torch==2.13.0` resolves to a local CPU build;
+# elsewhere use the CPU wheel index, e.g.  make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.captioner-installed
@@ -15,7 +18,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lite12]"
 	touch $(STAMP)
 

@@ -18,15 +18,41 @@ def _beams(text: str) -> list[int]:
     return beams
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        r = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        r = ()
+    if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three ratios train,val,test summing to 1, got {text!r}")
+    return r
+
+
 # ----------------------------------------------------------------------------- prepare
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     from .data.corpus import CorpusError, read_corpus
     from .data.text import Vocab, length_report
 
-    kwargs = {"strict": a.strict}
+    kwargs = {"strict": a.strict, "dedupe": a.dedupe}
     fmt = a.format
     src = a.source
+    if a.extra and fmt != "coco":
+        raise CorpusError(f"unexpected extra arguments {a.extra}: only the coco format takes several files")
+    if fmt in ("kaggle", "coco", "folder"):
+        kwargs.update(ratios=a.split_ratios, seed=a.split_seed)
+    if fmt == "karpathy":
+        kwargs["restval"] = a.restval
     if fmt == "flickr8k-text":
         kwargs.update(text_dir=src, image_dir=a.images)
     elif fmt == "karpathy":
@@ -37,11 +63,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         kwargs.update(annotation_files=[src, *a.extra], image_dir=a.images)
     elif fmt == "folder":
         kwargs.update(captions_file=src, image_dir=a.images)
-    try:
-        corpus = read_corpus(fmt, **kwargs)
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    corpus = read_corpus(fmt, **kwargs)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     train_tokens = [t for it in corpus.split("train") for t in it.tokens]
@@ -68,19 +90,23 @@ def cmd_features(a: argparse.Namespace) -> int:
     if a.corpus:
         corpus = Corpus.load(a.corpus)
         splits = set(a.splits.split(",")) if a.splits else None
+        unknown = (splits or set()) - set(corpus.splits())
+        if unknown:
+            raise FeatureStoreError(f"--splits: no split named {sorted(unknown)} in {a.corpus} "
+                                    f"(splits: {', '.join(corpus.splits())})")
         names = [it.image for it in corpus.items if splits is None or it.split in splits]
         root = corpus.image_root
     else:
         root = Path(a.images)
+        if not root.is_dir():
+            raise FeatureStoreError(f"{root}: not a folder")
         exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
         names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in exts)
-    try:
-        summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
-                                   batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
-                                   overwrite=a.overwrite, progress=not a.quiet)
-    except FeatureStoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not names:
+        raise FeatureStoreError(f"no images to encode in {a.corpus or a.images}")
+    summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
+                               batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
+                               overwrite=a.overwrite, progress=not a.quiet)
     print(json.dumps(summary))
     if summary["failed"]:
         print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}", file=sys.stderr)
@@ -90,14 +116,10 @@ def cmd_features(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train / evaluate
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .train import TrainConfig, train
 
-    try:
-        cfg = load_config(TrainConfig, a.config, a.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(TrainConfig, a.config, a.overrides)
     summary = train(cfg, resume=a.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
@@ -106,7 +128,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
-    res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit)
+    res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit or 0)
     print(res["markdown"])
     for k, s in res["seconds"].items():
         print(f"beam {k}: {s} s")
@@ -117,13 +139,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_caption(a: argparse.Namespace) -> int:
     from .data.images import ImageError, load_image
-    from .modeldir import Captioner, ModelDirError
+    from .modeldir import Captioner
 
-    try:
-        model = Captioner.from_pretrained(a.model)
-    except ModelDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = Captioner.from_pretrained(a.model)
     status = 0
     for i, path in enumerate(a.images):
         try:
@@ -182,10 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("extra", nargs="*", help="coco: more captions_*.json files")
     s.add_argument("--images", required=True, help="folder holding the images")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--min-freq", type=int, default=5, help="words rarer than this in train become <unk>")
-    s.add_argument("--max-words", type=int, default=None, help="keep at most this many words (top-k)")
-    s.add_argument("--max-len", type=int, default=30, help="caption length (words) reported for truncation")
+    s.add_argument("--min-freq", type=_positive, default=5, help="words rarer than this in train become <unk>")
+    s.add_argument("--max-words", type=_positive, default=None, help="keep at most this many words (top-k)")
+    s.add_argument("--max-len", type=_positive, default=30, help="caption length (words) reported for truncation")
     s.add_argument("--strict", action="store_true", help="fail on any problem instead of reporting and skipping")
+    s.add_argument("--dedupe", action="store_true",
+                   help="drop an image's repeated captions (default: report them and keep every reference)")
+    s.add_argument("--split-ratios", type=_ratios, default=(0.9, 0.05, 0.05),
+                   help="train,val,test ratios of the hash split used when the source has no split")
+    s.add_argument("--split-seed", type=int, default=0, help="seed of the hash split")
+    s.add_argument("--restval", choices=["train", "keep"], default="train",
+                   help="karpathy: put 'restval' images into train (default) or keep them apart")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("features", help="cache encoder grids of images (resumable)")
@@ -197,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", default="efficientnet-lite0")
     s.add_argument("--resize", choices=["squash", "center-crop"], default=None)
     s.add_argument("--image-size", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--workers", type=int, default=1, help="image decoding processes")
-    s.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
+    s.add_argument("--batch-size", type=_positive, default=8)
+    s.add_argument("--workers", type=int, default=1, help="image decoding processes (0: decode in this process)")
+    s.add_argument("--max-pixels", type=_positive, default=None, help="decompression-bomb limit")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_features)
@@ -217,18 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--features", required=True)
     s.add_argument("--split", default="test")
     s.add_argument("--beam", type=_beams, default=[1, 3, 5], help="beam sizes, e.g. 1,3,5")
-    s.add_argument("--limit", type=int, default=0, help="only the first N images")
+    s.add_argument("--limit", type=_positive, default=None, help="only the first N images")
     s.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, captions.json")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("caption", help="caption images with a model (default: the bundled one)")
     s.add_argument("images", nargs="+")
     s.add_argument("--model", default="flickr8k-sat", help="model directory or bundled model name")
-    s.add_argument("--beam", type=int, default=None, help="beam size (default: the model's, 3)")
-    s.add_argument("--n-best", type=int, default=1, help="also list the N best captions with scores")
+    s.add_argument("--beam", type=_positive, default=None, help="beam size (default: the model's, 3)")
+    s.add_argument("--n-best", type=_positive, default=1, help="also list the N best captions with scores")
     s.add_argument("--json", action="store_true", help="one JSON object per line per image")
     s.add_argument("--attention", default=None, metavar="OUT.png", help="write an attention figure")
-    s.add_argument("--max-pixels", type=int, default=64_000_000)
+    s.add_argument("--max-pixels", type=_positive, default=64_000_000, help="decompression-bomb limit")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")
@@ -241,8 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # bad input: files, formats, configs (all our errors are ValueErrors)
+        if os.environ.get("CAPTIONER_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

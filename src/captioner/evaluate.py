@@ -30,9 +30,12 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                    metrics: Sequence[str] | None = None) -> dict:
     decoder, vocab, cfg = load_model_dir(model)
     store = FeatureStore.open(features)
-    if store.meta["encoder"]["name"] != cfg["encoder"]["name"]:
-        raise ValueError(f"{features}: features from {store.meta['encoder']['name']}, "
-                         f"but the model was trained on {cfg['encoder']['name']}")
+    have, want = store.meta["encoder"], cfg["encoder"]
+    for key in ("name", "image_size", "grid", "resize", "mean", "std"):
+        if have.get(key) != want.get(key):
+            raise ValueError(f"{features}: features made with encoder {key}={have.get(key)!r}, but the model "
+                             f"was trained with {want.get(key)!r}; run `captioner features` with the model's "
+                             "encoder settings")
     data = TrainData(Corpus.load(corpus), vocab, store, split, 10_000)
     max_len = max_len or cfg.get("decoding", {}).get("max_len", 30)
     result = {"model": str(model), "split": split, "images": min(limit, len(data.images)) if limit else len(data.images),

@@ -32,7 +32,7 @@ VERSION = 1
 TODO, DONE, FAILED = 0, 1, 2
 
 
-class FeatureStoreError(RuntimeError):
+class FeatureStoreError(ValueError):
     pass
 
 

@@ -35,7 +35,7 @@ from .data.corpus import Corpus
 from .data.text import Vocab
 from .features import FeatureStore
 from .models import build_decoder
-from .modeldir import save_model_dir
+from .modeldir import load_model_dir, save_model_dir
 
 
 @dataclass
@@ -69,6 +69,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     val_metric: str = "CIDEr-D"  # or BLEU-4
     val_beam: int = 1
+    init_from: str = ""  # a model directory to start from (staged training), instead of random weights
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave the default
     out_dir: str = "runs/sat"
@@ -195,8 +196,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_config(cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "last.pt"
+    if ckpt.exists() and not resume:
+        raise TrainError(f"{out} already holds a training run (last.pt); use --resume to continue it, "
+                         "or another out_dir")
     corpus = Corpus.load(cfg.data.corpus)
     vocab_path = cfg.data.vocab or str(Path(cfg.data.corpus).with_name("vocab.json"))
     vocab = Vocab.load(vocab_path)
@@ -204,18 +209,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     enc = store.meta["encoder"]
     train_data = TrainData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
     val_data = TrainData(corpus, vocab, store, cfg.data.val_split, cfg.data.max_len)
+    out.mkdir(parents=True, exist_ok=True)
 
-    model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    decoder = build_decoder(cfg.arch, model_cfg)
+    if cfg.init_from:  # staged training: start from the weights of a model directory
+        decoder, init_vocab, init_cfg = load_model_dir(cfg.init_from)
+        if init_vocab.itos != vocab.itos:
+            raise TrainError(f"init_from={cfg.init_from}: its vocabulary differs from {vocab_path}")
+        if init_cfg["arch"] != cfg.arch or init_cfg["encoder"]["name"] != enc["name"]:
+            raise TrainError(f"init_from={cfg.init_from}: a {init_cfg['arch']} model on "
+                             f"{init_cfg['encoder']['name']}, but this run is {cfg.arch} on {enc['name']}")
+        decoder.train()
+    else:
+        model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
+        decoder = build_decoder(cfg.arch, model_cfg)
     opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
                            weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
                                                        patience=cfg.optim.lr_patience)
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
-    ckpt = out / "last.pt"
     if resume and ckpt.exists():
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
         decoder.load_state_dict(c["model"])
@@ -223,6 +237,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         sched.load_state_dict(c["scheduler"])
         _set_rng_state(c["rng"])
         state = json.loads(c["state"])
+        if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
+            print(f"--resume: {out} had already stopped early at epoch {state['epoch']}")
+            return _summary(state, out)
     elif resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
     save_yaml(cfg, out / "config.yaml")
@@ -294,5 +311,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
             print(f"early stop: no better {cfg.val_metric} for {state['bad_epochs']} epochs")
             break
+    return _summary(state, out)
+
+
+def _summary(state: dict, out: Path) -> dict:
     return {"best": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
             "out_dir": str(out), "history": state["history"]}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Catch config mistakes before any work is done (not after the first epoch)."""
+    from .metrics import METRIC_NAMES, java_available
+    from .models import get_architecture
+
+    if not cfg.data.corpus or not cfg.data.features:
+        raise TrainError("set data.corpus (corpus.json from `captioner prepare`) and data.features "
+                         "(a store from `captioner features`), in the YAML config or as data.corpus=...")
+    if cfg.val_metric not in METRIC_NAMES or cfg.val_metric == "SPICE":
+        raise TrainError(f"val_metric={cfg.val_metric!r}: use one of BLEU-1..4, METEOR, ROUGE-L, CIDEr-D")
+    if cfg.val_metric == "METEOR" and not java_available()[0]:
+        raise TrainError("val_metric=METEOR needs Java; use CIDEr-D or BLEU-4")
+    get_architecture(cfg.arch)  # raises with the list of architectures
+    if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1 or cfg.optim.lr <= 0:
+        raise TrainError("optim.batch_size and optim.epochs must be >= 1 and optim.lr > 0")
+
+
+class TrainError(ValueError):
+    pass
