@@ -34,37 +34,46 @@ def _norm(score: float, length: int, length_penalty: float) -> float:
     return score / (max(length, 1) ** length_penalty) if length_penalty else score
 
 
+def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: int, max_len: int):
+    """Run ``n`` captions one word at a time, ``choose(log_probs) -> words`` picking each word.
+
+    Returns words (n, T), the summed log-probabilities of the chosen words (n,) and the
+    attention of each step (list of (n, P) or None)."""
+    state = model.init_state(memory)
+    prev = torch.full((n,), start_id, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    scores = torch.zeros(n)
+    words, atts = [], []
+    for _ in range(max_len):
+        logp, state, att = model.step(prev, state, memory)
+        word = torch.where(done, torch.full_like(prev, end_id), choose(logp))
+        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1))
+        words.append(word)
+        atts.append(att)
+        done |= word == end_id
+        prev = word
+        if bool(done.all()):
+            break
+    words_t = torch.stack(words, 1) if words else torch.empty(n, 0, dtype=torch.long)
+    return words_t, scores, atts
+
+
+def _hypothesis(seq: list[int], score: float, atts: list, row: int, end_id: int,
+                length_penalty: float) -> Hypothesis:
+    n = seq.index(end_id) if end_id in seq else len(seq)
+    att = torch.stack([a[row] for a in atts[:n]]) if atts and atts[0] is not None and n else None
+    finished = n < len(seq)
+    return Hypothesis(seq[:n], score, _norm(score, n + 1 if finished else n, length_penalty), att, finished)
+
+
 @torch.inference_mode()
 def greedy_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
                   max_len: int = 30, length_penalty: float = 0.0) -> list[Hypothesis]:
     """Most probable word at every step. features (B, P, C) -> one hypothesis per image."""
-    memory = model.encode(features)
-    state = model.init_state(memory)
     B = features.shape[0]
-    prev = torch.full((B,), start_id, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
-    scores = torch.zeros(B)
-    words, atts = [], []
-    for _ in range(max_len):
-        logp, state, att = model.step(prev, state, memory)
-        best = logp.argmax(dim=-1)
-        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, best[:, None]).squeeze(1))
-        best = torch.where(done, torch.full_like(best, end_id), best)
-        words.append(best)
-        atts.append(att)
-        done |= best == end_id
-        prev = best
-        if bool(done.all()):
-            break
-    words_t = torch.stack(words, 1)  # (B, T)
-    hyps = []
-    for b in range(B):
-        seq = words_t[b].tolist()
-        n = seq.index(end_id) if end_id in seq else len(seq)
-        att = torch.stack([a[b] for a in atts[:n]]) if atts and atts[0] is not None and n else None
-        s = float(scores[b])
-        hyps.append(Hypothesis(seq[:n], s, _norm(s, n + 1 if n < len(seq) else n, length_penalty), att, n < len(seq)))
-    return hyps
+    words, scores, atts = _rollout(model, model.encode(features), B, lambda logp: logp.argmax(dim=-1),
+                                   start_id=start_id, end_id=end_id, max_len=max_len)
+    return [_hypothesis(words[b].tolist(), float(scores[b]), atts, b, end_id, length_penalty) for b in range(B)]
 
 
 @torch.inference_mode()
@@ -138,47 +147,31 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
 def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, max_len: int = 30,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
            seed: int | None = None) -> list[list[Hypothesis]]:
-    """Draw captions from the model's distribution (system S3's decoding), seeded."""
+    """Draw captions from the model's distribution (system S3's decoding), seeded.
+
+    Scores are the model's own log-probabilities of the drawn words (before temperature)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    B = features.shape[0]
-    memory = _expand(model.encode(features), num_samples)
-    state = model.init_state(memory)
-    n = B * num_samples
-    prev = torch.full((n,), start_id, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    scores = torch.zeros(n)
-    words, atts = [], []
-    for _ in range(max_len):
-        logp, state, att = model.step(prev, state, memory)
+
+    def draw(logp: torch.Tensor) -> torch.Tensor:
         logits = logp / max(temperature, 1e-6)
         if top_k > 0:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if top_p < 1.0:
             sorted_l, order = logits.sort(dim=-1, descending=True)
-            cum = sorted_l.softmax(-1).cumsum(-1)
-            drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest set reaching top_p
+            probs = sorted_l.softmax(-1)
+            drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
             logits = logits.scatter(1, order, sorted_l.masked_fill(drop, float("-inf")))
-        word = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
-        word = torch.where(done, torch.full_like(word, end_id), word)
-        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1))
-        words.append(word)
-        atts.append(att)
-        done |= word == end_id
-        prev = word
-        if bool(done.all()):
-            break
-    words_t = torch.stack(words, 1)
+        return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+
+    B = features.shape[0]
+    memory = _expand(model.encode(features), num_samples)
+    words, scores, atts = _rollout(model, memory, B * num_samples, draw, start_id=start_id, end_id=end_id,
+                                   max_len=max_len)
     out: list[list[Hypothesis]] = []
     for b in range(B):
-        group = []
-        for j in range(num_samples):
-            i = b * num_samples + j
-            seq = words_t[i].tolist()
-            m = seq.index(end_id) if end_id in seq else len(seq)
-            att = torch.stack([a[i] for a in atts[:m]]) if atts and atts[0] is not None and m else None
-            group.append(Hypothesis(seq[:m], float(scores[i]), float(scores[i]), att, m < len(seq)))
-        out.append(group)
+        rows = range(b * num_samples, (b + 1) * num_samples)
+        out.append([_hypothesis(words[i].tolist(), float(scores[i]), atts, i, end_id, 0.0) for i in rows])
     return out
 
 

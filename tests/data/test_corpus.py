@@ -40,11 +40,23 @@ SPLIT_FILE = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.
               "test": "Flickr_8k.testImages.txt"}
 
 
+_TINY_JPEG = None
+
+
 def _touch_images(folder: Path, names: list[str]) -> None:
+    global _TINY_JPEG
+    if _TINY_JPEG is None:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="JPEG")
+        _TINY_JPEG = buf.getvalue()
     for name in names:
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"\xff\xd8fake-jpeg")
+        path.write_bytes(_TINY_JPEG)
 
 
 def _write_flickr(root: Path, token_lines: list[str] | None = None,
@@ -195,12 +207,13 @@ def test_missing_and_unreadable_images(flickr: tuple[Path, Path]) -> None:
     text_dir, image_dir = flickr
     (image_dir / "333_c.jpg").unlink()
     (image_dir / "444_d.jpg").write_bytes(b"")
+    (image_dir / "111_a.jpg").write_text("not a picture, just text")  # no image header
     corpus = read_flickr8k_text(text_dir, image_dir)
-    assert [i.image for i in corpus.items] == ["222_b.jpg", "111_a.jpg"]
+    assert [i.image for i in corpus.items] == ["222_b.jpg"]
     assert corpus.report.missing_images == ["333_c.jpg"]
-    assert corpus.report.unreadable_images == ["444_d.jpg"]
-    assert corpus.report.images_per_split == {"train": 2, "val": 0, "test": 0}
-    assert set(corpus.report.skipped_images) == {"333_c.jpg", "444_d.jpg", "555_e.jpg"}
+    assert sorted(corpus.report.unreadable_images) == ["111_a.jpg", "444_d.jpg"]
+    assert corpus.report.images_per_split == {"train": 1, "val": 0, "test": 0}
+    assert set(corpus.report.skipped_images) == {"111_a.jpg", "333_c.jpg", "444_d.jpg", "555_e.jpg"}
     # without image checks nothing on disk is looked at
     unchecked = read_flickr8k_text(text_dir, image_dir, check_images=False)
     assert len(unchecked.items) == 4 and unchecked.report.problems() == []

@@ -430,7 +430,10 @@ def _short_ref(ref: str, where: str) -> str:
 
 
 def _image_state(path: Path) -> str:
-    """Return "ok", "missing" or "unreadable" (empty or not a regular file)."""
+    """Return "ok", "missing" or "unreadable" (empty, not a regular file, or no image header).
+
+    Only the header is read, to keep prepare fast; a file damaged after its header is caught by
+    ``captioner features``, which decodes every image and lists failures in errors.jsonl."""
     try:
         st = path.stat()
     except (FileNotFoundError, NotADirectoryError):
@@ -438,6 +441,13 @@ def _image_state(path: Path) -> str:
     except OSError:
         return "unreadable"
     if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return "unreadable"
+    try:  # the header only (no pixel decoding): catches text files, unknown formats, cut-off headers
+        from PIL import Image, UnidentifiedImageError
+
+        with Image.open(path) as im:
+            im.size  # noqa: B018
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return "unreadable"
     return "ok"
 
