@@ -95,6 +95,8 @@ def test_bundled_model_is_shipped_with_its_metrics():
     assert cfg["arch"] == "sat" and cfg["encoder"]["name"] == "efficientnet-lite0"
     test = cfg["metrics"]["test"]
     assert {"1", "3", "5"} <= set(test["beams"])
+    # the quality bar of the bundled model (Show, Attend and Tell's published soft-attention figures)
+    assert test["beams"]["3"]["BLEU-4"] >= 0.195 and test["beams"]["3"]["METEOR"] >= 0.189
 
 
 def test_caption_any_photo_with_the_bundled_model(photos):
@@ -105,6 +107,7 @@ def test_caption_any_photo_with_the_bundled_model(photos):
         assert isinstance(r["caption"], str) and r["caption"].strip()
         assert len(r["n_best"]) == 2 and r["n_best"][0]["score"] >= r["n_best"][1]["score"]
         assert len(r["attention"]) == len(r["words"]) and all(len(a) == 49 for a in r["attention"])
+        assert all("<unk>" not in h["caption"].split() for h in r["n_best"])  # never said by default
 
 
 def test_caption_cli_json_lines_and_attention_figure(photos, tmp_path):

@@ -416,3 +416,23 @@ def test_sample_top_k_restricts_the_vocabulary():
         assert firsts <= set(allowed[b].tolist())
         assert len(firsts) == 2  # and both are drawn
 
+
+
+def test_banned_words_are_never_chosen_and_beam1_still_equals_greedy():
+    torch.manual_seed(3)
+    vocab_size = 12
+    model = SATDecoder(SATConfig(vocab_size=vocab_size, feature_dim=8, embed_dim=16, hidden_dim=16,
+                                 attention_dim=16)).eval()
+    feats = torch.randn(6, 4, 8)
+    plain = greedy_search(model, feats, start_id=1, end_id=2, max_len=8)
+    used = {t for h in plain for t in h.tokens}
+    banned = tuple(sorted(used))[:2]  # ban words the unconstrained search does use
+    assert banned
+    greedy = greedy_search(model, feats, start_id=1, end_id=2, max_len=8, banned=banned)
+    beam1 = beam_search(model, feats, start_id=1, end_id=2, beam_size=1, max_len=8, banned=banned)
+    beam3 = beam_search(model, feats, start_id=1, end_id=2, beam_size=3, max_len=8, banned=banned, n_best=3)
+    sampled = sample(model, feats, start_id=1, end_id=2, max_len=8, banned=banned, num_samples=4, seed=0)
+    for h in greedy + [h for hs in beam1 + beam3 + sampled for h in hs]:
+        assert not set(h.tokens) & set(banned)
+    assert [h.tokens for h in greedy] == [hs[0].tokens for hs in beam1]
+    assert [h.score for h in greedy] == pytest.approx([hs[0].score for hs in beam1])

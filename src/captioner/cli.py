@@ -128,7 +128,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
-    res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit or 0)
+    res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit or 0,
+                         allow_unk=a.allow_unk)
     print(res["markdown"])
     for k, s in res["seconds"].items():
         print(f"beam {k}: {s} s")
@@ -150,7 +151,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             status = 1
             continue
-        r = model.caption([img], beam_size=a.beam, n_best=a.n_best, return_attention=bool(a.attention))[0]
+        r = model.caption([img], beam_size=a.beam, n_best=a.n_best, return_attention=bool(a.attention),
+                          allow_unk=a.allow_unk)[0]
         if a.attention:
             from .viz import attention_figure
 
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beam", type=_beams, default=[1, 3, 5], help="beam sizes, e.g. 1,3,5")
     s.add_argument("--limit", type=_positive, default=None, help="only the first N images")
     s.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, captions.json")
+    s.add_argument("--allow-unk", action="store_true", help="let captions contain <unk> (default: never, "
+                   "as in `captioner caption`)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("caption", help="caption images with a model (default: the bundled one)")
@@ -254,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line per image")
     s.add_argument("--attention", default=None, metavar="OUT.png", help="write an attention figure")
     s.add_argument("--max-pixels", type=_positive, default=64_000_000, help="decompression-bomb limit")
+    s.add_argument("--allow-unk", action="store_true", help="let captions contain <unk> (unknown word)")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")

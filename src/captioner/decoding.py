@@ -34,7 +34,17 @@ def _norm(score: float, length: int, length_penalty: float) -> float:
     return score / (max(length, 1) ** length_penalty) if length_penalty else score
 
 
-def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: int, max_len: int):
+def _ban(logp: torch.Tensor, banned: tuple[int, ...]) -> torch.Tensor:
+    """The log-probabilities with the banned words (e.g. <unk>) made impossible to choose."""
+    if not banned:
+        return logp
+    logp = logp.clone()
+    logp[..., list(banned)] = float("-inf")
+    return logp
+
+
+def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: int, max_len: int,
+             banned: tuple[int, ...] = ()):
     """Run ``n`` captions one word at a time, ``choose(log_probs) -> words`` picking each word.
 
     Returns words (n, T), the summed log-probabilities of the chosen words (n,) and the
@@ -46,7 +56,7 @@ def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: i
     words, atts = [], []
     for _ in range(max_len):
         logp, state, att = model.step(prev, state, memory)
-        word = torch.where(done, torch.full_like(prev, end_id), choose(logp))
+        word = torch.where(done, torch.full_like(prev, end_id), choose(_ban(logp, banned)))
         scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1))
         words.append(word)
         atts.append(att)
@@ -68,18 +78,20 @@ def _hypothesis(seq: list[int], score: float, atts: list, row: int, end_id: int,
 
 @torch.inference_mode()
 def greedy_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
-                  max_len: int = 30, length_penalty: float = 0.0) -> list[Hypothesis]:
-    """Most probable word at every step. features (B, P, C) -> one hypothesis per image."""
+                  max_len: int = 30, length_penalty: float = 0.0, banned: tuple[int, ...] = ()) -> list[Hypothesis]:
+    """Most probable word at every step. features (B, P, C) -> one hypothesis per image.
+
+    ``banned`` word ids are never chosen (scores stay the model's own log-probabilities)."""
     B = features.shape[0]
     words, scores, atts = _rollout(model, model.encode(features), B, lambda logp: logp.argmax(dim=-1),
-                                   start_id=start_id, end_id=end_id, max_len=max_len)
+                                   start_id=start_id, end_id=end_id, max_len=max_len, banned=banned)
     return [_hypothesis(words[b].tolist(), float(scores[b]), atts, b, end_id, length_penalty) for b in range(B)]
 
 
 @torch.inference_mode()
 def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
                 beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
-                n_best: int = 1) -> list[list[Hypothesis]]:
+                n_best: int = 1, banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
     """Batched beam search: all images and all beams advance together in one ``step`` call.
 
     Finished beams keep their score and stay in the beam (they only extend with <end> at no
@@ -101,7 +113,7 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     for _ in range(max_len):
         logp, state, att = model.step(prev, state, memory)  # (B*k, V)
         V = logp.shape[-1]
-        logp = logp.view(B, k, V)
+        logp = _ban(logp, banned).view(B, k, V)
         # a finished beam may only "continue" with <end> at zero cost
         frozen = torch.full_like(logp[0, 0], float("-inf"))
         frozen[end_id] = 0.0
@@ -146,7 +158,7 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
 @torch.inference_mode()
 def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, max_len: int = 30,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-           seed: int | None = None) -> list[list[Hypothesis]]:
+           seed: int | None = None, banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
     """Draw captions from the model's distribution (system S3's decoding), seeded.
 
     Scores are the model's own log-probabilities of the drawn words (before temperature)."""
@@ -167,7 +179,7 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
     B = features.shape[0]
     memory = _expand(model.encode(features), num_samples)
     words, scores, atts = _rollout(model, memory, B * num_samples, draw, start_id=start_id, end_id=end_id,
-                                   max_len=max_len)
+                                   max_len=max_len, banned=banned)
     out: list[list[Hypothesis]] = []
     for b in range(B):
         rows = range(b * num_samples, (b + 1) * num_samples)
@@ -176,15 +188,16 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
 
 
 def decode(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, beam_size: int = 1,
-           max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1) -> list[list[Hypothesis]]:
+           max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1,
+           banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
     """Greedy when beam_size == 1 (exactly the beam-1 result), beam search otherwise."""
     was_training = model.training
     model.eval()
     try:
         if beam_size == 1:
             return [[h] for h in greedy_search(model, features, start_id=start_id, end_id=end_id,
-                                               max_len=max_len, length_penalty=length_penalty)]
+                                               max_len=max_len, length_penalty=length_penalty, banned=banned)]
         return beam_search(model, features, start_id=start_id, end_id=end_id, beam_size=beam_size,
-                           max_len=max_len, length_penalty=length_penalty, n_best=n_best)
+                           max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned=banned)
     finally:
         model.train(was_training)

@@ -27,7 +27,9 @@ def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str
 
 def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test", beams: Sequence[int] = (1, 3, 5),
                    out: str | None = None, max_len: int | None = None, limit: int = 0,
-                   metrics: Sequence[str] | None = None) -> dict:
+                   metrics: Sequence[str] | None = None, allow_unk: bool = False) -> dict:
+    """Decode ``split`` at each beam size as `captioner caption` does (<unk> never output unless
+    ``allow_unk``) and score it."""
     decoder, vocab, cfg = load_model_dir(model)
     store = FeatureStore.open(features)
     have, want = store.meta["encoder"], cfg["encoder"]
@@ -38,12 +40,13 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                              "encoder settings")
     data = TrainData(Corpus.load(corpus), vocab, store, split, 10_000)
     max_len = max_len or cfg.get("decoding", {}).get("max_len", 30)
-    result = {"model": str(model), "split": split, "images": min(limit, len(data.images)) if limit else len(data.images),
+    banned = (vocab.pad_id, vocab.start_id) if allow_unk else (vocab.pad_id, vocab.start_id, vocab.unk_id)
+    result = {"model": str(model), "split": split, "unk_allowed": allow_unk, "images": min(limit, len(data.images)) if limit else len(data.images),
               "beams": {}, "seconds": {}, "captions": {}}
     for k in beams:
         t0 = time.perf_counter()
-        scores, cands, unavailable = evaluate_split(decoder, vocab, data, beam_size=k, max_len=max_len, metrics=metrics,
-                                       limit=limit)
+        scores, cands, unavailable = evaluate_split(decoder, vocab, data, beam_size=k, max_len=max_len,
+                                                    metrics=metrics, limit=limit, banned=banned)
         result["beams"][k] = scores
         result["seconds"][k] = round(time.perf_counter() - t0, 1)
         result["captions"][k] = cands

@@ -59,6 +59,7 @@ def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, conf
              for k, v in decoder.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # readable like the other files (the writer may create it private)
     os.replace(tmp, out / "model.safetensors")
     vocab.save(out / "vocab.json")
     tmpc = out / "config.json.tmp"
@@ -135,20 +136,26 @@ class Captioner:
             self._encoder = ImageEncoder(spec)
         return self._encoder
 
+    def banned_ids(self, allow_unk: bool = False) -> tuple[int, ...]:
+        """Words a caption never contains: <pad>, <start> and, unless allowed, <unk>."""
+        v = self.vocab
+        return (v.pad_id, v.start_id) if allow_unk else (v.pad_id, v.start_id, v.unk_id)
+
     def decode_features(self, features: torch.Tensor, *, beam_size: int | None = None, n_best: int = 1,
-                        max_len: int | None = None, length_penalty: float | None = None):
+                        max_len: int | None = None, length_penalty: float | None = None,
+                        allow_unk: bool = False):
         from .decoding import decode
 
         d = self.config.get("decoding", {})
         beam = max(beam_size or d.get("beam_size", 3), n_best)  # an n-best list needs at least n beams
         return decode(self.decoder, features.float(), start_id=self.vocab.start_id, end_id=self.vocab.end_id,
-                      beam_size=beam, n_best=n_best,
+                      beam_size=beam, n_best=n_best, banned=self.banned_ids(allow_unk),
                       max_len=max_len or d.get("max_len", 30),
                       length_penalty=d.get("length_penalty", 0.0) if length_penalty is None else length_penalty)
 
     def caption(self, images: Sequence[Any] | Any, *, beam_size: int | None = None, n_best: int = 1,
                 max_len: int | None = None, return_attention: bool = False, max_pixels: int | None = None,
-                batch_size: int = 16) -> list[dict]:
+                batch_size: int = 16, allow_unk: bool = False) -> list[dict]:
         """Caption image paths, bytes or PIL images. One dict per image:
         ``{"caption", "score", "n_best": [{"caption", "score"}...], "words", "attention"?, "grid"}``."""
         from .data.images import DEFAULT_MAX_PIXELS, load_image
@@ -162,7 +169,7 @@ class Captioner:
                    for im in chunk]
             feats = self.encoder.encode(pil)
             for im, hyps in zip(pil, self.decode_features(feats, beam_size=beam_size, n_best=n_best,
-                                                          max_len=max_len)):
+                                                          max_len=max_len, allow_unk=allow_unk)):
                 best = hyps[0]
                 # words and their attention rows together, skipping any special token the model emitted
                 keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]

@@ -131,7 +131,8 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torc
 
 
 def evaluate_split(decoder, vocab: Vocab, data: TrainData, *, beam_size: int = 1, max_len: int = 30,
-                   batch_size: int = 100, metrics=None, limit: int = 0) -> tuple[dict, dict[str, str], dict[str, str]]:
+                   batch_size: int = 100, metrics=None, limit: int = 0,
+                   banned: tuple[int, ...] = ()) -> tuple[dict, dict[str, str], dict[str, str]]:
     """Decode the images of ``data`` and score them against their references.
 
     Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
@@ -143,7 +144,7 @@ def evaluate_split(decoder, vocab: Vocab, data: TrainData, *, beam_size: int = 1
     for i in range(0, n, batch_size):
         feats = data.features[i:min(n, i + batch_size)].float()
         hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
-                      max_len=max_len)
+                      max_len=max_len, banned=banned)
         for j, h in enumerate(hyps):
             cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
     refs = {k: data.refs[k] for k in cands}
