@@ -128,7 +128,9 @@ def test_caption_cli_reports_bad_files_and_continues(photos, tmp_path):
     r = run_cli("caption", str(bad), str(photos[0]), "--json", "--beam", "1")
     assert r.returncode == 1
     assert f"{bad}: not an image file" in r.stderr
-    assert json.loads(r.stdout.strip())["image"] == str(photos[0])
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines[0]["image"] == str(bad) and "not an image file" in lines[0]["error"]
+    assert lines[1]["image"] == str(photos[0]) and lines[1]["caption"]
 
 
 @pytest.mark.parametrize("args, message", [

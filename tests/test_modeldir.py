@@ -392,12 +392,22 @@ def test_caption_attention_rows_match_words():
     assert [int(np.argmax(row)) for row in r["attention"]] == [0, 1]
 
 
-def test_caption_attention_rows_match_words_when_the_model_emits_special_tokens():
+def test_caption_never_contains_special_tokens_and_rows_stay_aligned():
+    """A model that wants to say <pad> first: the engine bans it, so the runner-up word ("dog",
+    always at log-prob -1 here) is said instead, and every attention row belongs to its word."""
     vocab = make_vocab()
     dog, runs = vocab.stoi["dog"], vocab.stoi["runs"]
-    cap = Captioner(_ScriptDecoder([vocab.pad_id, dog, runs], 49), vocab,
+
+    class WantsPad(_ScriptDecoder):
+        def step(self, prev_tokens, state, memory):
+            logp, state, att = super().step(prev_tokens, state, memory)
+            logp[:, dog] = torch.maximum(logp[:, dog], torch.tensor(-1.0))
+            return logp, state, att
+
+    cap = Captioner(WantsPad([vocab.pad_id, dog, runs], 49), vocab,
                     {"encoder": ENCODER, "decoding": {"beam_size": 1}})
     cap._encoder = _FakeEncoder()
-    r = cap.caption(Image.new("RGB", (8, 8)), return_attention=True)[0]
-    assert r["words"] == ["dog", "runs"]
-    assert [int(np.argmax(row)) for row in r["attention"]] == [1, 2]  # the steps that said them
+    for beam in (1, 3):
+        r = cap.caption(Image.new("RGB", (8, 8)), beam_size=beam, return_attention=True)[0]
+        assert r["words"] == ["dog", "dog", "runs"]
+        assert [int(np.argmax(row)) for row in r["attention"]] == [0, 1, 2]  # the steps that said them

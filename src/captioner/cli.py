@@ -143,38 +143,53 @@ def cmd_caption(a: argparse.Namespace) -> int:
     from .modeldir import Captioner
 
     model = Captioner.from_pretrained(a.model)
+    crop = model.config["encoder"].get("resize") == "center-crop"
     status = 0
-    for i, path in enumerate(a.images):
-        try:
-            img = load_image(path, max_pixels=a.max_pixels)
-        except ImageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 1
-            continue
-        r = model.caption([img], beam_size=a.beam, n_best=a.n_best, return_attention=bool(a.attention),
-                          allow_unk=a.allow_unk)[0]
-        if a.attention:
-            from .viz import attention_figure
+    chunk = 16  # images encoded and decoded together
+    for start in range(0, len(a.images), chunk):
+        paths = a.images[start:start + chunk]
+        loaded: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        for i, path in enumerate(paths):
+            try:
+                loaded[i] = load_image(path, max_pixels=a.max_pixels)
+            except ImageError as e:
+                errors[i] = str(e)
+        order = sorted(loaded)
+        results = dict(zip(order, model.caption([loaded[i] for i in order], beam_size=a.beam, n_best=a.n_best,
+                                                max_len=a.max_len, return_attention=bool(a.attention),
+                                                allow_unk=a.allow_unk))) if order else {}
+        for i, path in enumerate(paths):
+            if i in errors:
+                print(f"error: {errors[i]}", file=sys.stderr)
+                if a.json:  # keep one line per image for scripts
+                    print(json.dumps({"image": path, "error": errors[i]}), flush=True)
+                status = 1
+                continue
+            r = results[i]
+            if a.attention:
+                from .viz import attention_figure
 
-            target = Path(a.attention)
-            if len(a.images) > 1:
-                target = target.with_name(f"{target.stem}-{Path(path).stem}{target.suffix or '.png'}")
-            attention_figure(img, r["words"], r["attention"], tuple(r["grid"]), target, title=r["caption"])
-            r["attention_figure"] = str(target)
-        if a.json:
-            obj = {"image": path, "caption": r["caption"], "score": r["score"]}
-            if a.n_best > 1:
-                obj["n_best"] = r["n_best"]
-            if a.attention:
-                obj["attention_figure"] = r["attention_figure"]
-            print(json.dumps(obj), flush=True)
-        else:
-            print(f"{path}: {r['caption']}")
-            if a.n_best > 1:
-                for j, h in enumerate(r["n_best"], 1):
-                    print(f"  {j}. {h['caption']}  ({h['score']:.3f})")
-            if a.attention:
-                print(f"  attention figure: {r['attention_figure']}")
+                target = Path(a.attention)
+                if len(a.images) > 1:
+                    target = target.with_name(f"{target.stem}-{start + i:03d}-{Path(path).stem}{target.suffix or '.png'}")
+                attention_figure(loaded[i], r["words"], r["attention"], tuple(r["grid"]), target,
+                                 title=r["caption"], center_crop=crop)
+                r["attention_figure"] = str(target)
+            if a.json:
+                obj = {"image": path, "caption": r["caption"], "score": r["score"]}
+                if a.n_best > 1:
+                    obj["n_best"] = r["n_best"]
+                if a.attention:
+                    obj["attention_figure"] = r["attention_figure"]
+                print(json.dumps(obj), flush=True)
+            else:
+                print(f"{path}: {r['caption']}")
+                if a.n_best > 1:
+                    for j, h in enumerate(r["n_best"], 1):
+                        print(f"  {j}. {h['caption']}  ({h['score']:.3f})")
+                if a.attention:
+                    print(f"  attention figure: {r['attention_figure']}")
     return status
 
 
@@ -259,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention", default=None, metavar="OUT.png", help="write an attention figure")
     s.add_argument("--max-pixels", type=_positive, default=64_000_000, help="decompression-bomb limit")
     s.add_argument("--allow-unk", action="store_true", help="let captions contain <unk> (unknown word)")
+    s.add_argument("--max-len", type=_positive, default=None, help="longest caption in words (default: the model's)")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")

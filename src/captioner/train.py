@@ -80,9 +80,15 @@ class TrainData:
     """Caption token ids, their lengths and the feature row of their image."""
 
     def __init__(self, corpus: Corpus, vocab: Vocab, store: FeatureStore, split: str, max_len: int):
-        items = [it for it in corpus.split(split) if store.has(it.image)]
+        all_items = corpus.split(split)
+        items = [it for it in all_items if store.has(it.image)]
         if not items:
             raise ValueError(f"no {split!r} images of the corpus have features in {store.path}")
+        if len(items) < len(all_items):
+            import warnings
+
+            warnings.warn(f"{len(all_items) - len(items)} of {len(all_items)} {split!r} images have no features in "
+                          f"{store.path} (unreadable or not computed); they are left out", stacklevel=2)
         self.images = [it.image for it in items]
         self.refs = {it.image: it.captions for it in items}
         rows = np.array([store.row_of[im] for im in self.images])

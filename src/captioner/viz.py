@@ -29,14 +29,21 @@ def attention_overlay_map(alpha: Sequence[float], grid: tuple[int, int], size: t
 
 def attention_figure(image: Image.Image, words: Sequence[str], attention: Sequence[Sequence[float]],
                      grid: tuple[int, int], path: str | Path, *, title: str | None = None, cols: int = 5,
-                     max_side: int = 320) -> Path:
-    """Save a PNG: the image, then one panel per word with its attention map overlaid."""
+                     max_side: int = 320, center_crop: bool = False) -> Path:
+    """Save a PNG: the image, then one panel per word with its attention map overlaid.
+
+    ``center_crop``: the encoder saw only the centre square (resize policy "center-crop"), so the
+    maps are drawn over that square rather than stretched over the whole photo."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     im = image.convert("RGB")
+    if center_crop:
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side))
     scale = max_side / max(im.size)
     if scale < 1:
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
