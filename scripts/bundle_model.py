@@ -1,8 +1,8 @@
 """Copy a trained model directory into the package as a bundled model (float16 weights),
 recording its test metrics and how it was made in config.json.
 
-    python scripts/bundle_model.py runs/flickr8k-sat/best runs/flickr8k-sat/test/metrics.json \
-        --name flickr8k-sat --note "trained with configs/flickr8k-sat.yaml; see README"
+    python scripts/bundle_model.py runs/flickr8k-sat-stage2/best runs/flickr8k-sat-stage2/test/metrics.json \
+        [--name flickr8k-sat] [--note "how it was made"] [--timings timings.json]
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def main() -> None:
     test = json.loads(Path(a.test_metrics).read_text())
     model.config.setdefault("metrics", {})["test"] = {
         "split": test["split"], "images": test["images"], "toolkit": "pycocoevalcap 1.2",
-        "beams": test["beams"], "unavailable": test.get("unavailable", {}),
+        "beams": test["beams"], "unk_allowed": test.get("unk_allowed", False),
+        # reasons name paths of the machine that evaluated; keep only which metrics are missing
+        "unavailable": {name: "not computed when this model was evaluated" for name in test.get("unavailable", {})},
     }
     model.config["name"] = a.name
     if a.note:

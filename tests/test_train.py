@@ -152,3 +152,33 @@ def test_config_yaml_and_overrides(tmp_path):
     bad.write_text("optim: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(TrainConfig, bad)
+
+
+def test_init_from_starts_at_the_given_model_and_keeps_it_unless_beaten(synthetic, tmp_path):
+    first = small_config(synthetic, tmp_path / "stage1", epochs=2)
+    s1 = train(first)
+    stage2 = small_config(synthetic, tmp_path / "stage2", epochs=1, lr_decay=0.5)
+    stage2.model = {}
+    stage2.init_from = str(tmp_path / "stage1" / "best")
+    stage2.optim.lr = 1e-9  # too small to change anything: the starting model must stay "best"
+    s2 = train(stage2)
+    assert s2["best"] == pytest.approx(s1["best"])  # epoch 0 = the stage-1 model, scored again
+    assert s2["best_epoch"] == 0
+    start, _, _ = load_model_dir(tmp_path / "stage1" / "best")
+    kept, _, cfg = load_model_dir(tmp_path / "stage2" / "best")
+    assert cfg["metrics"]["val"]["epoch"] == 0
+    for k, v in start.state_dict().items():
+        assert torch.equal(v, kept.state_dict()[k])
+
+
+def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_an_old_dir(synthetic, tmp_path):
+    cfg = small_config(synthetic, tmp_path / "run", epochs=1)
+    train(cfg)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(cfg)
+    changed = small_config(synthetic, tmp_path / "run", epochs=2)
+    changed.optim.lr = 1e-4
+    with pytest.raises(ValueError, match="optim.lr"):
+        train(changed, resume=True)
+    longer = small_config(synthetic, tmp_path / "run", epochs=2)  # more epochs is a legitimate resume
+    assert train(longer, resume=True)["epochs"] == 2

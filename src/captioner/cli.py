@@ -33,7 +33,7 @@ def _ratios(text: str) -> tuple[float, float, float]:
         r = tuple(float(x) for x in text.split(","))
     except ValueError:
         r = ()
-    if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:
+    if len(r) != 3 or not all(0 <= x <= 1 for x in r) or abs(sum(r) - 1) > 1e-6:
         raise argparse.ArgumentTypeError(f"expected three ratios train,val,test summing to 1, got {text!r}")
     return r
 
@@ -143,7 +143,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
     from .modeldir import Captioner
 
     model = Captioner.from_pretrained(a.model)
-    crop = model.config["encoder"].get("resize") == "center-crop"
+    crop = model.config.get("encoder", {}).get("resize") == "center-crop"
     status = 0
     chunk = 16  # images encoded and decoded together
     for start in range(0, len(a.images), chunk):
@@ -158,7 +158,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
         order = sorted(loaded)
         results = dict(zip(order, model.caption([loaded[i] for i in order], beam_size=a.beam, n_best=a.n_best,
                                                 max_len=a.max_len, return_attention=bool(a.attention),
-                                                allow_unk=a.allow_unk))) if order else {}
+                                                allow_unk=a.allow_unk, max_pixels=None))) if order else {}
         for i, path in enumerate(paths):
             if i in errors:
                 print(f"error: {errors[i]}", file=sys.stderr)
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="feature store folder")
     s.add_argument("--encoder", default="efficientnet-lite0")
     s.add_argument("--resize", choices=["squash", "center-crop"], default=None)
-    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--image-size", type=_positive, default=None)
     s.add_argument("--batch-size", type=_positive, default=8)
     s.add_argument("--workers", type=int, default=1, help="image decoding processes (0: decode in this process)")
     s.add_argument("--max-pixels", type=_positive, default=None, help="decompression-bomb limit")
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")
     s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, default=300)
+    s.add_argument("--n", type=_positive, default=300)
     s.add_argument("--size", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)

@@ -61,6 +61,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str):
+        if value is None or isinstance(value, (list, dict)) or (isinstance(value, bool) and tp is not str):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -78,6 +78,9 @@ def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
         raise ModelDirError(f"{p / 'config.json'}: invalid JSON ({e})") from None
     if cfg.get("format") != FORMAT:
         raise ModelDirError(f"{p / 'config.json'}: not a captioner model (format={cfg.get('format')!r})")
+    missing_keys = [k for k in ("arch", "model") if k not in cfg]
+    if missing_keys:
+        raise ModelDirError(f"{p / 'config.json'}: missing {', '.join(missing_keys)}")
     if cfg.get("version", 0) > VERSION:
         raise ModelDirError(f"{p / 'config.json'}: written by a newer captioner (version {cfg['version']})")
     try:
@@ -131,7 +134,10 @@ class Captioner:
         if self._encoder is None:
             from .encoders import EncoderSpec, ImageEncoder, get_encoder_spec
 
-            e = self.config["encoder"]
+            e = self.config.get("encoder")
+            if not e:
+                raise ModelDirError("this model's config.json names no encoder, so it can only caption features "
+                                    "(decode_features), not images")
             spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"))
             self._encoder = ImageEncoder(spec)
         return self._encoder
@@ -184,6 +190,6 @@ class Captioner:
                     "grid": list(self.config["encoder"]["grid"]),
                 }
                 if return_attention:
-                    r["attention"] = best.attention[keep].tolist() if best.attention is not None else None
+                    r["attention"] = best.attention[keep].tolist() if best.attention is not None else []
                 results.append(r)
         return results

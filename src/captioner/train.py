@@ -225,9 +225,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         decoder, init_vocab, init_cfg = load_model_dir(cfg.init_from)
         if init_vocab.itos != vocab.itos:
             raise TrainError(f"init_from={cfg.init_from}: its vocabulary differs from {vocab_path}")
-        if init_cfg["arch"] != cfg.arch or init_cfg["encoder"]["name"] != enc["name"]:
-            raise TrainError(f"init_from={cfg.init_from}: a {init_cfg['arch']} model on "
-                             f"{init_cfg['encoder']['name']}, but this run is {cfg.arch} on {enc['name']}")
+        if init_cfg["arch"] != cfg.arch:
+            raise TrainError(f"init_from={cfg.init_from}: a {init_cfg['arch']} model, but this run is {cfg.arch}")
+        for key in ENCODER_KEYS:
+            if init_cfg.get("encoder", {}).get(key) != enc.get(key):
+                raise TrainError(f"init_from={cfg.init_from}: trained on features with encoder {key}="
+                                 f"{init_cfg.get('encoder', {}).get(key)!r}, but {cfg.data.features} has {enc.get(key)!r}")
         decoder.train()
     else:
         model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
@@ -235,15 +238,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
                            weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
-                                                       patience=cfg.optim.lr_patience)
+                                                       patience=cfg.optim.lr_patience, threshold=0.0)
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
     if resume and ckpt.exists():
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        changed = _config_changes(json.loads(c["config"]), asdict(cfg)) if "config" in c else []
+        if changed:
+            raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); "
+                             "resume with the same settings (only optim.epochs, progress and threads may change)")
         decoder.load_state_dict(c["model"])
         opt.load_state_dict(c["optimizer"])
         sched.load_state_dict(c["scheduler"])
         _set_rng_state(c["rng"])
         state = json.loads(c["state"])
+        _write_logs(state["history"], out, cfg.val_metric)  # in case a kill came between checkpoint and logs
         if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
             print(f"--resume: {out} had already stopped early at epoch {state['epoch']}")
             return _summary(state, out)
@@ -255,6 +263,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             "training": {"config": asdict(cfg), "corpus": corpus.name,
                          "train_images": len(train_data.images), "train_captions": len(train_data)}}
     metrics_needed = ["BLEU-4", "CIDEr-D"] if cfg.val_metric in ("BLEU-4", "CIDEr-D") else [cfg.val_metric]
+    if cfg.init_from and state["epoch"] == 0:
+        # the starting point is the score to beat: stage 2 must not ship something worse than stage 1
+        scores, _, _ = evaluate_split(decoder, vocab, val_data, beam_size=cfg.val_beam, max_len=cfg.data.max_len,
+                                      metrics=metrics_needed, limit=cfg.data.val_images)
+        state.update(best=scores[cfg.val_metric], best_epoch=0)
+        sched.best = scores[cfg.val_metric]
+        save_model_dir(out / "best", decoder, vocab, {**info, "metrics": {"val": {
+            "split": cfg.data.val_split, "beam": cfg.val_beam, "epoch": 0, **scores}}})
+        print(f"init_from {cfg.init_from}: val {cfg.val_metric} {state['best']:.4f} to beat", flush=True)
     steps_run = 0
     while state["epoch"] < cfg.optim.epochs:
         epoch = state["epoch"] + 1
@@ -291,10 +308,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                                        metrics=metrics_needed, limit=cfg.data.val_images)
         score = scores[cfg.val_metric]
         improved = score > state["best"]
+        lr_used = opt.param_groups[0]["lr"]
         sched.step(score)
         row = {"epoch": epoch, "train_loss": tot / seen, "train_ce": ce_sum / seen,
                "captions_per_s": round(seen / train_secs, 1), "train_seconds": round(train_secs, 1),
-               "val_seconds": round(time.perf_counter() - t1, 1), "lr": opt.param_groups[0]["lr"],
+               "val_seconds": round(time.perf_counter() - t1, 1), "lr": lr_used,
                "val": {k: round(v, 5) for k, v in scores.items()},
                "example": next(iter(cands.values()))}
         state["history"].append(row)
@@ -308,10 +326,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         state["epoch"] = epoch
         _atomic_save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "rng": _rng_state(), "state": json.dumps(state), "config": json.dumps(asdict(cfg))}, ckpt)
-        tmp = out / "metrics.jsonl.tmp"  # rewritten whole from the checkpointed history: no duplicates on resume
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
-        os.replace(tmp, out / "metrics.jsonl")
-        plot_curves(state["history"], out / "curves.png", cfg.val_metric)
+        _write_logs(state["history"], out, cfg.val_metric)
         print(f"epoch {epoch}: loss {row['train_loss']:.3f}  val {cfg.val_metric} {score:.4f}"
               f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {row['captions_per_s']} captions/s",
               flush=True)
@@ -319,6 +334,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             print(f"early stop: no better {cfg.val_metric} for {state['bad_epochs']} epochs")
             break
     return _summary(state, out)
+
+
+ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")
+RESUMABLE_CHANGES = {"optim.epochs", "progress", "threads"}
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts (except those a resume may change)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "model":
+            out += _config_changes(a, b, key + ".")
+        elif a != b and key not in RESUMABLE_CHANGES:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _write_logs(history: list[dict], out: Path, metric: str) -> None:
+    """metrics.jsonl and curves.png, rewritten whole from the checkpointed history (no duplicates on resume)."""
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, out / "metrics.jsonl")
+    if history:
+        plot_curves(history, out / "curves.png", metric)
 
 
 def _summary(state: dict, out: Path) -> dict:
@@ -341,6 +382,17 @@ def check_config(cfg: TrainConfig) -> None:
     get_architecture(cfg.arch)  # raises with the list of architectures
     if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1 or cfg.optim.lr <= 0:
         raise TrainError("optim.batch_size and optim.epochs must be >= 1 and optim.lr > 0")
+    if cfg.val_beam < 1 or cfg.data.max_len < 1:
+        raise TrainError("val_beam and data.max_len must be >= 1")
+    if not 0 < cfg.optim.lr_decay < 1:
+        raise TrainError(f"optim.lr_decay={cfg.optim.lr_decay}: must be between 0 and 1 (exclusive); "
+                         "for no decay set optim.lr_patience to a number larger than optim.epochs")
+    if cfg.init_from and cfg.model:
+        raise TrainError("init_from takes the architecture sizes from that model directory; leave model empty")
+    if cfg.init_from:
+        from .modeldir import resolve_model_path
+
+        resolve_model_path(cfg.init_from)  # a clear error for a wrong path, before any work
 
 
 class TrainError(ValueError):

@@ -519,3 +519,337 @@ def test_detect_format_and_read_corpus(flickr: tuple[Path, Path], tmp_path: Path
     assert read_corpus("folder", folder, image_dir).items[0].split == "train"
     with pytest.raises(ValueError, match="unknown corpus format 'xml'"):
         read_corpus("xml", kaggle, image_dir)
+
+
+# --------------------------------------------------------------------------- malformed entries
+# Each bad entry gives one "<where>: <what>" report entry, is skipped while the rest of the
+# file is still read, and strict mode raises a CorpusError listing exactly that entry.
+
+
+def _assert_one_skipped(
+    read: Callable[..., Corpus], where: str, what: str, items: list[tuple[str, list[str]]]
+) -> str:
+    corpus = read()
+    [entry] = corpus.report.malformed_lines
+    assert entry.startswith(f"{where}: "), entry
+    assert what in entry[len(where):], entry
+    assert [(i.image, i.captions) for i in corpus.items] == items  # the rest is still read
+    assert corpus.report.problems() == [entry]
+    with pytest.raises(CorpusError) as err:
+        read(strict=True)
+    assert err.value.problems == [entry]
+    assert "1 problem(s) found (strict mode)" in str(err.value) and entry in str(err.value)
+    return entry
+
+
+_AB_ITEMS = [("a.jpg", ["A dog ."]), ("b.jpg", ["A cat ."])]
+
+
+def _coco_data() -> dict[str, Any]:
+    return {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [{"id": 10, "image_id": 1, "caption": "A dog ."},
+                        {"id": 11, "image_id": 2, "caption": "A cat ."}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where", "what"),
+    [
+        (lambda d: d["images"].append({"id": 3}), "images[2]",
+         "expected an object with 'id' and 'file_name'"),
+        (lambda d: d["images"].insert(1, "c.jpg"), "images[1]",
+         "expected an object with 'id' and 'file_name'"),
+        (lambda d: d["images"].append({"id": 3, "file_name": 7}), "images[2]",
+         "expected an object with 'id' and 'file_name'"),
+        (lambda d: d["images"].append({"id": 3, "file_name": "a.jpg"}), "images[2]",
+         "a.jpg is already listed at {path}: images[0]"),
+        (lambda d: d["images"].append({"file_name": "c.jpg"}), "images[2]",
+         "missing or repeated image id None"),
+        (lambda d: d["images"].append({"id": 1, "file_name": "c.jpg"}), "images[2]",
+         "missing or repeated image id 1"),
+        (lambda d: d["images"].append({"id": 2.5, "file_name": "c.jpg"}), "images[2]",
+         "missing or repeated image id 2.5"),
+        (lambda d: d["images"].append({"id": [3], "file_name": "c.jpg"}), "images[2]",
+         "missing or repeated image id [3]"),  # was a TypeError (unhashable)
+        (lambda d: d["images"].append({"id": 3, "file_name": "../c.jpg"}), "images[2]",
+         "image path '../c.jpg' must not contain '..'"),
+        (lambda d: d["images"].append({"id": 3, "file_name": "c\0.jpg"}), "images[2]",
+         "contains a NUL byte"),
+        (lambda d: d["annotations"].insert(1, "A caption ."), "annotations[1]",
+         "expected an object"),
+        (lambda d: d["annotations"].append({"id": 12, "image_id": 1}), "annotations[2]",
+         "no 'caption' text"),
+        (lambda d: d["annotations"].append({"id": 12, "image_id": 1, "caption": None}),
+         "annotations[2]", "no 'caption' text"),
+        (lambda d: d["annotations"].append({"id": 12, "image_id": 99, "caption": "x"}),
+         "annotations[2]", "unknown image_id 99"),
+        (lambda d: d["annotations"].append({"id": 12, "image_id": "1", "caption": "x"}),
+         "annotations[2]", "unknown image_id '1'"),
+        (lambda d: d["annotations"].append({"id": 12, "caption": "x"}),
+         "annotations[2]", "unknown image_id None"),
+        (lambda d: d["annotations"].append({"id": 12, "image_id": [1], "caption": "x"}),
+         "annotations[2]", "unknown image_id [1]"),  # was a TypeError (unhashable)
+    ],
+)
+def test_coco_malformed_entries(
+    tmp_path: Path, mutate: Callable[[dict[str, Any]], Any], where: str, what: str
+) -> None:
+    _touch_images(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+    path = tmp_path / "captions_train.json"
+    data = _coco_data()
+    mutate(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+    def read(**kw: Any) -> Corpus:
+        return read_coco(path, tmp_path / "imgs", **kw)
+
+    _assert_one_skipped(read, f"{path}: {where}", what.format(path=path), _AB_ITEMS)
+    assert {i.split for i in read().items} == {"train"}
+
+
+def test_coco_duplicate_file_name_across_files(tmp_path: Path) -> None:
+    _touch_images(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+    first, second = tmp_path / "captions_train.json", tmp_path / "captions_val.json"
+    first.write_text(json.dumps(_coco_data()), encoding="utf-8")
+    second.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "b.jpg"}],
+        "annotations": [{"id": 20, "image_id": 1, "caption": "A second cat ."}],
+    }), encoding="utf-8")
+    corpus = read_coco([first, second], tmp_path / "imgs")
+    assert corpus.report.malformed_lines == [
+        f"{second}: images[0]: b.jpg is already listed at {first}: images[1]",
+        f"{second}: annotations[0]: unknown image_id 1",  # its image entry was skipped
+    ]
+    assert [(i.image, i.split, i.captions) for i in corpus.items] == [
+        ("a.jpg", "train", ["A dog ."]), ("b.jpg", "train", ["A cat ."])]
+    with pytest.raises(CorpusError) as err:
+        read_coco([first, second], tmp_path / "imgs", strict=True)
+    assert err.value.problems == corpus.report.malformed_lines
+    assert f"{first}, {second}: 2 problem(s) found" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"images": [{"filename": "a.jpg", "split": "train", "sentences": []}]}',  # Karpathy
+        '[{"image_id": 1, "caption": "x"}]',
+        '{"images": [], "annotations": {}}',
+        '{"images": {}, "annotations": []}',
+        '"captions"',
+    ],
+)
+def test_coco_not_a_coco_file(tmp_path: Path, content: str) -> None:
+    good, bad = tmp_path / "captions_train.json", tmp_path / "captions_val.json"
+    good.write_text(json.dumps(_coco_data()), encoding="utf-8")
+    bad.write_text(content, encoding="utf-8")
+    with pytest.raises(CorpusError, match="not a COCO captions file") as err:
+        read_coco([good, bad], tmp_path, check_images=False)
+    assert str(err.value).startswith(f"{bad}: ")
+    bad.write_text('{"images": [', encoding="utf-8")
+    with pytest.raises(CorpusError, match="not valid JSON") as err:
+        read_coco(bad, tmp_path, check_images=False)
+    assert str(err.value).startswith(f"{bad}:1: ")
+
+
+def _bird(**kw: object) -> dict[str, object]:
+    return {"filename": "c.jpg", "split": "train", "sentences": [{"raw": "A bird ."}], **kw}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where", "what"),
+    [
+        (lambda imgs: imgs.insert(1, "c.jpg"), "images[1]", "expected an object"),
+        (lambda imgs: imgs.append(["c.jpg", "train"]), "images[2]", "expected an object"),
+        (lambda imgs: imgs.append(_bird(filepath=5)), "images[2]", "'filepath' must be a string"),
+        (lambda imgs: imgs.append(_bird(filepath=["x"])), "images[2]",
+         "'filepath' must be a string"),
+        (lambda imgs: imgs.append(_bird(sentences="A bird .")), "images[2] (c.jpg)",
+         "'sentences' must be a list"),
+        (lambda imgs: imgs.append(_bird(sentences={"raw": "A bird ."})), "images[2] (c.jpg)",
+         "'sentences' must be a list"),
+        (lambda imgs: imgs[0]["sentences"].append({"tokens": ["a", "dog"]}),
+         "images[0] (a.jpg): sentences[1]", "no 'raw' caption text"),
+        (lambda imgs: imgs[1]["sentences"].insert(0, "A cat sits ."),
+         "images[1] (b.jpg): sentences[0]", "no 'raw' caption text"),
+        (lambda imgs: imgs[1]["sentences"].append({"raw": 5}),
+         "images[1] (b.jpg): sentences[1]", "no 'raw' caption text"),
+        (lambda imgs: imgs.append(_bird(filename="../c.jpg")), "images[2] (../c.jpg)",
+         "must not contain '..'"),
+        (lambda imgs: imgs.append(_bird(filepath="../data")), "images[2] (../data/c.jpg)",
+         "image path '../data/c.jpg' must not contain '..'"),
+    ],
+)
+def test_karpathy_malformed_entries(
+    tmp_path: Path, mutate: Callable[[list[Any]], Any], where: str, what: str
+) -> None:
+    _touch_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg"])
+    path = _karpathy_json(tmp_path / "dataset_tiny.json",
+                          [("a.jpg", "train", ["A dog ."]), ("b.jpg", "val", ["A cat ."])])
+    data = json.loads(path.read_text(encoding="utf-8"))
+    mutate(data["images"])
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+    def read(**kw: Any) -> Corpus:
+        return read_karpathy(path, tmp_path / "imgs", **kw)
+
+    _assert_one_skipped(read, f"{path}: {where}", what, _AB_ITEMS)
+    assert [i.split for i in read().items] == ["train", "val"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['[{"filename": "a.jpg"}]', '{"images": {"a.jpg": []}}', '{"dataset": "tiny"}', "null"],
+)
+def test_karpathy_not_a_karpathy_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "dataset_tiny.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(CorpusError, match="not a Karpathy-split file") as err:
+        read_karpathy(path, tmp_path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "what"),
+    [
+        (",A caption without image .,train", "empty image name"),
+        ("   ,A caption without image .,", "empty image name"),
+        ('"",A caption without image .,val', "empty image name"),
+        ("c\0.jpg,A NUL in the name .,train", "image name 'c\\x00.jpg' contains a NUL byte"),
+        ("C:\\pics\\c.jpg,A drive letter .,train", "must be relative to the image folder"),
+        ("c.jpg,Too,many,fields", "expected 3 fields (image,caption,split), got 4"),
+    ],
+)
+def test_folder_csv_malformed_rows(tmp_path: Path, bad_row: str, what: str) -> None:
+    _touch_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg"])
+    path = tmp_path / "caps.csv"
+    path.write_bytes(("image,caption,split\n"
+                      "a.jpg,A dog .,train\n"
+                      f"{bad_row}\n"
+                      "b.jpg,A cat .,val\n").encode("utf-8"))
+
+    def read(**kw: Any) -> Corpus:
+        return read_folder(tmp_path / "imgs", path, **kw)
+
+    _assert_one_skipped(read, f"{path}:3", what, _AB_ITEMS)
+    # a caption-less image name must not poison the image check (NUL used to raise ValueError)
+    assert read(check_images=False).report.malformed_lines == read().report.malformed_lines
+
+
+def test_kaggle_csv_empty_image_name_strict(tmp_path: Path) -> None:
+    _touch_images(tmp_path / "Images", ["a.jpg", "b.jpg"])
+    path = tmp_path / "captions.txt"
+    path.write_text("image,caption\na.jpg,A dog .\n,Nobody's image .\nb.jpg,A cat .\n",
+                    encoding="utf-8")
+
+    def read(**kw: Any) -> Corpus:
+        return read_kaggle_csv(path, tmp_path / "Images", **kw)
+
+    assert _assert_one_skipped(read, f"{path}:3", "empty image name", _AB_ITEMS) == (
+        f"{path}:3: empty image name")
+
+
+@pytest.mark.parametrize("file_name", ["captions.txt", "caps.csv", "caps"])
+def test_csv_not_utf8_raises_naming_the_file(tmp_path: Path, file_name: str) -> None:
+    path = tmp_path / file_name
+    path.write_bytes(b"image,caption\na.jpg,A dog .\nb.jpg,Caf\xe9 au lait\n")
+    with pytest.raises(CorpusError, match="caption file is not UTF-8 text") as err:
+        read_folder(tmp_path, path, check_images=False)
+    assert str(err.value).startswith(f"{path}: ")
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        read_kaggle_csv(path, tmp_path, check_images=False)
+
+
+def test_csv_parse_error_raises_naming_the_file(tmp_path: Path) -> None:
+    # an unbalanced quote swallows the rest of the file into one over-long field
+    path = tmp_path / "captions.txt"
+    path.write_text('image,caption\na.jpg,"A dog .\n' + "b.jpg,A cat .\n" * 12000,
+                    encoding="utf-8")
+    with pytest.raises(CorpusError, match="cannot parse CSV: field larger than field limit") as err:
+        read_kaggle_csv(path, tmp_path, check_images=False)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("content", "got"),
+    [
+        ("image,text\na.jpg,A dog .\n", "'image,text'"),
+        ("caption,split\nA dog .,train\n", "'caption,split'"),
+        ("a.jpg,A dog .\nb.jpg,A cat .\n", "'a.jpg,a dog .'"),  # no header line at all
+        ("", "''"),
+    ],
+)
+def test_csv_missing_header_columns(tmp_path: Path, content: str, got: str) -> None:
+    path = tmp_path / "caps.csv"
+    path.write_text(content, encoding="utf-8")
+    for read in (read_folder, lambda p, d, **kw: read_kaggle_csv(d, p, **kw)):
+        with pytest.raises(CorpusError) as err:
+            read(tmp_path, path, check_images=False)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}:1: expected a CSV header with 'image' and 'caption'"), msg
+        assert msg.endswith(f"got {got}")
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "what"),
+    [
+        ("{oops", "not valid JSON (Expecting property name enclosed in double quotes)"),
+        ('{"image": "c.jpg", "caption": "A bird ."', "not valid JSON"),
+        ('"a.jpg"', "expected a JSON object"),
+        ('{"caption": "A bird ."}', "no 'image'"),
+        ('{"image": 3, "caption": "A bird ."}', "no 'image'"),
+        ('{"image": null, "caption": "A bird ."}', "no 'image'"),
+        ('{"image": "c.jpg"}', "no 'caption' text"),
+        ('{"image": "c.jpg", "caption": ["A bird ."]}', "no 'caption' text"),
+        ('{"image": "", "caption": "A bird ."}', "empty image name"),
+        ('{"image": "c\\u0000.jpg", "caption": "A bird ."}', "contains a NUL byte"),
+        ('{"image": "../c.jpg", "caption": "A bird ."}', "must not contain '..'"),
+    ],
+)
+def test_folder_jsonl_malformed_lines(tmp_path: Path, bad_line: str, what: str) -> None:
+    _touch_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg"])
+    path = tmp_path / "caps.jsonl"
+    path.write_text(
+        '{"image": "a.jpg", "caption": "A dog .", "split": "train"}\n'
+        "\n"
+        f"{bad_line}\n"
+        '{"image": "b.jpg", "caption": "A cat .", "split": "test"}\n',
+        encoding="utf-8",
+    )
+
+    def read(**kw: Any) -> Corpus:
+        return read_folder(tmp_path / "imgs", path, **kw)
+
+    _assert_one_skipped(read, f"{path}:3", what, _AB_ITEMS)
+    assert [i.split for i in read().items] == ["train", "test"]
+
+
+def test_folder_jsonl_not_utf8_raises(tmp_path: Path) -> None:
+    path = tmp_path / "caps.jsonl"
+    path.write_bytes(b'{"image": "a.jpg", "caption": "Caf\xe9"}\n')
+    with pytest.raises(CorpusError, match="caption file is not UTF-8 text") as err:
+        read_folder(tmp_path, path, check_images=False)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("bad_name", "what"),
+    [
+        ("/data/333_c.jpg", "image path '/data/333_c.jpg' must be relative to the image folder"),
+        ("../333_c.jpg", "image path '../333_c.jpg' must not contain '..'"),
+        ("imgs\\..\\333_c.jpg", "must not contain '..'"),
+        ("C:/Flickr/333_c.jpg", "must be relative to the image folder"),
+        ("333\0_c.jpg", "contains a NUL byte"),
+    ],
+)
+def test_flickr8k_split_file_bad_image_name(tmp_path: Path, bad_name: str, what: str) -> None:
+    order = {"train": ["222_b.jpg", "111_a.jpg"], "val": ["333_c.jpg", bad_name],
+             "test": ["444_d.jpg"]}
+    text_dir, image_dir = _write_flickr(tmp_path, split_order=order)
+
+    def read(**kw: Any) -> Corpus:
+        return read_flickr8k_text(text_dir, image_dir, **kw)
+
+    items = [(img, FLICKR[img][1]) for img in ("222_b.jpg", "111_a.jpg", "333_c.jpg", "444_d.jpg")]
+    _assert_one_skipped(read, f"{text_dir / SPLIT_FILE['val']}:2", what, items)
+    assert read().report.unsplit_images == ["555_e.jpg"]  # info only, not a problem

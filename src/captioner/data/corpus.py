@@ -456,6 +456,8 @@ def _image_name_problem(image: str) -> str | None:
     """Why ``image`` is not usable as a relative image path, or None."""
     if not image.strip():
         return "empty image name"
+    if "\0" in image:
+        return f"image name {image!r} contains a NUL byte"
     posix = PurePosixPath(image.replace("\\", "/"))
     if posix.is_absolute() or re.match(r"^[A-Za-z]:", image):
         return f"image path {image!r} must be relative to the image folder"
@@ -801,7 +803,7 @@ def read_coco(
             if image in first_where:
                 b.malformed(where, f"{image} is already listed at {first_where[image]}")
                 continue
-            if img.get("id") in by_id or not isinstance(img.get("id"), (int, str)):
+            if not isinstance(img.get("id"), (int, str)) or img["id"] in by_id:
                 b.malformed(where, f"missing or repeated image id {img.get('id')!r}")
                 continue
             first_where[image] = where
@@ -813,7 +815,8 @@ def read_coco(
             if not isinstance(ann, dict):
                 b.malformed(where, "expected an object")
                 continue
-            image = by_id.get(ann.get("image_id"))
+            image_id = ann.get("image_id")
+            image = None if isinstance(image_id, (list, dict)) else by_id.get(image_id)
             if image is None:
                 b.malformed(where, f"unknown image_id {ann.get('image_id')!r}")
                 continue

@@ -35,7 +35,7 @@ _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
-class ImageError(Exception):
+class ImageError(ValueError):
     """Bad image input. ``str(e) == f"{source}: {reason}"``."""
 
     def __init__(self, source: str, reason: str) -> None:
