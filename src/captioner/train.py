@@ -91,8 +91,10 @@ class TrainData:
                           f"{store.path} (unreadable or not computed); they are left out", stacklevel=2)
         self.images = [it.image for it in items]
         self.refs = {it.image: it.captions for it in items}
-        rows = np.array([store.row_of[im] for im in self.images])
-        self.features = torch.from_numpy(np.ascontiguousarray(store.features[rows]))  # (N, P, C) float16
+        # rows of the store's memory map: nothing is loaded up front, each batch reads its own rows
+        # (the OS page cache keeps hot rows in RAM), so COCO-sized stores need no more memory than a batch
+        self.rows = np.array([store.row_of[im] for im in self.images])
+        self.store = store
         seqs, owner = [], []
         for i, it in enumerate(items):
             for toks in it.tokens:
@@ -123,7 +125,15 @@ class TrainData:
     def batch(self, idx: torch.Tensor):
         lengths = self.lengths[idx]
         T = int(lengths.max())
-        return self.features[self.owner[idx]].float(), self.tokens[idx, :T], lengths
+        return self.features(self.owner[idx].numpy()), self.tokens[idx, :T], lengths
+
+    def features(self, images: np.ndarray | slice) -> torch.Tensor:
+        """float32 (n, P, C) grids of images (positions in ``self.images``), read from the store."""
+        rows = self.rows[images]
+        order = np.argsort(rows, kind="stable")  # memmap reads in file order
+        grids = np.empty((len(rows), *self.store.features.shape[1:]), dtype=np.float16)
+        grids[order] = self.store.features[rows[order]]
+        return torch.from_numpy(grids).float()
 
 
 def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +158,7 @@ def evaluate_split(decoder, vocab: Vocab, data: TrainData, *, beam_size: int = 1
     n = len(data.images) if not limit else min(limit, len(data.images))
     cands: dict[str, str] = {}
     for i in range(0, n, batch_size):
-        feats = data.features[i:min(n, i + batch_size)].float()
+        feats = data.features(slice(i, min(n, i + batch_size)))
         hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
                       max_len=max_len, banned=banned)
         for j, h in enumerate(hyps):
