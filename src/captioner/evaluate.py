@@ -10,7 +10,7 @@ from typing import Sequence
 from .data.corpus import Corpus
 from .features import FeatureStore
 from .metrics import METRIC_NAMES
-from .modeldir import load_model_dir
+from .modeldir import banned_ids, load_model_dir
 from .train import TrainData, evaluate_split
 
 
@@ -40,7 +40,7 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                              "encoder settings")
     data = TrainData(Corpus.load(corpus), vocab, store, split, 10_000)
     max_len = max_len or cfg.get("decoding", {}).get("max_len", 30)
-    banned = (vocab.pad_id, vocab.start_id) if allow_unk else (vocab.pad_id, vocab.start_id, vocab.unk_id)
+    banned = banned_ids(vocab, allow_unk)
     result = {"model": str(model), "split": split, "unk_allowed": allow_unk, "images": min(limit, len(data.images)) if limit else len(data.images),
               "beams": {}, "seconds": {}, "captions": {}}
     for k in beams:

@@ -35,6 +35,11 @@ class ModelDirError(ValueError):
     pass
 
 
+def banned_ids(vocab: Vocab, allow_unk: bool = False) -> tuple[int, ...]:
+    """Words a caption never contains: <pad>, <start> and, unless allowed, <unk>."""
+    return (vocab.pad_id, vocab.start_id) if allow_unk else (vocab.pad_id, vocab.start_id, vocab.unk_id)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)
     if p.is_dir():
@@ -142,11 +147,6 @@ class Captioner:
             self._encoder = ImageEncoder(spec)
         return self._encoder
 
-    def banned_ids(self, allow_unk: bool = False) -> tuple[int, ...]:
-        """Words a caption never contains: <pad>, <start> and, unless allowed, <unk>."""
-        v = self.vocab
-        return (v.pad_id, v.start_id) if allow_unk else (v.pad_id, v.start_id, v.unk_id)
-
     def decode_features(self, features: torch.Tensor, *, beam_size: int | None = None, n_best: int = 1,
                         max_len: int | None = None, length_penalty: float | None = None,
                         allow_unk: bool = False):
@@ -155,7 +155,7 @@ class Captioner:
         d = self.config.get("decoding", {})
         beam = max(beam_size or d.get("beam_size", 3), n_best)  # an n-best list needs at least n beams
         return decode(self.decoder, features.float(), start_id=self.vocab.start_id, end_id=self.vocab.end_id,
-                      beam_size=beam, n_best=n_best, banned=self.banned_ids(allow_unk),
+                      beam_size=beam, n_best=n_best, banned=banned_ids(self.vocab, allow_unk),
                       max_len=max_len or d.get("max_len", 30),
                       length_penalty=d.get("length_penalty", 0.0) if length_penalty is None else length_penalty)
 
