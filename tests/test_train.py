@@ -16,12 +16,13 @@ import torch
 
 from captioner.config import ConfigError, apply_overrides, load_config
 from captioner.data.corpus import Corpus
-from captioner.data.text import Vocab
 from captioner.features import FeatureStore
 from captioner.metrics import compute_metrics
 from captioner.modeldir import load_model_dir
 from captioner.models import build_decoder
-from captioner.train import DataConfig, OptimConfig, TrainConfig, TrainData, evaluate_split, train
+from captioner.dataset import CaptionData
+from captioner.evaluate import evaluate_split
+from captioner.train import DataConfig, OptimConfig, TrainConfig, train
 
 SMALL = {"embed_dim": 48, "hidden_dim": 96, "attention_dim": 48, "dropout": 0.1}
 
@@ -52,7 +53,7 @@ def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
     corpus = Corpus.load(synthetic.corpus)
     store = FeatureStore.open(synthetic.features)
     decoder, vocab, model_cfg = load_model_dir(tmp_path / "run" / "best")
-    test = TrainData(corpus, vocab, store, "test", 12)
+    test = CaptionData(corpus, vocab, store, "test", 12)
     metrics = ["BLEU-4", "CIDEr-D"]
     trained, cands, _ = evaluate_split(decoder, vocab, test, beam_size=3, max_len=12, metrics=metrics)
 

@@ -1,4 +1,5 @@
-"""`captioner evaluate`: decode a split with a model directory, score it, write JSON + Markdown."""
+"""Scoring: decode a split of cached features and score it with the COCO metrics (used by training's
+validation and by `captioner evaluate`, which also writes JSON + Markdown)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,31 @@ from pathlib import Path
 from typing import Sequence
 
 from .data.corpus import Corpus
+from .data.text import Vocab
+from .dataset import CaptionData
+from .decoding import decode
 from .features import FeatureStore
-from .metrics import METRIC_NAMES
+from .metrics import METRIC_NAMES, compute_metrics
 from .modeldir import banned_ids, load_model_dir
-from .train import TrainData, evaluate_split
+
+
+def evaluate_split(decoder, vocab: Vocab, data: CaptionData, *, beam_size: int = 1, max_len: int = 30,
+                   batch_size: int = 100, metrics=None, limit: int = 0,
+                   banned: tuple[int, ...] = ()) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """Decode the images of ``data`` and score them against their references.
+
+    Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
+    n = len(data.images) if not limit else min(limit, len(data.images))
+    cands: dict[str, str] = {}
+    for i in range(0, n, batch_size):
+        feats = data.features(slice(i, min(n, i + batch_size)))
+        hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
+                      max_len=max_len, banned=banned)
+        for j, h in enumerate(hyps):
+            cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
+    refs = {k: data.refs[k] for k in cands}
+    res = compute_metrics(refs, cands, metrics=metrics)
+    return res.scores, cands, dict(res.unavailable)
 
 
 def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str:
@@ -38,7 +60,7 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
             raise ValueError(f"{features}: features made with encoder {key}={have.get(key)!r}, but the model "
                              f"was trained with {want.get(key)!r}; run `captioner features` with the model's "
                              "encoder settings")
-    data = TrainData(Corpus.load(corpus), vocab, store, split, 10_000)
+    data = CaptionData(Corpus.load(corpus), vocab, store, split, 10_000)
     max_len = max_len or cfg.get("decoding", {}).get("max_len", 30)
     banned = banned_ids(vocab, allow_unk)
     result = {"model": str(model), "split": split, "unk_allowed": allow_unk, "images": min(limit, len(data.images)) if limit else len(data.images),

@@ -137,7 +137,7 @@ class Captioner:
     @property
     def encoder(self):
         if self._encoder is None:
-            from .encoders import EncoderSpec, ImageEncoder, get_encoder_spec
+            from .encoders import ImageEncoder, get_encoder_spec
 
             e = self.config.get("encoder")
             if not e:

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from .config import save_yaml
 from .data.corpus import Corpus
 from .data.text import Vocab
+from .dataset import CaptionData
+from .evaluate import evaluate_split
 from .features import FeatureStore
 from .models import build_decoder
 from .modeldir import load_model_dir, save_model_dir
@@ -76,66 +78,6 @@ class TrainConfig:
     progress: bool = True
 
 
-class TrainData:
-    """Caption token ids, their lengths and the feature row of their image."""
-
-    def __init__(self, corpus: Corpus, vocab: Vocab, store: FeatureStore, split: str, max_len: int):
-        all_items = corpus.split(split)
-        items = [it for it in all_items if store.has(it.image)]
-        if not items:
-            raise ValueError(f"no {split!r} images of the corpus have features in {store.path}")
-        if len(items) < len(all_items):
-            import warnings
-
-            warnings.warn(f"{len(all_items) - len(items)} of {len(all_items)} {split!r} images have no features in "
-                          f"{store.path} (unreadable or not computed); they are left out", stacklevel=2)
-        self.images = [it.image for it in items]
-        self.refs = {it.image: it.captions for it in items}
-        # rows of the store's memory map: nothing is loaded up front, each batch reads its own rows
-        # (the OS page cache keeps hot rows in RAM), so COCO-sized stores need no more memory than a batch
-        self.rows = np.array([store.row_of[im] for im in self.images])
-        self.store = store
-        seqs, owner = [], []
-        for i, it in enumerate(items):
-            for toks in it.tokens:
-                if toks:
-                    seqs.append(vocab.encode(toks, max_len=max_len))
-                    owner.append(i)
-        self.lengths = torch.tensor([len(s) for s in seqs])
-        self.tokens = torch.zeros(len(seqs), int(self.lengths.max()), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            self.tokens[j, : len(s)] = torch.tensor(s)
-        self.owner = torch.tensor(owner)
-
-    def __len__(self) -> int:
-        return len(self.owner)
-
-    def batches(self, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
-        """Shuffle, bucket by length in pools of 50 batches, sort each batch longest first."""
-        order = rng.permutation(len(self))
-        pool = batch_size * 50
-        out = []
-        for p in range(0, len(order), pool):
-            chunk = order[p:p + pool]
-            chunk = chunk[np.argsort(-self.lengths[chunk].numpy(), kind="stable")]
-            out += [torch.from_numpy(chunk[i:i + batch_size].copy()) for i in range(0, len(chunk), batch_size)]
-        rng.shuffle(out)
-        return out
-
-    def batch(self, idx: torch.Tensor):
-        lengths = self.lengths[idx]
-        T = int(lengths.max())
-        return self.features(self.owner[idx].numpy()), self.tokens[idx, :T], lengths
-
-    def features(self, images: np.ndarray | slice) -> torch.Tensor:
-        """float32 (n, P, C) grids of images (positions in ``self.images``), read from the store."""
-        rows = self.rows[images]
-        order = np.argsort(rows, kind="stable")  # memmap reads in file order
-        grids = np.empty((len(rows), *self.store.features.shape[1:]), dtype=np.float16)
-        grids[order] = self.store.features[rows[order]]
-        return torch.from_numpy(grids).float()
-
-
 def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on real target words only (mask from lengths), plus the model's regulariser."""
     T = out.logits.shape[1]
@@ -144,28 +86,6 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torc
     ce = F.cross_entropy(out.logits[mask], targets[mask])
     total = ce + (out.extra_loss if out.extra_loss is not None else 0.0)
     return total, ce
-
-
-def evaluate_split(decoder, vocab: Vocab, data: TrainData, *, beam_size: int = 1, max_len: int = 30,
-                   batch_size: int = 100, metrics=None, limit: int = 0,
-                   banned: tuple[int, ...] = ()) -> tuple[dict, dict[str, str], dict[str, str]]:
-    """Decode the images of ``data`` and score them against their references.
-
-    Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
-    from .decoding import decode
-    from .metrics import compute_metrics
-
-    n = len(data.images) if not limit else min(limit, len(data.images))
-    cands: dict[str, str] = {}
-    for i in range(0, n, batch_size):
-        feats = data.features(slice(i, min(n, i + batch_size)))
-        hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
-                      max_len=max_len, banned=banned)
-        for j, h in enumerate(hyps):
-            cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
-    refs = {k: data.refs[k] for k in cands}
-    res = compute_metrics(refs, cands, metrics=metrics)
-    return res.scores, cands, dict(res.unavailable)
 
 
 def _rng_state() -> dict:
@@ -224,8 +144,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     vocab = Vocab.load(vocab_path)
     store = FeatureStore.open(cfg.data.features)
     enc = store.meta["encoder"]
-    train_data = TrainData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
-    val_data = TrainData(corpus, vocab, store, cfg.data.val_split, cfg.data.max_len)
+    train_data = CaptionData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
+    val_data = CaptionData(corpus, vocab, store, cfg.data.val_split, cfg.data.max_len)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,71 @@
+"""The captions of one split, ready for training and scoring: token ids, lengths, references,
+and each caption's image row in a feature store (read per batch from its memory map)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .data.corpus import Corpus
+from .data.text import Vocab
+from .features import FeatureStore
+
+
+class CaptionData:
+    """Caption token ids, their lengths and the feature row of their image."""
+
+    def __init__(self, corpus: Corpus, vocab: Vocab, store: FeatureStore, split: str, max_len: int):
+        all_items = corpus.split(split)
+        items = [it for it in all_items if store.has(it.image)]
+        if not items:
+            raise ValueError(f"no {split!r} images of the corpus have features in {store.path}")
+        if len(items) < len(all_items):
+            warnings.warn(f"{len(all_items) - len(items)} of {len(all_items)} {split!r} images have no features in "
+                          f"{store.path} (unreadable or not computed); they are left out", stacklevel=2)
+        self.images = [it.image for it in items]
+        self.refs = {it.image: it.captions for it in items}
+        # rows of the store's memory map: nothing is loaded up front, each batch reads its own rows
+        # (the OS page cache keeps hot rows in RAM), so COCO-sized stores need no more memory than a batch
+        self.rows = np.array([store.row_of[im] for im in self.images])
+        self.store = store
+        seqs, owner = [], []
+        for i, it in enumerate(items):
+            for toks in it.tokens:
+                if toks:
+                    seqs.append(vocab.encode(toks, max_len=max_len))
+                    owner.append(i)
+        self.lengths = torch.tensor([len(s) for s in seqs])
+        self.tokens = torch.zeros(len(seqs), int(self.lengths.max()), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            self.tokens[j, : len(s)] = torch.tensor(s)
+        self.owner = torch.tensor(owner)
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def batches(self, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
+        """Shuffle, bucket by length in pools of 50 batches, sort each batch longest first."""
+        order = rng.permutation(len(self))
+        pool = batch_size * 50
+        out = []
+        for p in range(0, len(order), pool):
+            chunk = order[p:p + pool]
+            chunk = chunk[np.argsort(-self.lengths[chunk].numpy(), kind="stable")]
+            out += [torch.from_numpy(chunk[i:i + batch_size].copy()) for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def batch(self, idx: torch.Tensor):
+        lengths = self.lengths[idx]
+        T = int(lengths.max())
+        return self.features(self.owner[idx].numpy()), self.tokens[idx, :T], lengths
+
+    def features(self, images: np.ndarray | slice) -> torch.Tensor:
+        """float32 (n, P, C) grids of images (positions in ``self.images``), read from the store."""
+        rows = self.rows[images]
+        order = np.argsort(rows, kind="stable")  # memmap reads in file order
+        grids = np.empty((len(rows), *self.store.features.shape[1:]), dtype=np.float16)
+        grids[order] = self.store.features[rows[order]]
+        return torch.from_numpy(grids).float()
