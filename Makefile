@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lite12]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lite12,glove]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -158,3 +158,50 @@ def test_cli_features_on_an_empty_folder_fails(tmp_path):
 def test_cli_caption_rejects_non_positive_numbers(flag):
     r = run_cli("caption", "x.jpg", *flag)
     assert r.returncode == 2 and "must be >= 1" in r.stderr
+
+
+def test_caption_cli_sampling_is_seeded_and_varied(photos):
+    args = ["caption", str(photos[0]), "--sample", "--num-captions", "5", "--seed", "7", "--json"]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    line = json.loads(first.stdout)
+    samples = [s["caption"] for s in line["samples"]]
+    assert len(samples) == 5 and len(set(samples)) >= 2
+    assert line["caption"] == samples[0] and line["score"] == line["samples"][0]["score"]
+    assert all(s["score"] < 0 for s in line["samples"])
+    other = run_cli(*args[:-2], "8", "--json")
+    assert other.returncode == 0 and other.stdout != first.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sample", "--n-best", "3"], "--num-captions"),
+    (["--seed", "3"], "add --sample"),
+    (["--sample", "--top-p", "1.5"], "in (0, 1]"),
+    (["--sample", "--temperature", "0"], "> 0"),
+    (["--length-penalty", "nan"], ">= 0"),
+])
+def test_caption_cli_rejects_bad_sampling_options(photos, args, message):
+    r = run_cli("caption", str(photos[0]), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_caption_cli_attention_figure_needs_an_attention_model(photos, tmp_path):
+    import torch
+
+    from captioner.data.text import Vocab
+    from captioner.models import build_decoder
+    from captioner.modeldir import save_model_dir
+
+    vocab = Vocab.build([["a", "dog"]], min_freq=1)
+    torch.manual_seed(0)
+    merge = build_decoder("merge", {"vocab_size": len(vocab), "word_vectors": "", "embed_dim": 8, "hidden_dim": 8})
+    enc = json.loads((BUNDLED / "config.json").read_text())["encoder"]
+    save_model_dir(tmp_path / "merge", merge, vocab, {"encoder": enc, "decoding": {"beam_size": 2, "max_len": 5}})
+    r = run_cli("caption", str(photos[0]), "--model", str(tmp_path / "merge"), "--attention", str(tmp_path / "a.png"))
+    assert r.returncode == 2 and "no attention over image regions" in r.stderr
+    assert not (tmp_path / "a.png").exists()
+    r = run_cli("caption", str(photos[0]), "--model", str(tmp_path / "merge"), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["caption"] is not None
+    res = Captioner.from_pretrained(tmp_path / "merge").caption(str(photos[0]), return_attention=True)
+    assert res[0]["attention"] is None  # no fake maps

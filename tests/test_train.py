@@ -183,3 +183,23 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_an_old_dir(synt
         train(changed, resume=True)
     longer = small_config(synthetic, tmp_path / "run", epochs=2)  # more epochs is a legitimate resume
     assert train(longer, resume=True)["epochs"] == 2
+
+
+def test_restore_best_goes_back_to_the_best_weights_when_the_lr_decays(synthetic, tmp_path):
+    first = small_config(synthetic, tmp_path / "stage1", epochs=1)
+    train(first)
+    runs = {}
+    for restore in (False, True):
+        cfg = small_config(synthetic, tmp_path / f"restore-{restore}", epochs=1, lr_decay=0.5, lr_patience=0,
+                           restore_best=restore)
+        cfg.model, cfg.init_from = {}, str(tmp_path / "stage1" / "best")
+        cfg.optim.lr = 1e-7  # epoch 1 cannot beat the starting model (epoch 0), so the lr decays
+        train(cfg)
+        out = tmp_path / f"restore-{restore}"
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        assert json.loads(last["state"])["best_epoch"] == 0
+        best, _, _ = load_model_dir(out / "best")
+        runs[restore] = (rows[-1], all(torch.equal(v, last["model"][k]) for k, v in best.state_dict().items()))
+    assert runs[True][0]["restored_epoch"] == 0 and runs[True][1]  # continues from the best weights
+    assert "restored_epoch" not in runs[False][0] and not runs[False][1]  # the trained weights went on

@@ -28,6 +28,32 @@ def _positive(text: str) -> int:
     return v
 
 
+def _number(text: str, ok, what: str, cast=float):
+    try:
+        v = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or not ok(v):  # NaN fails every bound
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def _nonneg_float(text: str) -> float:
+    return _number(text, lambda v: 0 <= v < float("inf"), "a number >= 0")
+
+
+def _nonneg_int(text: str) -> int:
+    return _number(text, lambda v: v >= 0, "a whole number >= 0", int)
+
+
+def _unit_interval(text: str) -> float:
+    return _number(text, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
 def _ratios(text: str) -> tuple[float, float, float]:
     try:
         r = tuple(float(x) for x in text.split(","))
@@ -142,8 +168,20 @@ def cmd_caption(a: argparse.Namespace) -> int:
     from .data.images import ImageError, load_image
     from .modeldir import Captioner
 
+    if a.sample and a.n_best > 1:
+        raise ValueError("--n-best lists the best captions of a beam search; with --sample use --num-captions N")
+    if not a.sample and (a.num_captions > 1 or a.temperature != 1.0 or a.top_k or a.top_p != 1.0
+                         or a.seed is not None):
+        raise ValueError("--num-captions, --temperature, --top-k, --top-p and --seed choose how captions are "
+                         "sampled: add --sample")
     model = Captioner.from_pretrained(a.model)
+    if a.attention and not model.decoder.has_attention:
+        raise ValueError(f"--attention: the model {a.model} ({model.config['arch']}) has no attention over image "
+                         "regions, so there is no map to draw; use an attention model (sat, bahdanau-gru, "
+                         "gru-residual, transformer)")
     crop = model.config.get("encoder", {}).get("resize") == "center-crop"
+    sampling = dict(sample=a.sample, num_captions=a.num_captions, temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, seed=a.seed, length_penalty=a.length_penalty)
     status = 0
     chunk = 16  # images encoded and decoded together
     for start in range(0, len(a.images), chunk):
@@ -156,9 +194,10 @@ def cmd_caption(a: argparse.Namespace) -> int:
             except ImageError as e:
                 errors[i] = str(e)
         order = sorted(loaded)
-        results = dict(zip(order, model.caption([loaded[i] for i in order], beam_size=a.beam, n_best=a.n_best,
+        results = (dict(zip(order, model.caption([loaded[i] for i in order], beam_size=a.beam, n_best=a.n_best,
                                                 max_len=a.max_len, return_attention=bool(a.attention),
-                                                allow_unk=a.allow_unk, max_pixels=None))) if order else {}
+                                                allow_unk=a.allow_unk, max_pixels=None, **sampling)))
+                   if order else {})
         for i, path in enumerate(paths):
             if i in errors:
                 print(f"error: {errors[i]}", file=sys.stderr)
@@ -180,13 +219,16 @@ def cmd_caption(a: argparse.Namespace) -> int:
                 obj = {"image": path, "caption": r["caption"], "score": r["score"]}
                 if a.n_best > 1:
                     obj["n_best"] = r["n_best"]
+                if a.sample:
+                    obj["samples"] = r["samples"]
                 if a.attention:
                     obj["attention_figure"] = r["attention_figure"]
                 print(json.dumps(obj), flush=True)
             else:
                 print(f"{path}: {r['caption']}")
-                if a.n_best > 1:
-                    for j, h in enumerate(r["n_best"], 1):
+                listed = r["samples"] if a.sample else r["n_best"]
+                if len(listed) > 1:
+                    for j, h in enumerate(listed, 1):
                         print(f"  {j}. {h['caption']}  ({h['score']:.3f})")
                 if a.attention:
                     print(f"  attention figure: {r['attention_figure']}")
@@ -275,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=_positive, default=64_000_000, help="decompression-bomb limit")
     s.add_argument("--allow-unk", action="store_true", help="let captions contain <unk> (unknown word)")
     s.add_argument("--max-len", type=_positive, default=None, help="longest caption in words (default: the model's)")
+    s.add_argument("--length-penalty", type=_nonneg_float, default=None,
+                   help="rank beam hypotheses by score / length**P (default: the model's, 0 = raw log-probability)")
+    g = s.add_argument_group("sampling (instead of beam search)")
+    g.add_argument("--sample", action="store_true", help="draw captions from the model's distribution")
+    g.add_argument("--num-captions", type=_positive, default=1, help="captions to draw per image")
+    g.add_argument("--temperature", type=_positive_float, default=1.0, help="below 1: safer; above 1: more varied")
+    g.add_argument("--top-k", type=_nonneg_int, default=0, help="draw only from the K most likely words (0 = all)")
+    g.add_argument("--top-p", type=_unit_interval, default=1.0,
+                   help="draw only from the most likely words whose probabilities reach P (nucleus sampling)")
+    g.add_argument("--seed", type=int, default=None, help="the same seed gives the same captions")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")

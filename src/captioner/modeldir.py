@@ -149,47 +149,72 @@ class Captioner:
 
     def decode_features(self, features: torch.Tensor, *, beam_size: int | None = None, n_best: int = 1,
                         max_len: int | None = None, length_penalty: float | None = None,
-                        allow_unk: bool = False):
+                        allow_unk: bool = False, sample: bool = False, num_captions: int = 1,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
+        """Hypotheses per image: the n best of a beam search, or ``num_captions`` samples."""
         from .decoding import decode
+        from .decoding import sample as draw
 
         d = self.config.get("decoding", {})
+        common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_len=max_len or d.get("max_len", 30),
+                      banned=banned_ids(self.vocab, allow_unk))
+        if sample:
+            was_training = self.decoder.training
+            self.decoder.eval()
+            try:
+                return draw(self.decoder, features.float(), temperature=temperature, top_k=top_k, top_p=top_p,
+                            num_samples=num_captions, seed=seed, **common)
+            finally:
+                self.decoder.train(was_training)
         beam = max(beam_size or d.get("beam_size", 3), n_best)  # an n-best list needs at least n beams
-        return decode(self.decoder, features.float(), start_id=self.vocab.start_id, end_id=self.vocab.end_id,
-                      beam_size=beam, n_best=n_best, banned=banned_ids(self.vocab, allow_unk),
-                      max_len=max_len or d.get("max_len", 30),
-                      length_penalty=d.get("length_penalty", 0.0) if length_penalty is None else length_penalty)
+        return decode(self.decoder, features.float(), beam_size=beam, n_best=n_best,
+                      length_penalty=d.get("length_penalty", 0.0) if length_penalty is None else length_penalty,
+                      **common)
 
     def caption(self, images: Sequence[Any] | Any, *, beam_size: int | None = None, n_best: int = 1,
                 max_len: int | None = None, return_attention: bool = False, max_pixels: int | None = None,
-                batch_size: int = 16, allow_unk: bool = False) -> list[dict]:
+                batch_size: int = 16, allow_unk: bool = False, length_penalty: float | None = None,
+                sample: bool = False, num_captions: int = 1, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, seed: int | None = None) -> list[dict]:
         """Caption image paths, bytes or PIL images. One dict per image:
-        ``{"caption", "score", "n_best": [{"caption", "score"}...], "words", "attention"?, "grid"}``."""
+        ``{"caption", "score", "n_best": [{"caption", "score"}...], "words", "attention"?, "grid"}``.
+
+        With ``sample=True`` the captions are drawn from the model (temperature, top-k, top-p;
+        ``seed`` makes them repeatable): ``"samples"`` lists ``num_captions`` of them and
+        ``"caption"`` is the first. ``"attention"`` is None for a model without attention."""
         from .data.images import DEFAULT_MAX_PIXELS, load_image
 
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         results: list[dict] = []
-        for i in range(0, len(items), batch_size):
+        for chunk_no, i in enumerate(range(0, len(items), batch_size)):
             chunk = items[i:i + batch_size]
             pil = [load_image(im, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
                    for im in chunk]
             feats = self.encoder.encode(pil)
-            for im, hyps in zip(pil, self.decode_features(feats, beam_size=beam_size, n_best=n_best,
-                                                          max_len=max_len, allow_unk=allow_unk)):
+            all_hyps = self.decode_features(
+                feats, beam_size=beam_size, n_best=n_best, max_len=max_len, allow_unk=allow_unk,
+                length_penalty=length_penalty, sample=sample, num_captions=num_captions, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=None if seed is None else seed + chunk_no)
+            for im, hyps in zip(pil, all_hyps):
                 best = hyps[0]
                 # words and their attention rows together, skipping any special token the model emitted
                 keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]
                 words = [self.vocab.itos[best.tokens[i]] for i in keep]
+                listed = [{"caption": " ".join(self.vocab.decode(h.tokens)), "score": round(h.norm_score, 4)}
+                          for h in hyps]
                 r = {
                     "caption": " ".join(words),
                     "score": round(best.norm_score, 4),
-                    "n_best": [{"caption": " ".join(self.vocab.decode(h.tokens)), "score": round(h.norm_score, 4)}
-                               for h in hyps],
+                    "n_best": listed if not sample else listed[:1],
                     "words": words,
                     "image_size": list(im.size),
                     "grid": list(self.config["encoder"]["grid"]),
                 }
+                if sample:
+                    r["samples"] = listed
                 if return_attention:
-                    r["attention"] = best.attention[keep].tolist() if best.attention is not None else []
+                    r["attention"] = best.attention[keep].tolist() if best.attention is not None else (
+                        [] if self.decoder.has_attention else None)
                 results.append(r)
         return results

@@ -61,6 +61,7 @@ class OptimConfig:
     lr_decay: float = 0.8  # multiply the lr by this ...
     lr_patience: int = 2  # ... after this many epochs without a better validation score
     early_stop: int = 6  # stop after this many epochs without improvement (0 = never)
+    restore_best: bool = False  # when the lr decays, go back to the best epoch's weights first
 
 
 @dataclass
@@ -164,7 +165,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         decoder.train()
     else:
         model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
-        decoder = build_decoder(cfg.arch, model_cfg)
+        decoder = build_decoder(cfg.arch, model_cfg, vocab=vocab)
+        if decoder.word_vector_report is not None:
+            print(decoder.word_vector_report.summary(), flush=True)
     opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
                            weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
@@ -253,17 +256,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                                                         "epoch": epoch, **scores}}})
         else:
             state["bad_epochs"] += 1
+            if cfg.optim.restore_best and opt.param_groups[0]["lr"] < lr_used and (out / "best").is_dir():
+                # the lr just decayed: continue from the best weights at the lower rate (one-run staging)
+                _restore_weights(decoder, out / "best")
+                row["restored_epoch"] = state["best_epoch"]
         state["epoch"] = epoch
         _atomic_save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "rng": _rng_state(), "state": json.dumps(state), "config": json.dumps(asdict(cfg))}, ckpt)
         _write_logs(state["history"], out, cfg.val_metric)
         print(f"epoch {epoch}: loss {row['train_loss']:.3f}  val {cfg.val_metric} {score:.4f}"
-              f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {row['captions_per_s']} captions/s",
+              f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {row['captions_per_s']} captions/s"
+              f"{'  (back to epoch %d)' % row['restored_epoch'] if 'restored_epoch' in row else ''}",
               flush=True)
         if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
             print(f"early stop: no better {cfg.val_metric} for {state['bad_epochs']} epochs")
             break
     return _summary(state, out)
+
+
+def _restore_weights(decoder, model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(model_dir / "model.safetensors"))
+    decoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
 
 
 ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")

@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 from ..config import from_dict
-from .base import Decoder, DecoderOutput, available_architectures, get_architecture, register_architecture
-from . import sat  # noqa: F401  (registers "sat")
+from .base import (Decoder, DecoderConfig, DecoderOutput, available_architectures, get_architecture,
+                   register_architecture)
+from . import sat  # noqa: F401,E402  (registers each architecture)
+from . import bahdanau_gru  # noqa: F401,E402
+from . import gru_residual  # noqa: F401,E402
+from . import merge  # noqa: F401,E402
+from . import transformer  # noqa: F401,E402
 
 
-def build_decoder(arch: str, config: dict) -> Decoder:
+def build_decoder(arch: str, config: dict, vocab=None) -> Decoder:
+    """The decoder ``arch`` with its config ``config`` (a dict of its config dataclass's fields).
+
+    Given the ``vocab`` (when training starts), the word embedding is initialised from the
+    pretrained ``word_vectors`` the config names, and ``embed_dim`` defaults to their size; the
+    report of words found is kept as ``decoder.word_vector_report``. Without it (loading a
+    saved model), the weights come from the model directory instead. ``freeze_embeddings``
+    applies in both cases."""
     cls, cfg_cls = get_architecture(arch)
-    return cls(from_dict(cfg_cls, dict(config), where=f"model ({arch})"))
+    config = dict(config)
+    cfg = from_dict(cfg_cls, config, where=f"model ({arch})")
+    if vocab is not None and cfg.word_vectors and "embed_dim" not in config:
+        from ..wordvec import vector_dim
+
+        config["embed_dim"] = vector_dim(cfg.word_vectors)
+        cfg = from_dict(cfg_cls, config, where=f"model ({arch})")
+    decoder = cls(cfg)
+    decoder.word_vector_report = None
+    if vocab is not None and cfg.word_vectors:
+        from ..wordvec import init_embedding
+
+        decoder.word_vector_report = init_embedding(decoder.embed, vocab, cfg.word_vectors)
+    if cfg.freeze_embeddings:
+        decoder.embed.weight.requires_grad_(False)
+    return decoder
 
 
-__all__ = ["Decoder", "DecoderOutput", "available_architectures", "build_decoder", "get_architecture",
-           "register_architecture"]
+__all__ = ["Decoder", "DecoderConfig", "DecoderOutput", "available_architectures", "build_decoder",
+           "get_architecture", "register_architecture"]

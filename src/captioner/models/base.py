@@ -9,6 +9,12 @@ A decoder turns a grid of image features into words, one step at a time:
 ``memory`` and ``state`` are tuples of tensors whose first dimension is the batch, so the
 decoding engine (:mod:`captioner.decoding`) can expand them for beam search and reorder
 them without knowing the architecture. ``forward`` is the teacher-forced pass for training.
+
+Every architecture's config extends :class:`DecoderConfig` (vocabulary size, feature size,
+pretrained word vectors) and names its word embedding ``self.embed``, so pretrained vectors
+and freezing work the same way for all of them (:func:`captioner.models.build_decoder`).
+An architecture without spatial attention sets ``has_attention = False`` and returns
+``None`` as the attention of each step.
 """
 
 from __future__ import annotations
@@ -24,6 +30,17 @@ Memory = tuple[torch.Tensor, ...]
 
 
 @dataclass
+class DecoderConfig:
+    """Fields every architecture has. ``vocab_size`` and ``feature_dim`` are set by the trainer
+    from the vocabulary and the feature store."""
+
+    vocab_size: int = 0
+    feature_dim: int = 1280  # C, from the encoder
+    word_vectors: str = ""  # pretrained word vectors for ``embed`` (e.g. "glove-6b-50d"); "" = random
+    freeze_embeddings: bool = False  # keep the word embedding fixed during training
+
+
+@dataclass
 class DecoderOutput:
     logits: torch.Tensor  # (B, T, V): scores of target words 1..T given words 0..T-1
     attention: torch.Tensor | None = None  # (B, T, P) attention weights, if the model attends
@@ -33,6 +50,9 @@ class DecoderOutput:
 
 class Decoder(nn.Module):
     """Base class: subclasses implement encode / init_state / step / forward."""
+
+    has_attention = True  # False: step and forward return no attention (no maps to draw)
+    embed: nn.Embedding
 
     def encode(self, features: torch.Tensor) -> Memory:
         """features (B, P, C) -> memory tuple (batch-first tensors)."""

@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Decoder, DecoderOutput, Memory, State, register_architecture
+from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
 
 
 @dataclass
-class SATConfig:
-    vocab_size: int = 0  # set from the vocabulary
-    feature_dim: int = 1280  # C, from the encoder
+class SATConfig(DecoderConfig):
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512

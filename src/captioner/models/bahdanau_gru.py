@@ -1,0 +1,95 @@
+"""Bahdanau-attention GRU captioner (systems S1 and S2).
+
+Notation (image regions a_i, i = 1..P, each C-dimensional; word y_{t-1} before step t):
+
+    f_i      = ReLU(W_e a_i)                                   regions projected to proj_dim
+    score_ti = V^T tanh(W1 f_i + W2 h_{t-1})                   additive (Bahdanau) attention
+    alpha_t  = softmax_i(score_ti)                             (B, P)
+    c_t      = sum_i alpha_ti f_i                              context
+    h_t      = GRU([c_t; E y_{t-1}], h_{t-1}),  h_0 = 0        (S1 resets the state to zeros)
+    p(y_t)   = softmax(W_2 BN(dropout(W_1 h_t)))               S1's head: dense, dropout, batch norm
+
+Batch normalisation sees every real (non-padding) word position of the batch at once: the
+teacher-forced pass runs the GRU step by step, then the head once over all steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+
+
+@dataclass
+class BahdanauGRUConfig(DecoderConfig):
+    embed_dim: int = 256  # word embedding (S1: 256)
+    proj_dim: int = 256  # W_e: regions projected to this size (S1: the embedding size, 256)
+    hidden_dim: int = 512  # GRU units (S1: 512)
+    attention_dim: int = 512
+    dropout: float = 0.5
+
+
+@register_architecture("bahdanau-gru", BahdanauGRUConfig)
+class BahdanauGRUDecoder(Decoder):
+    def __init__(self, cfg: BahdanauGRUConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_e = nn.Linear(cfg.feature_dim, cfg.proj_dim)
+        self.W1 = nn.Linear(cfg.proj_dim, cfg.attention_dim)
+        self.W2 = nn.Linear(cfg.hidden_dim, cfg.attention_dim)
+        self.V = nn.Linear(cfg.attention_dim, 1)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
+        self.gru = nn.GRUCell(cfg.proj_dim + cfg.embed_dim, cfg.hidden_dim)
+        self.fc1 = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.bn = nn.BatchNorm1d(cfg.hidden_dim)
+        self.fc2 = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+
+    def encode(self, features: torch.Tensor) -> Memory:
+        f = F.relu(self.W_e(features.float()))  # (B, P, proj)
+        return f, self.W1(f)  # regions and their attention keys, computed once per image
+
+    def init_state(self, memory: Memory) -> State:
+        f = memory[0]
+        return (f.new_zeros(f.shape[0], self.cfg.hidden_dim),)
+
+    def _advance(self, prev_tokens, h, f, keys):
+        score = self.V(torch.tanh(keys + self.W2(h).unsqueeze(1))).squeeze(2)  # (B, P)
+        alpha = F.softmax(score, dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), f).squeeze(1)  # (B, proj)
+        h = self.gru(torch.cat([context, self.embed(prev_tokens)], dim=1), h)
+        return h, alpha
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, V) logits."""
+        return self.fc2(self.bn(self.dropout(self.fc1(h))))
+
+    def step(self, prev_tokens: torch.Tensor, state: State, memory: Memory):
+        h, alpha = self._advance(prev_tokens, state[0], *memory)
+        return F.log_softmax(self.head(h), dim=-1), (h,), alpha
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        """Captions sorted by decreasing length: step t only runs the captions still going."""
+        f, keys = self.encode(features)
+        steps = (lengths - 1).tolist()
+        if any(a < b for a, b in zip(steps, steps[1:])):
+            raise ValueError("BahdanauGRUDecoder.forward needs captions sorted by decreasing length")
+        B, T = tokens.shape[0], steps[0]
+        (h,) = self.init_state((f, keys))
+        hs = f.new_zeros(B, T, self.cfg.hidden_dim)
+        alphas = f.new_zeros(B, T, f.shape[1])
+        active = B
+        for t in range(T):
+            while active > 0 and steps[active - 1] <= t:
+                active -= 1
+            h, alpha = self._advance(tokens[:active, t], h[:active], f[:active], keys[:active])
+            hs[:active, t] = h
+            alphas[:active, t] = alpha
+        mask = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # real target positions
+        logits = f.new_zeros(B, T, self.cfg.vocab_size)
+        logits[mask] = self.head(hs[mask])
+        return DecoderOutput(logits=logits, attention=alphas)

@@ -1,0 +1,64 @@
+"""Every registered architecture through the command line on the synthetic shapes dataset:
+`captioner train arch=NAME` learns it, and `captioner evaluate` / `captioner caption` work
+with the model directory it writes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from captioner.cli import main
+from captioner.data.corpus import Corpus
+from captioner.metrics import compute_metrics
+from captioner.models import available_architectures
+
+# Sizes small enough for a 6-epoch run in seconds; the optimiser settings are the trainer's
+# defaults except lr 3e-3 and batch 32. merge keeps its defaults' frozen GloVe vectors.
+SIZES = {
+    "sat": ["model.embed_dim=48", "model.hidden_dim=96", "model.attention_dim=48", "model.dropout=0.1"],
+    "bahdanau-gru": ["model.embed_dim=48", "model.proj_dim=48", "model.hidden_dim=96", "model.attention_dim=48",
+                     "model.dropout=0.1"],
+    "gru-residual": ["model.embed_dim=48", "model.hidden_dim=96", "model.heads=2", "model.dropout=0.1"],
+    "merge": ["model.hidden_dim=96", "model.dropout=0.1"],
+    "transformer": ["model.embed_dim=64", "model.d_model=64", "model.heads=4", "model.num_layers=2",
+                    "model.ff_dim=128", "model.dropout=0.1"],
+}
+
+
+def test_every_architecture_has_sizes_here():
+    assert sorted(SIZES) == available_architectures()
+
+
+@pytest.fixture(scope="module")
+def blind_cider(synthetic) -> float:
+    """CIDEr-D of a 'blind' model: the most frequent training caption for every test image."""
+    corpus = Corpus.load(synthetic.corpus)
+    blind = Counter(c for it in corpus.split("train") for c in it.captions).most_common(1)[0][0]
+    refs = {it.image: it.captions for it in corpus.split("test")}
+    return compute_metrics(refs, {k: blind for k in refs}, metrics=["CIDEr-D"]).scores["CIDEr-D"]
+
+
+@pytest.mark.parametrize("arch", available_architectures())
+def test_architecture_learns_the_synthetic_data_through_the_cli(arch, synthetic, blind_cider, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", f"arch={arch}", f"out_dir={run}", f"data.corpus={synthetic.corpus}",
+                 f"data.features={synthetic.features}", "data.max_len=12", "optim.epochs=6", "optim.lr=3e-3",
+                 "optim.batch_size=32", "progress=false", *SIZES[arch]]) == 0
+    log = capsys.readouterr().out
+    if arch == "merge":  # pretrained word vectors by default, and the log counts the words they lack
+        assert "word vectors glove-6b-50d:" in log and "initialised randomly" in log
+
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(run / "best"), "--corpus", str(synthetic.corpus), "--features",
+                 str(synthetic.features), "--split", "test", "--beam", "3", "--out", str(ev)]) == 0
+    scores = json.loads((ev / "metrics.json").read_text())["beams"]["3"]
+    print(arch, json.dumps(scores), "blind CIDEr-D", round(blind_cider, 3))
+    assert scores["CIDEr-D"] >= 2 * blind_cider
+
+    image = synthetic.root / "shapes" / "images" / Corpus.load(synthetic.corpus).split("test")[0].image
+    capsys.readouterr()
+    assert main(["caption", str(image), "--model", str(run / "best"), "--json", "--n-best", "2"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["caption"] and len(line["n_best"]) == 2
