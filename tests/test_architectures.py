@@ -54,7 +54,8 @@ def test_architecture_learns_the_synthetic_data_through_the_cli(arch, synthetic,
     assert main(["evaluate", "--model", str(run / "best"), "--corpus", str(synthetic.corpus), "--features",
                  str(synthetic.features), "--split", "test", "--beam", "3", "--out", str(ev)]) == 0
     scores = json.loads((ev / "metrics.json").read_text())["beams"]["3"]
-    print(arch, json.dumps(scores), "blind CIDEr-D", round(blind_cider, 3))
+    with capsys.disabled():
+        print(f"\n{arch}: test beam 3 {json.dumps(scores)}; blind CIDEr-D {blind_cider:.3f}")
     assert scores["CIDEr-D"] >= 2 * blind_cider
 
     image = synthetic.root / "shapes" / "images" / Corpus.load(synthetic.corpus).split("test")[0].image
