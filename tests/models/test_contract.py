@@ -15,6 +15,8 @@ from captioner.decoding import _expand, _select
 from captioner.models import available_architectures, build_decoder
 from captioner.modeldir import load_model_dir, save_model_dir
 
+from .test_sat import random_captions
+
 V, P, C = 14, 5, 12
 START, END, PAD = 1, 2, 0
 
@@ -49,15 +51,7 @@ def make(arch: str, seed: int = 0):
 
 
 def batch(seed: int = 0, word_counts=(7, 5, 5, 2, 0)):
-    """Captions <start> w1..wn <end> <pad>..., sorted longest first; lengths = n + 2."""
-    g = torch.Generator().manual_seed(seed)
-    B, T1 = len(word_counts), max(word_counts) + 2
-    tokens = torch.full((B, T1), PAD, dtype=torch.long)
-    for b, n in enumerate(word_counts):
-        tokens[b, 0] = START
-        tokens[b, 1:n + 1] = torch.randint(3, V, (n,), generator=g)
-        tokens[b, n + 1] = END
-    return torch.randn(B, P, C, generator=g), tokens, torch.tensor([n + 2 for n in word_counts])
+    return random_captions(seed, word_counts, V, P, C)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

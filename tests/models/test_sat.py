@@ -26,8 +26,8 @@ def make(seed: int = 0, **overrides) -> SATDecoder:
     return model
 
 
-def batch(seed: int = 0, word_counts=(6, 4, 4, 1, 0)):
-    """Captions <start> w1..wn <end> <pad>..., sorted longest first; lengths = n + 2."""
+def random_captions(seed: int, word_counts, V: int, P: int, C: int):
+    """Random features and captions <start> w1..wn <end> <pad>..., sorted longest first; lengths = n + 2."""
     g = torch.Generator().manual_seed(seed)
     B, T1 = len(word_counts), max(word_counts) + 2
     tokens = torch.full((B, T1), PAD, dtype=torch.long)
@@ -36,8 +36,11 @@ def batch(seed: int = 0, word_counts=(6, 4, 4, 1, 0)):
         tokens[b, 1:n + 1] = torch.randint(3, V, (n,), generator=g)
         tokens[b, n + 1] = END
     lengths = torch.tensor([n + 2 for n in word_counts])
-    feats = torch.randn(B, P, C, generator=g)
-    return feats, tokens, lengths
+    return torch.randn(B, P, C, generator=g), tokens, lengths
+
+
+def batch(seed: int = 0, word_counts=(6, 4, 4, 1, 0)):
+    return random_captions(seed, word_counts, V, P, C)
 
 
 def test_registered_and_buildable():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture, running_per_step
 
 
 @dataclass
@@ -75,20 +75,15 @@ class BahdanauGRUDecoder(Decoder):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         """Captions sorted by decreasing length: step t only runs the captions still going."""
         f, keys = self.encode(features)
-        steps = (lengths - 1).tolist()
-        if any(a < b for a, b in zip(steps, steps[1:])):
-            raise ValueError("BahdanauGRUDecoder.forward needs captions sorted by decreasing length")
-        B, T = tokens.shape[0], steps[0]
+        running = running_per_step(lengths, "BahdanauGRUDecoder")
+        B, T = tokens.shape[0], len(running)
         (h,) = self.init_state((f, keys))
         hs = f.new_zeros(B, T, self.cfg.hidden_dim)
         alphas = f.new_zeros(B, T, f.shape[1])
-        active = B
-        for t in range(T):
-            while active > 0 and steps[active - 1] <= t:
-                active -= 1
-            h, alpha = self._advance(tokens[:active, t], h[:active], f[:active], keys[:active])
-            hs[:active, t] = h
-            alphas[:active, t] = alpha
+        for t, n in enumerate(running):
+            h, alpha = self._advance(tokens[:n, t], h[:n], f[:n], keys[:n])
+            hs[:n, t] = h
+            alphas[:n, t] = alpha
         mask = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # real target positions
         logits = f.new_zeros(B, T, self.cfg.vocab_size)
         logits[mask] = self.head(hs[mask])

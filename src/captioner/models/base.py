@@ -70,6 +70,16 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
 
+def running_per_step(lengths: torch.Tensor, who: str) -> list[int]:
+    """For captions sorted by decreasing length (lengths = words + 2), how many of them still
+    have a word to predict at each step t: step-by-step decoders run only those rows (the
+    finished ones are at the end of the batch), so no compute is spent on padding."""
+    steps = (lengths - 1).tolist()  # words to predict per caption
+    if any(a < b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{who}.forward needs captions sorted by decreasing length")
+    return [sum(1 for n in steps if n > t) for t in range(steps[0] if steps else 0)]
+
+
 _ARCHITECTURES: dict[str, tuple[type, type]] = {}
 
 

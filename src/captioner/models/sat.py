@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture, running_per_step
 
 
 @dataclass
@@ -95,22 +95,15 @@ class SATDecoder(Decoder):
         """Captions must be sorted by decreasing length: step t only runs the captions that
         still have a word to predict (no compute spent on padding)."""
         feats, keys = self.encode(features)
-        B, T1 = tokens.shape
-        steps = (lengths - 1).tolist()  # words to predict per caption
-        if any(a < b for a, b in zip(steps, steps[1:])):
-            raise ValueError("SATDecoder.forward needs captions sorted by decreasing length")
-        T = steps[0]
+        running = running_per_step(lengths, "SATDecoder")
+        B, T = tokens.shape[0], len(running)
         h, c = self.init_state((feats, keys))
         logits = feats.new_zeros(B, T, self.cfg.vocab_size)
         alphas = feats.new_zeros(B, T, feats.shape[1])
-        active = B
-        for t in range(T):
-            while active > 0 and steps[active - 1] <= t:
-                active -= 1
+        for t, n in enumerate(running):
             # finished captions never restart (sorted by length), so the state just shrinks
-            out, (h, c), alpha = self._advance(tokens[:active, t], (h[:active], c[:active]),
-                                               feats[:active], keys[:active])
-            logits[:active, t] = out
-            alphas[:active, t] = alpha
+            out, (h, c), alpha = self._advance(tokens[:n, t], (h[:n], c[:n]), feats[:n], keys[:n])
+            logits[:n, t] = out
+            alphas[:n, t] = alpha
         reg = self.cfg.alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
         return DecoderOutput(logits=logits, attention=alphas, extra_loss=reg)
