@@ -176,6 +176,8 @@ def test_caption_cli_sampling_is_seeded_and_varied(photos):
 
 @pytest.mark.parametrize("args, message", [
     (["--sample", "--n-best", "3"], "--num-captions"),
+    (["--sample", "--beam", "3"], "--num-captions"),
+    (["--sample", "--seed", "18446744073709551616"], "2**63-1"),
     (["--seed", "3"], "add --sample"),
     (["--sample", "--top-p", "1.5"], "in (0, 1]"),
     (["--sample", "--temperature", "0"], "> 0"),
@@ -195,7 +197,8 @@ def test_caption_cli_attention_figure_needs_an_attention_model(photos, tmp_path)
 
     vocab = Vocab.build([["a", "dog"]], min_freq=1)
     torch.manual_seed(0)
-    merge = build_decoder("merge", {"vocab_size": len(vocab), "word_vectors": "", "embed_dim": 8, "hidden_dim": 8})
+    merge = build_decoder("merge", {"vocab_size": len(vocab), "word_vectors": "", "freeze_embeddings": False,
+                                    "embed_dim": 8, "hidden_dim": 8})
     enc = json.loads((BUNDLED / "config.json").read_text())["encoder"]
     save_model_dir(tmp_path / "merge", merge, vocab, {"encoder": enc, "decoding": {"beam_size": 2, "max_len": 5}})
     r = run_cli("caption", str(photos[0]), "--model", str(tmp_path / "merge"), "--attention", str(tmp_path / "a.png"))

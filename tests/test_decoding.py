@@ -436,3 +436,24 @@ def test_banned_words_are_never_chosen_and_beam1_still_equals_greedy():
         assert not set(h.tokens) & set(banned)
     assert [h.tokens for h in greedy] == [hs[0].tokens for hs in beam1]
     assert [h.score for h in greedy] == pytest.approx([hs[0].score for hs in beam1])
+
+
+def test_sampled_captions_of_an_image_do_not_depend_on_the_rest_of_the_batch():
+    model, feats = make_sat(4, batch=4)
+    kw = dict(start_id=START, end_id=END, max_len=8, num_samples=4, seed=11)
+    together = sample(model, feats, **kw)
+    tok = lambda group: [h.tokens for h in group]  # noqa: E731
+    for b in range(4):  # alone, at its own position (seed_offset), it draws the same captions
+        (alone,) = sample(model, feats[b:b + 1], seed_offset=b, **kw)
+        assert tok(alone) == tok(together[b])
+    assert tok(sample(model, feats[1:2], **kw)[0]) != tok(together[1])  # another position, another stream
+
+
+def test_sample_runs_in_eval_mode_and_restores_the_mode():
+    model, feats = make_sat(5, batch=2)
+    model.train()
+    a = sample(model, feats, start_id=START, end_id=END, max_len=8, num_samples=2, seed=3)
+    assert model.training
+    model.eval()
+    b = sample(model, feats, start_id=START, end_id=END, max_len=8, num_samples=2, seed=3)
+    assert [[h.tokens for h in g] for g in a] == [[h.tokens for h in g] for g in b]

@@ -64,3 +64,29 @@ def test_a_frozen_embedding_does_not_change_in_training(freeze, synthetic, tmp_p
         assert not model.embed.weight.requires_grad  # loading keeps it frozen (e.g. for init_from)
     else:
         assert np.abs(rows - glove_rows).max() > 1e-3
+
+
+def test_missing_words_are_random_at_the_glove_scale_and_a_random_frozen_embedding_is_refused():
+    vocab = Vocab.build([[f"zzq{i}x" for i in range(200)] + ["dog"]], min_freq=1)
+    torch.manual_seed(0)
+    model = build_decoder("transformer", {"vocab_size": len(vocab), "feature_dim": 8, "word_vectors": GLOVE,
+                                          "d_model": 32, "heads": 2, "num_layers": 1, "ff_dim": 16}, vocab=vocab)
+    missing = model.embed.weight[[vocab.stoi[f"zzq{i}x"] for i in range(200)]].detach()
+    assert 0.2 < float(missing.std()) < 1.0  # GloVe's values have a std of ~0.4 (the default init: 0.18 here)
+    assert not model.embed.weight[vocab.pad_id].any()
+    with pytest.raises(ValueError, match="fixed random word embedding"):
+        build_decoder("merge", {"vocab_size": len(vocab), "feature_dim": 8, "word_vectors": ""}, vocab=vocab)
+
+
+def test_merge_default_frozen_glove_survives_training(synthetic, tmp_path):
+    vocab = Vocab.load(synthetic.vocab)
+    index, vectors = load_word_vectors(GLOVE)
+    cfg = TrainConfig(arch="merge", model={"hidden_dim": 32}, progress=False, out_dir=str(tmp_path / "run"),
+                      data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),
+                      optim=OptimConfig(lr=3e-3, batch_size=32, epochs=1))
+    train(cfg)
+    model, _, saved = load_model_dir(tmp_path / "run" / "best")
+    assert saved["model"]["word_vectors"] == GLOVE and saved["model"]["freeze_embeddings"] is True
+    words = [w for w in vocab.itos[4:] if w in index]
+    np.testing.assert_array_equal(model.embed.weight[[vocab.stoi[w] for w in words]].detach().numpy(),
+                                  np.stack([vectors[index[w]] for w in words]))

@@ -50,6 +50,10 @@ def _nonneg_int(text: str) -> int:
     return _number(text, lambda v: v >= 0, "a whole number >= 0", int)
 
 
+def _seed(text: str) -> int:
+    return _number(text, lambda v: 0 <= v < 2 ** 63, "a whole number from 0 to 2**63-1", int)
+
+
 def _unit_interval(text: str) -> float:
     return _number(text, lambda v: 0 < v <= 1, "in (0, 1]")
 
@@ -168,8 +172,9 @@ def cmd_caption(a: argparse.Namespace) -> int:
     from .data.images import ImageError, load_image
     from .modeldir import Captioner
 
-    if a.sample and a.n_best > 1:
-        raise ValueError("--n-best lists the best captions of a beam search; with --sample use --num-captions N")
+    if a.sample and (a.n_best > 1 or a.beam is not None or a.length_penalty is not None):
+        raise ValueError("--n-best, --beam and --length-penalty choose how a beam search ranks captions; with "
+                         "--sample use --num-captions N (and --temperature, --top-k, --top-p, --seed)")
     if not a.sample and (a.num_captions > 1 or a.temperature != 1.0 or a.top_k or a.top_p != 1.0
                          or a.seed is not None):
         raise ValueError("--num-captions, --temperature, --top-k, --top-p and --seed choose how captions are "
@@ -183,6 +188,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
     sampling = dict(sample=a.sample, num_captions=a.num_captions, temperature=a.temperature, top_k=a.top_k,
                     top_p=a.top_p, seed=a.seed, length_penalty=a.length_penalty)
     status = 0
+    captioned = 0  # readable images so far: the k-th draws from the random stream (seed, k)
     chunk = 16  # images encoded and decoded together
     for start in range(0, len(a.images), chunk):
         paths = a.images[start:start + chunk]
@@ -196,8 +202,10 @@ def cmd_caption(a: argparse.Namespace) -> int:
         order = sorted(loaded)
         results = (dict(zip(order, model.caption([loaded[i] for i in order], beam_size=a.beam, n_best=a.n_best,
                                                 max_len=a.max_len, return_attention=bool(a.attention),
-                                                allow_unk=a.allow_unk, max_pixels=None, **sampling)))
+                                                allow_unk=a.allow_unk, max_pixels=None, seed_offset=captioned,
+                                                **sampling)))
                    if order else {})
+        captioned += len(order)
         for i, path in enumerate(paths):
             if i in errors:
                 print(f"error: {errors[i]}", file=sys.stderr)
@@ -326,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_nonneg_int, default=0, help="draw only from the K most likely words (0 = all)")
     g.add_argument("--top-p", type=_unit_interval, default=1.0,
                    help="draw only from the most likely words whose probabilities reach P (nucleus sampling)")
-    g.add_argument("--seed", type=int, default=None, help="the same seed gives the same captions")
+    g.add_argument("--seed", type=_seed, default=None, help="the same seed gives the same captions")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")

@@ -155,14 +155,39 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     return results
 
 
+def _eval_mode(fn):
+    """Run a search with the model in eval mode (no dropout, batch norm's running statistics) and
+    give it back in the mode it was in."""
+
+    def wrapper(model: Decoder, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    return wrapper
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of the ``index``-th image of a run seeded with ``seed``."""
+    return torch.Generator().manual_seed(hash((seed, index)) & (2 ** 63 - 1))
+
+
+@_eval_mode
 @torch.inference_mode()
 def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, max_len: int = 30,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-           seed: int | None = None, banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
+           seed: int | None = None, seed_offset: int = 0, banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
     """Draw captions from the model's distribution (system S3's decoding), seeded.
 
-    Scores are the model's own log-probabilities of the drawn words (before temperature)."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    With a ``seed``, image b draws from its own stream (``image_generator(seed, seed_offset + b)``),
+    so its captions depend on the seed and its position only, not on the other images of the
+    batch. Scores are the model's own log-probabilities of the drawn words (before temperature)."""
+    B = features.shape[0]
+    gens = [image_generator(seed, seed_offset + b) for b in range(B)] if seed is not None else None
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
         logits = logp / max(temperature, 1e-6)
@@ -174,7 +199,11 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
             probs = sorted_l.softmax(-1)
             drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
             logits = logits.scatter(1, order, sorted_l.masked_fill(drop, float("-inf")))
-        return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+        probs = logits.softmax(-1)
+        if gens is None:
+            return torch.multinomial(probs, 1).squeeze(1)
+        return torch.cat([torch.multinomial(probs[b * num_samples:(b + 1) * num_samples], 1, generator=g)
+                          for b, g in enumerate(gens)]).squeeze(1)
 
     B = features.shape[0]
     memory = _expand(model.encode(features), num_samples)
@@ -187,17 +216,13 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
     return out
 
 
+@_eval_mode
 def decode(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, beam_size: int = 1,
            max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1,
            banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
     """Greedy when beam_size == 1 (exactly the beam-1 result), beam search otherwise."""
-    was_training = model.training
-    model.eval()
-    try:
-        if beam_size == 1:
-            return [[h] for h in greedy_search(model, features, start_id=start_id, end_id=end_id,
-                                               max_len=max_len, length_penalty=length_penalty, banned=banned)]
-        return beam_search(model, features, start_id=start_id, end_id=end_id, beam_size=beam_size,
-                           max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned=banned)
-    finally:
-        model.train(was_training)
+    if beam_size == 1:
+        return [[h] for h in greedy_search(model, features, start_id=start_id, end_id=end_id,
+                                           max_len=max_len, length_penalty=length_penalty, banned=banned)]
+    return beam_search(model, features, start_id=start_id, end_id=end_id, beam_size=beam_size,
+                       max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned=banned)

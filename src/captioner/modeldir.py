@@ -150,8 +150,10 @@ class Captioner:
     def decode_features(self, features: torch.Tensor, *, beam_size: int | None = None, n_best: int = 1,
                         max_len: int | None = None, length_penalty: float | None = None,
                         allow_unk: bool = False, sample: bool = False, num_captions: int = 1,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
-        """Hypotheses per image: the n best of a beam search, or ``num_captions`` samples."""
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                        seed_offset: int = 0):
+        """Hypotheses per image: the n best of a beam search, or ``num_captions`` samples (image b
+        drawing from the stream of ``(seed, seed_offset + b)``)."""
         from .decoding import decode
         from .decoding import sample as draw
 
@@ -159,13 +161,8 @@ class Captioner:
         common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_len=max_len or d.get("max_len", 30),
                       banned=banned_ids(self.vocab, allow_unk))
         if sample:
-            was_training = self.decoder.training
-            self.decoder.eval()
-            try:
-                return draw(self.decoder, features.float(), temperature=temperature, top_k=top_k, top_p=top_p,
-                            num_samples=num_captions, seed=seed, **common)
-            finally:
-                self.decoder.train(was_training)
+            return draw(self.decoder, features.float(), temperature=temperature, top_k=top_k, top_p=top_p,
+                        num_samples=num_captions, seed=seed, seed_offset=seed_offset, **common)
         beam = max(beam_size or d.get("beam_size", 3), n_best)  # an n-best list needs at least n beams
         return decode(self.decoder, features.float(), beam_size=beam, n_best=n_best,
                       length_penalty=d.get("length_penalty", 0.0) if length_penalty is None else length_penalty,
@@ -175,19 +172,20 @@ class Captioner:
                 max_len: int | None = None, return_attention: bool = False, max_pixels: int | None = None,
                 batch_size: int = 16, allow_unk: bool = False, length_penalty: float | None = None,
                 sample: bool = False, num_captions: int = 1, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int | None = None) -> list[dict]:
+                top_p: float = 1.0, seed: int | None = None, seed_offset: int = 0) -> list[dict]:
         """Caption image paths, bytes or PIL images. One dict per image:
         ``{"caption", "score", "n_best": [{"caption", "score"}...], "words", "attention"?, "grid"}``.
 
         With ``sample=True`` the captions are drawn from the model (temperature, top-k, top-p;
-        ``seed`` makes them repeatable): ``"samples"`` lists ``num_captions`` of them and
+        ``seed`` makes them repeatable: the k-th image draws from the stream of ``(seed,
+        seed_offset + k)``, whatever the batch): ``"samples"`` lists ``num_captions`` of them and
         ``"caption"`` is the first. ``"attention"`` is None for a model without attention."""
         from .data.images import DEFAULT_MAX_PIXELS, load_image
 
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         results: list[dict] = []
-        for chunk_no, i in enumerate(range(0, len(items), batch_size)):
+        for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             pil = [load_image(im, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
                    for im in chunk]
@@ -195,7 +193,7 @@ class Captioner:
             all_hyps = self.decode_features(
                 feats, beam_size=beam_size, n_best=n_best, max_len=max_len, allow_unk=allow_unk,
                 length_penalty=length_penalty, sample=sample, num_captions=num_captions, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=None if seed is None else seed + chunk_no)
+                top_k=top_k, top_p=top_p, seed=seed, seed_offset=seed_offset + i)
             for im, hyps in zip(pil, all_hyps):
                 best = hyps[0]
                 # words and their attention rows together, skipping any special token the model emitted

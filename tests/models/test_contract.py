@@ -25,7 +25,7 @@ SMALL = {
     "sat": dict(embed_dim=16, hidden_dim=16, attention_dim=16),
     "bahdanau-gru": dict(embed_dim=16, proj_dim=16, hidden_dim=16, attention_dim=16),
     "gru-residual": dict(embed_dim=16, hidden_dim=16, heads=2),
-    "merge": dict(word_vectors="", embed_dim=16, hidden_dim=16, num_layers=2),
+    "merge": dict(word_vectors="", freeze_embeddings=False, embed_dim=16, hidden_dim=16, num_layers=2),
     "transformer": dict(embed_dim=16, d_model=16, heads=2, num_layers=2, ff_dim=32),
 }
 ARCHS = available_architectures()

@@ -28,6 +28,10 @@ def build_decoder(arch: str, config: dict, vocab=None) -> Decoder:
 
         config["embed_dim"] = vector_dim(cfg.word_vectors)
         cfg = from_dict(cfg_cls, config, where=f"model ({arch})")
+    if vocab is not None and cfg.freeze_embeddings and not cfg.word_vectors:
+        raise ValueError(f"model.freeze_embeddings=true without model.word_vectors would train {arch} with a "
+                         "fixed random word embedding; set model.word_vectors=glove-6b-50d or "
+                         "model.freeze_embeddings=false")
     decoder = cls(cfg)
     decoder.word_vector_report = None
     if vocab is not None and cfg.word_vectors:

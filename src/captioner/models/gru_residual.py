@@ -2,7 +2,7 @@
 
 For words y_0 .. y_{T-1} (y_0 = <start>) and image regions a_1 .. a_P:
 
-    o_t     = GRU(E y_t, h_{t-1})                              h_0 = tanh(W_0 mean_i a_i), or 0 as in S3
+    o_t     = GRU(dropout(E y_t), h_{t-1})                     h_0 = tanh(W_0 mean_i a_i), or 0 as in S3
     z_t     = MultiHead(query = o_t, keys = values = a_1..a_P)  dot-product attention (heads = 1: S3's
                                                                 single-head layer; more by option)
     p(y_{t+1}) = softmax(W_o dropout(LayerNorm(o_t + z_t)))    Add (residual), then LayerNorm

@@ -3,7 +3,7 @@
     v       = ReLU(W_v dropout(mean_i a_i))                     image branch: one vector per image
     s_t     = LSTM^L(dropout(E y_0 .. E y_t))                    text branch: pretrained, frozen word
                                                                  vectors (GloVe) and L stacked LSTMs
-    p(y_{t+1}) = softmax(W_o ReLU(W_m (v + s_t)))               the branches added, then dense layers
+    p(y_{t+1}) = softmax(W_o ReLU(W_m dropout(v + s_t)))      the branches added, then dense layers
 
 There is no attention over regions: the image is seen only through its mean-pooled vector, so
 this model has no attention maps to draw (``has_attention = False``). S4 re-feeds the growing
@@ -24,7 +24,7 @@ from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register
 @dataclass
 class MergeConfig(DecoderConfig):
     word_vectors: str = "glove-6b-50d"  # S4: pretrained vectors ...
-    freeze_embeddings: bool = True  # ... kept frozen
+    freeze_embeddings: bool = True  # ... kept frozen (without word_vectors set this to false)
     embed_dim: int = 50  # set from the word vectors when they are used
     hidden_dim: int = 256  # S4: 256
     num_layers: int = 2  # stacked LSTMs

@@ -8,7 +8,7 @@ vectors are smaller than the model, e.g. 50-d GloVe). Then N pre-norm layers:
     x = x + dropout(CrossAttention(LN(x), m))    queries from the words, keys/values from the grid
     x = x + dropout(FFN(LN(x)))                  FFN(x) = W_2 GELU(W_1 x)
 
-    p(y_{t+1}) = softmax(W_o LN(x_t))
+    p(y_{t+1}) = softmax(W_o dropout(LN(x_t)))      (dropout, as every dropout here, only in training)
 
 The attention maps drawn for a word are the last layer's cross-attention averaged over heads.
 Decoding caches each layer's past keys and values in the state, so a new word costs one
@@ -83,6 +83,8 @@ class TransformerDecoder(Decoder):
         self.out = nn.Linear(d, cfg.vocab_size)
         nn.init.normal_(self.region_pos, std=0.02)
         nn.init.normal_(self.embed.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()  # <pad>
 
     def _words(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens (B, T) at positions start.. -> (B, T, d)."""
