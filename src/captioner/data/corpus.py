@@ -125,6 +125,13 @@ class ValidationReport:
         out += self.duplicate_captions
         return out
 
+    def skipped_count(self) -> int:
+        """How many entries were left out because something was wrong with them.
+
+        Duplicate captions (kept, or dropped on request) and images in no split are not counted."""
+        return (len(self.missing_images) + len(self.unreadable_images) + len(self.uncaptioned_images)
+                + len(self.malformed_lines) + len(self.empty_captions))
+
     def summary(self, examples: int = 3) -> str:
         """Human-readable multi-line summary with a few examples per problem kind."""
         n_images = sum(self.images_per_split.values())
