@@ -3,7 +3,7 @@ gives a valid result or the project's own error naming the file, never another e
 
 Readers covered: the five corpus formats (Flickr8k text, Karpathy JSON, Kaggle CSV, COCO JSON, own
 CSV and JSONL) and corpus.json, vocab.json, model directories (config.json, vocab.json, weights),
-YAML training configs with command-line overrides, and the image loader.
+YAML training configs with command-line overrides, the image loader and feature stores.
 
 Seed inputs are this file's own fixtures (nothing from ../shared). Each property runs
 ``FUZZ_EXAMPLES`` examples (tests/conftest.py: 200 by default, derandomized so CI runs are
@@ -35,8 +35,11 @@ from captioner.modeldir import ModelDirError, load_model_dir, save_model_dir
 from captioner.train import TrainConfig
 
 HANG_SECONDS = 60
-# Pillow warns about the damaged TIFF/EXIF metadata the mutations produce; the property is about errors
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL.*")
+# Pillow warns about the damaged TIFF/EXIF metadata the mutations produce, numpy about escapes in damaged
+# .npy headers; the properties are about errors
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL.*"),
+              pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:invalid escape sequence:SyntaxWarning")]
 
 
 class Hang(AssertionError):
@@ -424,3 +427,53 @@ def test_image_loader(work, content, as_path):
     event("valid image")
     assert im.mode == "RGB" and im.width >= 1 and im.height >= 1 and im.width * im.height <= 1_000_000
     im.getpixel((0, 0))  # decoded, not lazy
+
+
+# ----------------------------------------------------------------------------- feature stores
+
+
+@pytest.fixture(scope="module")
+def store_seed(work) -> Path:
+    """A finished 3-image store (2x2 grid, 8 channels) written directly, without running an encoder."""
+    import numpy as np
+
+    d = work / "store-seed"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(d / "features.npy", rng.standard_normal((3, 4, 8)).astype(np.float16))
+    np.save(d / "status.npy", np.array([1, 1, 2], dtype=np.uint8))
+    (d / "index.json").write_text(json.dumps({"images": ["a.jpg", "b.jpg", "c.jpg"]}))
+    (d / "meta.json").write_text(json.dumps({
+        "format": "captioner-features", "version": 1, "shape": [3, 4, 8], "dtype": "float16", "complete": True,
+        "encoder": {"name": "efficientnet-lite0", "image_size": 64, "grid": [2, 2], "channels": 8,
+                    "mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0], "resize": "squash"},
+        "image_root": str(work / "img"), "fingerprint": "0" * 64}))
+    return d
+
+
+@given(which=st.sampled_from(["meta.json", "index.json", "features.npy", "status.npy"]), data=st.data())
+def test_feature_store_opener(work, store_seed, which, data):
+    from captioner.features import FeatureStore, FeatureStoreError
+
+    d = work / "store"
+    d.mkdir(exist_ok=True)
+    for name in ("meta.json", "index.json", "features.npy", "status.npy"):
+        (d / name).write_bytes((store_seed / name).read_bytes())
+    seed = (store_seed / which).read_bytes()
+    if which.endswith(".json"):
+        content = data.draw(json_bytes(json.loads(seed)))
+    else:  # mostly the .npy header (dtype, shape, order), sometimes anywhere
+        content = data.draw(st.one_of(mutated_bytes(seed[:128], max_ops=3).map(lambda head: head + seed[128:]),
+                                      mutated_bytes(seed, max_ops=2)))
+    (d / which).write_bytes(content)
+    with hang_guard():
+        try:
+            store = FeatureStore.open(d)
+        except FeatureStoreError as e:
+            assert str(d) in str(e), str(e)
+            event("project error")
+            return
+        event("valid store")
+        for name in store.images:
+            if store.has(name):
+                assert store.get(name).shape == tuple(store.features.shape[1:])
