@@ -392,9 +392,10 @@ class _Builder:
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             unsplit = (f" ({len(report.unsplit_images)} image(s) are in no split)"
                        if report.unsplit_images else "")
+            found = unsplit + (f"; {len(problems)} problem(s):{listing}{more}" if problems
+                               else "" if unsplit else " (the source holds no captions)")
             raise CorpusError(
-                f"{source}: no image with a usable caption found{unsplit}; "
-                f"{len(problems)} problem(s){':' if problems else ''}{listing}{more}\n"
+                f"{source}: no image with a usable caption found{found}\n"
                 "Check that this is the right caption file and format, and that the image folder holds its images.",
                 problems,
             )
