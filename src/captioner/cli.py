@@ -60,7 +60,7 @@ def print_json(obj, **kw) -> None:
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     from .data.corpus import CorpusError, read_corpus
-    from .data.text import Vocab, length_report
+    from .data.text import Vocab, length_report, write_json_atomic
 
     kwargs = {"strict": a.strict, "dedupe": a.dedupe}
     fmt = a.format
@@ -91,7 +91,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     vocab.save(out / "vocab.json")
     lengths = length_report(train_tokens, a.max_len)
     report = {**corpus.report.to_dict(), "vocab_size": len(vocab), "train_caption_lengths": lengths}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(out / "report.json", report, indent=1)
     print(corpus.report.summary())
     print(f"vocabulary: {len(vocab)} entries (min_freq={a.min_freq}, max_words={a.max_words})")
     print(f"train captions longer than {a.max_len} words (truncated in training): {lengths['truncated']}"
