@@ -414,3 +414,27 @@ def test_features_with_an_unreadable_image_exits_1_and_stores_the_rest(tmp_path,
     summary = json.loads(out.splitlines()[-1])
     assert status == 1 and summary["failed"] == 1 and summary["computed"] == 1
     assert "1 image(s) could not be read" in err
+
+
+def test_features_on_a_full_disk_is_a_clear_error_before_any_image_is_encoded(tmp_path, capsys, monkeypatch):
+    """The store is written through a memory map: on a full disk that would be a SIGBUS crash, so its
+    blocks are reserved first (checked by hand on a real full tmpfs; here the reservation is refused)."""
+    import errno
+
+    import captioner.encoders as encoders
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def never(*_a, **_k):
+        raise AssertionError("an image was encoded")
+
+    folder = tmp_path / "img"
+    _images(folder, ["a.png", "b.png"])
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    monkeypatch.setattr(encoders.ImageEncoder, "__init__", never)
+    status, out, err = call(capsys, "features", "--images", str(folder), "--out", str(tmp_path / "store"), "--quiet",
+                            "--workers", "0")
+    assert status == 2 and out == "" and no_traceback(err)
+    assert err.startswith(f"error: {tmp_path / 'store'}: not enough disk space for the feature store (")
+    assert "rerun: rows already done are kept" in err

@@ -362,6 +362,16 @@ def _stdout_is_broken() -> bool:
         return True
 
 
+def _os_error_message(e: OSError) -> str:
+    """``FILE: what went wrong`` for an error from the operating system (and a hint for a full disk)."""
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    hint = "; is the disk full? Free some space and run the command again" if e.errno in (errno.ENOSPC,
+                                                                                         errno.EDQUOT) else ""
+    return f"{where}{e.strerror or e}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(os.environ.get("CAPTIONER_DEBUG"))
@@ -386,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input: files, formats, configs (all our errors are ValueErrors)
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MemoryError:
         if debug:

@@ -17,6 +17,7 @@ into a store made from other inputs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -148,6 +149,8 @@ def extract_features(
         _write_json_atomic(out / "index.json", {"images": names})
         _write_json_atomic(out / "meta.json", {**meta, "complete": False})
 
+    for p in (status_path, feat_path):
+        _reserve_disk_space(p, out, n)
     status = np.load(status_path, mmap_mode="r+")
     feats = np.load(feat_path, mmap_mode="r+")
     todo = [int(i) for i in np.flatnonzero(status == TODO)]
@@ -200,6 +203,31 @@ def extract_features(
         "seconds": round(secs, 2),
         "images_per_second": round((done_now + failed_now) / secs, 2) if secs > 0 and todo else None,
     }
+
+
+def _reserve_disk_space(path: Path, out: Path, n_images: int) -> None:
+    """Allocate the disk blocks of a store file before writing through its memory map.
+
+    The arrays are created sparse; a write through a memory map into a hole on a full disk
+    cannot fail with an error, the kernel kills the process with SIGBUS instead. Reserving the
+    blocks up front (cheap where they are already allocated) turns that into a clear error
+    before any image is encoded. Filesystems without the call are left as they are."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise FeatureStoreError(
+                f"{out}: not enough disk space for the feature store ({path.name}: {size / 2**20:.1f} MiB for "
+                f"{n_images} images; {e.strerror}). Free some space or choose another --out, then rerun: rows "
+                "already done are kept") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _load_npy(path: Path) -> np.ndarray:
