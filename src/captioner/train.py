@@ -112,11 +112,13 @@ def _atomic_save(obj: dict, path: Path) -> None:
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save's writer raises RuntimeError("... file write failed")
+    except BaseException as e:  # also Ctrl-C mid-write: never a half-written .tmp left behind
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save's writer raises RuntimeError on a failed write
+            raise
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         why = (e.strerror if isinstance(e, OSError) and e.strerror
                else f"the write failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
@@ -306,10 +308,18 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _write_logs(history: list[dict], out: Path, metric: str) -> None:
     """metrics.jsonl and curves.png, rewritten whole from the checkpointed history (no duplicates on resume)."""
     tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, out / "metrics.jsonl")
-    if history:
-        plot_curves(history, out / "curves.png", metric)
+    try:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+        os.replace(tmp, out / "metrics.jsonl")
+        if history:
+            plot_curves(history, out / "curves.png", metric)
+    except OSError as e:  # full disk: the checkpoint holds the history, --resume writes the logs again
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise TrainError(f"{out}: cannot write metrics.jsonl / curves.png ({e.strerror or e}); the checkpoint "
+                         "holds them: free some space, then --resume writes them again") from None
 
 
 def _stop_if_not_finite(what: str, value: torch.Tensor, step: int, epoch: int, cfg: "TrainConfig", out: Path) -> None:
