@@ -93,9 +93,11 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write(): name the file
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
