@@ -149,11 +149,12 @@ def extract_features(
         _write_json_atomic(out / "index.json", {"images": names})
         _write_json_atomic(out / "meta.json", {**meta, "complete": False})
 
-    for p in (status_path, feat_path):
-        _reserve_disk_space(p, out, n)
     status = np.load(status_path, mmap_mode="r+")
     feats = np.load(feat_path, mmap_mode="r+")
     todo = [int(i) for i in np.flatnonzero(status == TODO)]
+    if todo:  # only when rows will be written: a finished store is not touched
+        for p in (status_path, feat_path):
+            _reserve_disk_space(p, out, n)
     already = int((status == DONE).sum())
     t0 = time.perf_counter()
     done_now = failed_now = 0
