@@ -34,3 +34,17 @@ def prepare_synthetic(root: Path, n_images: int = 400, seed: int = 0) -> Synthet
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> SyntheticData:
     return prepare_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+# Hypothesis (tests/test_fuzz.py): a fixed number of examples per property, derandomized so that a CI
+# run is reproducible; no deadline (timing is not what these tests check). CAPTIONER_FUZZ_EXAMPLES=2000
+# runs a deeper search locally.
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+FUZZ_EXAMPLES = int(os.environ.get("CAPTIONER_FUZZ_EXAMPLES", "200"))
+settings.register_profile("captioner", max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
+settings.load_profile("captioner")

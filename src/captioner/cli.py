@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -68,11 +70,27 @@ def _ratios(text: str) -> tuple[float, float, float]:
     return r
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float (NaN, inf) replaced by None: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def print_json(obj, **kw) -> None:
+    """Print one line of strict JSON (never NaN or Infinity, which are not JSON)."""
+    print(json.dumps(_finite(obj), allow_nan=False), **kw)
+
+
 # ----------------------------------------------------------------------------- prepare
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     from .data.corpus import CorpusError, read_corpus
-    from .data.text import Vocab, length_report
+    from .data.text import Vocab, length_report, write_json_atomic
 
     kwargs = {"strict": a.strict, "dedupe": a.dedupe}
     fmt = a.format
@@ -93,8 +111,9 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         kwargs.update(annotation_files=[src, *a.extra], image_dir=a.images)
     elif fmt == "folder":
         kwargs.update(captions_file=src, image_dir=a.images)
-    corpus = read_corpus(fmt, **kwargs)
     out = Path(a.out)
+    check_prepare_out(out, a.overwrite)
+    corpus = read_corpus(fmt, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     train_tokens = [t for it in corpus.split("train") for t in it.tokens]
     vocab = Vocab.build(train_tokens, min_freq=a.min_freq, max_size=a.max_words)
@@ -102,13 +121,34 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     vocab.save(out / "vocab.json")
     lengths = length_report(train_tokens, a.max_len)
     report = {**corpus.report.to_dict(), "vocab_size": len(vocab), "train_caption_lengths": lengths}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(out / "report.json", report, indent=1)
     print(corpus.report.summary())
     print(f"vocabulary: {len(vocab)} entries (min_freq={a.min_freq}, max_words={a.max_words})")
     print(f"train captions longer than {a.max_len} words (truncated in training): {lengths['truncated']}"
           f" of {lengths['captions']}")
     print(f"wrote {out / 'corpus.json'}, {out / 'vocab.json'}, {out / 'report.json'}")
+    skipped = corpus.report.skipped_count()
+    if skipped:
+        print(f"{skipped} entr{'y was' if skipped == 1 else 'ies were'} skipped (listed above and in "
+              f"{out / 'report.json'}); --strict makes that an error", file=sys.stderr)
+        return 1
     return 0
+
+
+PREPARE_OUTPUTS = ("corpus.json", "vocab.json", "report.json")
+
+
+def check_prepare_out(out: Path, overwrite: bool) -> None:
+    """``prepare`` never replaces a prepared corpus silently."""
+    from .data.corpus import CorpusError
+
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"--out {out}: exists and is not a folder; give a folder for corpus.json, vocab.json "
+                          "and report.json")
+    found = [name for name in PREPARE_OUTPUTS if (out / name).exists()]
+    if found and not overwrite:
+        raise CorpusError(f"--out {out}: already holds a prepared corpus ({', '.join(found)}); nothing was "
+                          "changed. Use another --out folder, or --overwrite to replace it")
 
 
 # ----------------------------------------------------------------------------- features
@@ -137,9 +177,10 @@ def cmd_features(a: argparse.Namespace) -> int:
     summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
                                batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
                                overwrite=a.overwrite, progress=not a.quiet)
-    print(json.dumps(summary))
+    print_json(summary)
     if summary["failed"]:
         print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -151,7 +192,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = load_config(TrainConfig, a.config, a.overrides)
     summary = train(cfg, resume=a.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    print_json({k: v for k, v in summary.items() if k != "history"})
     return 0
 
 
@@ -179,6 +220,10 @@ def cmd_caption(a: argparse.Namespace) -> int:
                          or a.seed is not None):
         raise ValueError("--num-captions, --temperature, --top-k, --top-p and --seed choose how captions are "
                          "sampled: add --sample")
+    if a.attention:
+        from .viz import figure_format
+
+        figure_format(a.attention)  # an unsupported figure format is a bad command, before any work
     model = Captioner.from_pretrained(a.model)
     if a.attention and not model.decoder.has_attention:
         raise ValueError(f"--attention: the model {a.model} ({model.config['arch']}) has no attention over image "
@@ -210,7 +255,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
             if i in errors:
                 print(f"error: {errors[i]}", file=sys.stderr)
                 if a.json:  # keep one line per image for scripts
-                    print(json.dumps({"image": path, "error": errors[i]}), flush=True)
+                    print_json({"image": path, "error": errors[i]}, flush=True)
                 status = 1
                 continue
             r = results[i]
@@ -220,8 +265,16 @@ def cmd_caption(a: argparse.Namespace) -> int:
                 target = Path(a.attention)
                 if len(a.images) > 1:
                     target = target.with_name(f"{target.stem}-{start + i:03d}-{Path(path).stem}{target.suffix or '.png'}")
-                attention_figure(loaded[i], r["words"], r["attention"], tuple(r["grid"]), target,
-                                 title=r["caption"], center_crop=crop)
+                try:
+                    attention_figure(loaded[i], r["words"], r["attention"], tuple(r["grid"]), target,
+                                     title=r["caption"], center_crop=crop)
+                except OSError as e:  # this image's figure only: the other images go on
+                    err = f"{path}: cannot write the attention figure {target}: {e.strerror or e}"
+                    print(f"error: {err}", file=sys.stderr)
+                    if a.json:
+                        print_json({"image": path, "error": err}, flush=True)
+                    status = 1
+                    continue
                 r["attention_figure"] = str(target)
             if a.json:
                 obj = {"image": path, "caption": r["caption"], "score": r["score"]}
@@ -231,7 +284,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
                     obj["samples"] = r["samples"]
                 if a.attention:
                     obj["attention_figure"] = r["attention_figure"]
-                print(json.dumps(obj), flush=True)
+                print_json(obj, flush=True)
             else:
                 print(f"{path}: {r['caption']}")
                 listed = r["samples"] if a.sample else r["n_best"]
@@ -278,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-seed", type=int, default=0, help="seed of the hash split")
     s.add_argument("--restval", choices=["train", "keep"], default="train",
                    help="karpathy: put 'restval' images into train (default) or keep them apart")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the corpus.json, vocab.json and report.json already in --out")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("features", help="cache encoder grids of images (resumable)")
@@ -346,20 +401,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    import os
+# Exit statuses (README, "Exit status"): the same for every command.
+EXIT_OK = 0  # everything done
+EXIT_SOME_FAILED = 1  # some inputs failed (each named on stderr), the rest done
+EXIT_BAD_INPUT = 2  # bad command, configuration or file: nothing (more) done
+EXIT_INTERNAL = 3  # a bug in captioner (CAPTIONER_DEBUG=1 shows the traceback)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_PIPE_CLOSED = 141  # the reader of stdout went away, e.g. `| head` (128 + SIGPIPE)
 
-    args = build_parser().parse_args(argv)
+
+def _stdout_is_broken() -> bool:
+    """True when stdout is a pipe or socket whose reader has gone away."""
     try:
-        return args.func(args)
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() on this platform, or stdout closed
+        return True
+
+
+def _os_error_message(e: OSError) -> str:
+    """``FILE: what went wrong`` for an error from the operating system (and a hint for a full disk)."""
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    hint = "; is the disk full? Free some space and run the command again" if e.errno in (errno.ENOSPC,
+                                                                                         errno.EDQUOT) else ""
+    return f"{where}{e.strerror or e}{hint}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("CAPTIONER_DEBUG"))
+    try:
+        status = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        if not _stdout_is_broken():  # some other pipe: a real error
+            if debug:
+                raise
+            print("error: broken pipe", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        # stdout's reader is gone (`captioner caption *.jpg | head -1`): stop quietly, like any Unix tool;
+        # the rest of the output goes nowhere, so Python's exit-time flush cannot complain either
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_PIPE_CLOSED
     except (ValueError, OSError) as e:  # bad input: files, formats, configs (all our errors are ValueErrors)
-        if os.environ.get("CAPTIONER_DEBUG"):
+        if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {_os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError:
+        if debug:
+            raise
+        print("error: not enough memory for this command; use smaller sizes (batch size, model sizes, "
+              "max pixels) or a machine with more memory", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # not a user's mistake: a bug; one line, the traceback on request
+        if debug:
+            raise
+        print(f"error: internal error ({type(e).__name__}: {e}); this is a bug in captioner. "
+              "Run again with CAPTIONER_DEBUG=1 to see the traceback, and please report it", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

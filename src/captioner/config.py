@@ -89,7 +89,10 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:  # not a YAML value: the text itself (its type is checked below)
+            value = raw
         node, cls = data, type(cfg)
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -109,11 +112,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         p = Path(path)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a folder, expected a YAML config file") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: config file is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of config keys")
         merged = to_dict(cfg)

@@ -4,6 +4,7 @@ and each caption's image row in a feature store (read per batch from its memory 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,10 +14,55 @@ from .data.text import Vocab
 from .features import FeatureStore
 
 
+class StoreMismatchError(ValueError):
+    """A feature store was not extracted from the images of the corpus it is used with."""
+
+
+def check_store_matches_corpus(store: FeatureStore, corpus: Corpus) -> None:
+    """Refuse a feature store made from other images than the corpus's, even when the names match.
+
+    The store's meta.json records the image folder it was extracted from and a fingerprint of
+    the encoder, the image names and their file sizes. The fingerprint is recomputed over the
+    corpus's image folder (one stat per image): equal means the same files, wherever the folder
+    now is. If the corpus's folder holds none of the store's images there is nothing to compare
+    (features kept, images deleted): a warning says so. Checked once per store and folder."""
+    from .features import fingerprint
+
+    root = Path(corpus.image_root)
+    checked = store.__dict__.setdefault("_checked_roots", set())
+    if str(root) in checked:
+        return
+    meta = store.meta
+    made_from = meta.get("image_root")
+    how = f"`captioner features --corpus CORPUS.json --out NEW_FOLDER` on this corpus, and use NEW_FOLDER"
+    if not isinstance(meta.get("fingerprint"), str) or not isinstance(meta.get("encoder"), dict):
+        raise StoreMismatchError(f"{store.path}/meta.json: records no fingerprint of the images it was made from, so "
+                                 f"it cannot be checked against the corpus (images in {root}); run {how}")
+    if fingerprint(meta["encoder"], store.images, root) != meta["fingerprint"]:
+        present = sum(1 for name in store.images if (root / name).is_file())
+        if present == 0:
+            warnings.warn(f"{store.path}: cannot check that these features are of the corpus's images: none of its "
+                          f"{len(store.images)} images is in {root} (the store was made from {made_from})",
+                          stacklevel=3)
+        else:
+            missing = len(store.images) - present
+            differ = ("same names, other file sizes" if not missing else
+                      f"{missing} of the store's {len(store.images)} images are not there, and names or file "
+                      "sizes differ")
+            where = (f"from the images in {made_from}" if made_from and Path(made_from) != root.resolve()
+                     else f"from other files in {root} (changed since)")
+            raise StoreMismatchError(
+                f"{store.path}: these features were extracted {where}, and the corpus's images in {root} are not "
+                f"the same files ({differ}). Training or scoring with them would silently use other images' "
+                f"features. Run {how}")
+    checked.add(str(root))
+
+
 class CaptionData:
     """Caption token ids, their lengths and the feature row of their image."""
 
     def __init__(self, corpus: Corpus, vocab: Vocab, store: FeatureStore, split: str, max_len: int):
+        check_store_matches_corpus(store, corpus)
         all_items = corpus.split(split)
         items = [it for it in all_items if store.has(it.image)]
         if not items:

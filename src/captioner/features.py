@@ -17,6 +17,7 @@ into a store made from other inputs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -125,11 +126,19 @@ def extract_features(
     feat_path, status_path = out / "features.npy", out / "status.npy"
     fresh = overwrite or not (out / "meta.json").exists()
     if not fresh:
-        old = json.loads((out / "meta.json").read_text())
+        try:
+            old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise FeatureStoreError(f"{out / 'meta.json'}: damaged ({e}); use a new output directory or --overwrite") \
+                from None
+        if not isinstance(old, dict):
+            raise FeatureStoreError(f"{out / 'meta.json'}: not a feature store's meta.json; use a new output "
+                                    "directory or --overwrite")
         if old.get("fingerprint") != fp or old.get("shape") != meta["shape"]:
             raise FeatureStoreError(
                 f"{out}: this store was made from other images or another encoder "
-                f"({old.get('encoder', {}).get('name')}, {old.get('shape')}); "
+                f"({(old.get('encoder') if isinstance(old.get('encoder'), dict) else {}).get('name')}, "
+                f"{old.get('shape')}); "
                 "use a new output directory or --overwrite"
             )
     if fresh:
@@ -143,6 +152,9 @@ def extract_features(
     status = np.load(status_path, mmap_mode="r+")
     feats = np.load(feat_path, mmap_mode="r+")
     todo = [int(i) for i in np.flatnonzero(status == TODO)]
+    if todo:  # only when rows will be written: a finished store is not touched
+        for p in (status_path, feat_path):
+            _reserve_disk_space(p, out, n)
     already = int((status == DONE).sum())
     t0 = time.perf_counter()
     done_now = failed_now = 0
@@ -194,6 +206,69 @@ def extract_features(
     }
 
 
+def _reserve_disk_space(path: Path, out: Path, n_images: int) -> None:
+    """Allocate the disk blocks of a store file before writing through its memory map.
+
+    The arrays are created sparse; a write through a memory map into a hole on a full disk
+    cannot fail with an error, the kernel kills the process with SIGBUS instead. Reserving the
+    blocks up front (cheap where they are already allocated) turns that into a clear error
+    before any image is encoded. Filesystems without the call are left as they are."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise FeatureStoreError(
+                f"{out}: not enough disk space for the feature store ({path.name}: {size / 2**20:.1f} MiB for "
+                f"{n_images} images; {e.strerror}). Free some space or choose another --out, then rerun: rows "
+                "already done are kept") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A memory map of a .npy file; any damage (numpy raises many types for a bad header) is a FeatureStoreError."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise FeatureStoreError(f"{path}: damaged array file ({type(e).__name__}: {e}); "
+                                "rerun `captioner features --overwrite`") from None
+
+
+def _check_store_json(path: Path, meta, index) -> None:
+    """meta.json and index.json of a store: types and sane values, before any array is mapped."""
+    def fail(file: str, problem: str) -> FeatureStoreError:
+        return FeatureStoreError(f"{path / file}: {problem}; rerun `captioner features --overwrite`")
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FeatureStoreError(f"{path}/meta.json: not a captioner feature store")
+    if meta.get("version") != VERSION:
+        raise fail("meta.json", f"'version' is {meta.get('version')!r}, this code reads version {VERSION}")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise fail("meta.json", f"'shape' must be [N, H*W, C], three whole numbers, got {shape!r}")
+    enc = meta.get("encoder")
+    grid = enc.get("grid") if isinstance(enc, dict) else None
+    if not (isinstance(enc, dict) and isinstance(enc.get("name"), str) and isinstance(grid, list) and len(grid) == 2
+            and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+            and grid[0] * grid[1] == shape[1] and enc.get("channels") == shape[2]):
+        raise fail("meta.json", f"'encoder' must name the encoder and give its grid and channels matching "
+                                f"the shape {shape}, got {enc!r}")
+    images = index.get("images") if isinstance(index, dict) else None
+    if not (isinstance(images, list) and all(isinstance(n, str) and n for n in images)):
+        raise fail("index.json", "expected {\"images\": [image names]}")
+    if len(set(images)) != len(images):
+        raise fail("index.json", "an image is listed twice")
+
+
 @dataclass
 class FeatureStore:
     """A finished (or partial) store opened read-only; ``features`` is a zero-copy memory map."""
@@ -207,18 +282,26 @@ class FeatureStore:
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = False) -> "FeatureStore":
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FeatureStoreError(f"{path}: is a file, not a feature store folder")
         try:
-            meta = json.loads((path / "meta.json").read_text())
-            images = json.loads((path / "index.json").read_text())["images"]
-            feats = np.load(path / "features.npy", mmap_mode="r")
-            status = np.load(path / "status.npy", mmap_mode="r")
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+            index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+            _check_store_json(path, meta, index)
+            images = index["images"]
+            feats = _load_npy(path / "features.npy")
+            status = _load_npy(path / "status.npy")
         except FileNotFoundError as e:
             raise FeatureStoreError(f"{path}: not a feature store ({Path(e.filename).name} missing); "
                                     "run `captioner features` first") from None
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
+        except FeatureStoreError:
+            raise
+        except (ValueError, KeyError, OSError) as e:  # json, short files
             raise FeatureStoreError(f"{path}: damaged feature store ({e}); rerun `captioner features`") from None
-        if meta.get("format") != FORMAT:
-            raise FeatureStoreError(f"{path}/meta.json: not a captioner feature store")
+        if feats.dtype != np.float16 or feats.ndim != 3 or status.dtype != np.uint8 or status.ndim != 1:
+            raise FeatureStoreError(f"{path}: features.npy must be float16 (N, H*W, C) and status.npy uint8 (N,), got "
+                                    f"{feats.dtype} {feats.shape} and {status.dtype} {status.shape}; "
+                                    "rerun `captioner features --overwrite`")
         if list(feats.shape) != meta["shape"] or len(images) != feats.shape[0] or status.shape[0] != feats.shape[0]:
             raise FeatureStoreError(f"{path}: features.npy, status.npy and index.json disagree in size; "
                                     "rerun `captioner features --overwrite`")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,43 +63,45 @@ def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, conf
            "arch": decoder.arch_name, "model": dataclasses.asdict(decoder.cfg)}
     state = {k: v.detach().to(dtype).contiguous() if v.is_floating_point() else v.detach().contiguous()
              for k, v in decoder.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # readable like the other files (the writer may create it private)
-    os.replace(tmp, out / "model.safetensors")
-    vocab.save(out / "vocab.json")
-    tmpc = out / "config.json.tmp"
-    tmpc.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmpc, out / "config.json")
+    tmp, tmpc = out / "model.safetensors.tmp", out / "config.json.tmp"
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # readable like the other files (the writer may create it private)
+        os.replace(tmp, out / "model.safetensors")
+        vocab.save(out / "vocab.json")
+        tmpc.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmpc, out / "config.json")
+    except Exception as e:  # full disk, quota, unwritable folder: no temporary file left behind
+        for t in (tmp, tmpc):
+            try:
+                t.unlink(missing_ok=True)
+            except OSError:
+                pass
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ModelDirError(f"{out}: cannot write the model directory ({why}); is the disk full?") from None
     return out
 
 
 def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
     p = resolve_model_path(path)
     try:
-        cfg = json.loads((p / "config.json").read_text())
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelDirError(f"{p}: config.json missing; not a captioner model directory") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{p / 'config.json'}: invalid JSON ({e})") from None
-    if cfg.get("format") != FORMAT:
-        raise ModelDirError(f"{p / 'config.json'}: not a captioner model (format={cfg.get('format')!r})")
-    missing_keys = [k for k in ("arch", "model") if k not in cfg]
-    if missing_keys:
-        raise ModelDirError(f"{p / 'config.json'}: missing {', '.join(missing_keys)}")
-    if cfg.get("version", 0) > VERSION:
-        raise ModelDirError(f"{p / 'config.json'}: written by a newer captioner (version {cfg['version']})")
+    except OSError as e:
+        raise ModelDirError(f"{p / 'config.json'}: cannot read ({e.strerror or e})") from None
     try:
         vocab = Vocab.load(p / "vocab.json")
     except ValueError as e:
         raise ModelDirError(str(e)) from None
+    # types, bounds and size, before anything is allocated
+    validate_model_config(cfg, p / "config.json", vocab_size=len(vocab))
     try:
         decoder = build_decoder(cfg["arch"], cfg["model"])
     except (KeyError, ValueError, TypeError) as e:
         raise ModelDirError(f"{p / 'config.json'}: bad architecture or model config ({e})") from None
-    if getattr(decoder.cfg, "vocab_size", len(vocab)) != len(vocab):
-        raise ModelDirError(f"{p}: vocab.json has {len(vocab)} entries but the model expects "
-                            f"{decoder.cfg.vocab_size}")
     weights = p / "model.safetensors"
     if not weights.exists():
         raise ModelDirError(f"{weights}: missing")
@@ -114,8 +117,239 @@ def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
     if missing or unexpected:
         raise ModelDirError(f"{weights}: weights do not match the architecture "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelDirError(f"{weights}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}); "
+                            "the training run that wrote them diverged. Use another model, or retrain with a "
+                            "lower optim.lr")
     decoder.eval()
     return decoder, vocab, cfg
+
+
+# ----------------------------------------------------------------------------- config.json schema
+
+MAX_MODEL_BYTES = 4 * 2**30  # float32 parameters a model directory may need: refused above (before allocating)
+_SIZE_BOUNDS = {  # integer size fields of any architecture's config, by name: inclusive (low, high)
+    "vocab_size": (4, 2_000_000),  # at least the 4 special tokens
+}
+_DIM_BOUNDS = (1, 65_536)  # *_dim, *_size
+_COUNT_BOUNDS = (1, 1_024)  # layers, heads
+_DECODING_BOUNDS = {"beam_size": (1, 1_000), "max_len": (1, 10_000), "n_best": (1, 1_000)}
+_IMAGE_SIZE_BOUNDS = (32, 2_048)  # encoder input side in pixels
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _size_bounds(name: str) -> tuple[int, int] | None:
+    """Bounds of an integer field by its name (any architecture), or None for a free integer."""
+    if name in _SIZE_BOUNDS:
+        return _SIZE_BOUNDS[name]
+    if name.endswith(("_dim", "_size", "_dims")) or name in ("dim", "d_model", "width"):
+        return _DIM_BOUNDS
+    if "layers" in name or "heads" in name or name in ("depth", "n_head", "n_layer"):
+        return _COUNT_BOUNDS
+    return None
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What is wrong with a JSON value for a config field annotated ``hint`` (strict: "3" is not 3)."""
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return None
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        problems = [_type_problem(value, o) for o in options if o is not type(None)]
+        return None if any(pr is None for pr in problems) else f"expected {hint}, got {value!r}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if hint is int:
+        return None if _is_int(value) else f"expected a whole number, got {value!r}"
+    if hint is float:
+        return None if _is_number(value) else f"expected a finite number, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"expected a string, got {value!r}"
+    if origin in (list, tuple) or hint in (list, tuple):
+        return None if isinstance(value, list) else f"expected a list, got {value!r}"
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else f"expected an object, got {value!r}"
+    return None
+
+
+def _check_bounds(where: str, value: Any, bounds: tuple[int, int], fail) -> None:
+    lo, hi = bounds
+    if not _is_int(value) or not lo <= value <= hi:
+        raise fail(f"{where} must be a whole number from {lo} to {hi}, got {value!r}")
+
+
+def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int | None = None) -> dict:
+    """Check a model directory's config.json against its schema before anything is built.
+
+    Types and sane bounds of every section, for every registered architecture: each field of the
+    architecture's config dataclass is type-checked strictly from its annotation, integer sizes
+    (``*_dim``, ``*_size``, ``vocab_size``, layers, heads) are bounded, and the decoder is built on
+    PyTorch's "meta" device (shapes only, no memory) to count its parameters: a model that would
+    need more than ``MAX_MODEL_BYTES`` is refused before a single weight is allocated.
+    Raises :class:`ModelDirError` naming the file, the field and what to do; returns ``cfg``."""
+    import dataclasses as dc
+    import typing
+
+    from .models import get_architecture
+
+    def fail(problem: str) -> ModelDirError:
+        return ModelDirError(f"{where}: {problem}")
+
+    if not isinstance(cfg, dict):
+        raise fail(f"expected a JSON object at the top level, got {type(cfg).__name__}; "
+                   "not a captioner model configuration")
+    if cfg.get("format") != FORMAT:
+        raise fail(f"not a captioner model (format={cfg.get('format')!r})")
+    version = cfg.get("version", VERSION)
+    if not _is_int(version) or version < 1:
+        raise fail(f"'version' must be a whole number >= 1, got {version!r}")
+    if version > VERSION:
+        raise fail(f"written by a newer captioner (version {version}; this one reads {VERSION}): upgrade captioner")
+    missing_keys = [k for k in ("arch", "model") if k not in cfg]
+    if missing_keys:
+        raise fail(f"missing {', '.join(missing_keys)}")
+    arch = cfg["arch"]
+    if not isinstance(arch, str):
+        raise fail(f"'arch' must be a string, got {arch!r}")
+    try:
+        _, cfg_cls = get_architecture(arch)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    for section in ("model", "encoder", "decoding", "training", "metrics"):
+        if section in cfg and not isinstance(cfg[section], dict) and not (section != "model" and cfg[section] is None):
+            raise fail(f"'{section}' must be an object, got {type(cfg[section]).__name__}")
+
+    # --- model: the architecture's config dataclass, strictly typed, sizes bounded
+    model = cfg["model"]
+    hints = typing.get_type_hints(cfg_cls)
+    fields = {f.name: f for f in dc.fields(cfg_cls)}
+    unknown = sorted(set(model) - set(fields))
+    if unknown:
+        raise fail(f"model: unknown field(s) {unknown} for architecture {arch!r}; known: {sorted(fields)}")
+    for name, value in model.items():
+        problem = _type_problem(value, hints[name])
+        if problem:
+            raise fail(f"model.{name}: {problem}")
+    merged = {}
+    for name, f in fields.items():
+        if name in model:
+            merged[name] = model[name]
+        elif f.default is not dc.MISSING:
+            merged[name] = f.default
+        elif f.default_factory is not dc.MISSING:  # type: ignore[misc]
+            merged[name] = f.default_factory()  # type: ignore[misc]
+        else:
+            raise fail(f"model.{name}: missing (architecture {arch!r} needs it)")
+    for name, value in merged.items():
+        bounds = _size_bounds(name)
+        if bounds is not None and hints.get(name) in (int, typing.Optional[int]) and value is not None:
+            _check_bounds(f"model.{name}", value, bounds, fail)
+        elif isinstance(value, float) and "dropout" in name and not 0.0 <= value < 1.0:
+            raise fail(f"model.{name} must be from 0 to 1 (exclusive), got {value!r}")
+    if vocab_size is not None and "vocab_size" in merged and merged["vocab_size"] != vocab_size:
+        raise fail(f"model.vocab_size is {merged['vocab_size']} but vocab.json beside it has {vocab_size} "
+                   "entries; the two files come from different models")
+
+    # --- encoder (optional: a model without one captions features only)
+    enc = cfg.get("encoder")
+    if enc:
+        _validate_encoder(enc, merged, fail)
+
+    # --- decoding defaults: known keys bounded, any other key a finite JSON scalar
+    for key, value in (cfg.get("decoding") or {}).items():
+        if key in _DECODING_BOUNDS:
+            _check_bounds(f"decoding.{key}", value, _DECODING_BOUNDS[key], fail)
+        elif key == "length_penalty":
+            if not _is_number(value) or not 0.0 <= value <= 10.0:
+                raise fail(f"decoding.length_penalty must be a number from 0 to 10, got {value!r}")
+        elif not (value is None or isinstance(value, (bool, str)) or _is_number(value)):
+            raise fail(f"decoding.{key} must be a finite number, a string, true/false or null, got {value!r}")
+
+    # --- size: build on the meta device (shapes only) and count
+    n_params = estimate_parameters(arch, merged, fail)
+    if n_params * 4 > MAX_MODEL_BYTES:
+        raise fail(f"the model's sizes ({_size_summary(merged)}) mean {n_params:,} parameters, "
+                   f"{n_params * 4 / 2**30:.1f} GiB in float32, more than the {MAX_MODEL_BYTES / 2**30:.0f} GiB "
+                   "a model directory may need; refused before allocating. The sizes in config.json are "
+                   "probably damaged")
+    return cfg
+
+
+def _size_summary(model: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in model.items() if _is_int(v) and _size_bounds(k) is not None)
+
+
+class _SkipInPlaceOnMeta(torch.overrides.TorchFunctionMode):
+    """In-place ops on meta tensors (the ``nn.init`` fills) do nothing: meta tensors have no values.
+
+    Only a speed-up: run for real, some meta fills go through Python decompositions that import
+    torch._dynamo (about 1 s, once per process) just to compute nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if target is not None and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def estimate_parameters(arch: str, model: dict, fail=ModelDirError) -> int:
+    """Parameters (and buffers) of a decoder, counted on the meta device: no memory is allocated."""
+    try:
+        with torch.device("meta"), _SkipInPlaceOnMeta():
+            decoder = build_decoder(arch, model)
+    except (KeyError, ValueError, TypeError) as e:
+        raise fail(f"bad architecture or model config ({e})") from None
+    except Exception as e:  # an architecture whose constructor cannot run on the meta device
+        raise fail(f"cannot check the size of architecture {arch!r} before building it "
+                   f"({type(e).__name__}: {e})") from None
+    return sum(t.numel() for t in decoder.parameters()) + sum(t.numel() for t in decoder.buffers())
+
+
+def _validate_encoder(enc: Any, model: dict, fail) -> None:
+    from .encoders import RESIZE_POLICIES, available_encoders, get_encoder_spec
+
+    if not isinstance(enc, dict):
+        raise fail(f"'encoder' must be an object, got {type(enc).__name__}")
+    missing = [k for k in ("name", "image_size", "grid", "channels", "mean", "std", "resize") if k not in enc]
+    if missing:
+        raise fail(f"encoder: missing {', '.join(missing)} (expected the spec written by training, e.g. "
+                   f"{{\"name\": \"efficientnet-lite0\", \"image_size\": 224, \"grid\": [7, 7], ...}})")
+    name = enc["name"]
+    if not isinstance(name, str) or name not in available_encoders():
+        raise fail(f"encoder.name {name!r} is not a known encoder ({', '.join(available_encoders())})")
+    _check_bounds("encoder.image_size", enc["image_size"], _IMAGE_SIZE_BOUNDS, fail)
+    if enc["resize"] not in RESIZE_POLICIES:
+        raise fail(f"encoder.resize must be one of {', '.join(RESIZE_POLICIES)}, got {enc['resize']!r}")
+    for key in ("mean", "std"):
+        v = enc[key]
+        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)) or (
+                key == "std" and min(v) <= 0):
+            raise fail(f"encoder.{key} must be a list of 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
+    grid = enc["grid"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(_is_int(g) and 1 <= g <= 256 for g in grid)):
+        raise fail(f"encoder.grid must be [rows, columns], two whole numbers from 1 to 256, got {grid!r}")
+    spec = get_encoder_spec(name, resize=enc["resize"], image_size=enc["image_size"])
+    if list(spec.grid) != grid or spec.channels != enc["channels"]:
+        raise fail(f"encoder: {name} at {enc['image_size']} px gives a {list(spec.grid)} grid of {spec.channels} "
+                   f"channels, but config.json says grid {grid!r}, channels {enc['channels']!r}")
+    if "feature_dim" in model and model["feature_dim"] != spec.channels:
+        raise fail(f"model.feature_dim is {model['feature_dim']!r} but encoder {name} gives {spec.channels} channels")
 
 
 class Captioner:

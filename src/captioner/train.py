@@ -105,9 +105,26 @@ def _set_rng_state(s: dict) -> None:
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
+    """Write a checkpoint to a temporary file, then rename it over the old one.
+
+    A failed write (full disk, quota) removes the temporary file and leaves the previous
+    checkpoint as it was; the error says so instead of a traceback from the zip writer."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C mid-write: never a half-written .tmp left behind
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save's writer raises RuntimeError on a failed write
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        why = (e.strerror if isinstance(e, OSError) and e.strerror
+               else f"the write failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+        raise TrainError(f"{path}: cannot write the checkpoint ({why}); {kept}. Is the disk full? "
+                         "Free some space, then continue with --resume") from None
 
 
 def plot_curves(history: list[dict], path: Path, metric: str) -> None:
@@ -132,9 +149,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     """Train (or resume) and return a summary. ``stop_after_steps`` is for tests."""
     from tqdm import tqdm
 
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    check_config(cfg)
     out = Path(cfg.out_dir)
     ckpt = out / "last.pt"
     if ckpt.exists() and not resume:
@@ -179,6 +196,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         if changed:
             raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); "
                              "resume with the same settings (only optim.epochs, progress and threads may change)")
+        _check_resume_vocab(c, decoder, vocab, vocab_path, ckpt)
         decoder.load_state_dict(c["model"])
         opt.load_state_dict(c["optimizer"])
         sched.load_state_dict(c["scheduler"])
@@ -220,10 +238,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             feats, tokens, lengths = train_data.batch(idx)
             out_ = decoder(feats, tokens, lengths)
             loss, ce = caption_loss(out_, tokens, lengths)
+            _stop_if_not_finite("the loss", loss, state["step"] + 1, epoch, cfg, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip)
+                _stop_if_not_finite("the gradient norm", norm, state["step"] + 1, epoch, cfg, out)
             opt.step()
             n = len(idx)
             tot += loss.item() * n
@@ -235,6 +255,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             if stop_after_steps is not None and steps_run >= stop_after_steps:
                 return {"stopped_at_step": state["step"]}
         bar.close()
+        _stop_if_weights_not_finite(decoder, state["step"], epoch, cfg, out)
         train_secs = time.perf_counter() - t0
         t1 = time.perf_counter()
         scores, cands, _ = evaluate_split(decoder, vocab, val_data, beam_size=cfg.val_beam, max_len=cfg.data.max_len,
@@ -262,7 +283,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                 row["restored_epoch"] = state["best_epoch"]
         state["epoch"] = epoch
         _atomic_save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": _rng_state(), "state": json.dumps(state), "config": json.dumps(asdict(cfg))}, ckpt)
+                      "rng": _rng_state(), "state": json.dumps(state), "config": json.dumps(asdict(cfg)),
+                      "vocab": json.dumps(vocab.itos)}, ckpt)
         _write_logs(state["history"], out, cfg.val_metric)
         print(f"epoch {epoch}: loss {row['train_loss']:.3f}  val {cfg.val_metric} {score:.4f}"
               f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {row['captions_per_s']} captions/s"
@@ -301,10 +323,61 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _write_logs(history: list[dict], out: Path, metric: str) -> None:
     """metrics.jsonl and curves.png, rewritten whole from the checkpointed history (no duplicates on resume)."""
     tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, out / "metrics.jsonl")
-    if history:
-        plot_curves(history, out / "curves.png", metric)
+    try:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+        os.replace(tmp, out / "metrics.jsonl")
+        if history:
+            plot_curves(history, out / "curves.png", metric)
+    except OSError as e:  # full disk: the checkpoint holds the history, --resume writes the logs again
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise TrainError(f"{out}: cannot write metrics.jsonl / curves.png ({e.strerror or e}); the checkpoint "
+                         "holds them: free some space, then --resume writes them again") from None
+
+
+def _stop_if_not_finite(what: str, value: torch.Tensor, step: int, epoch: int, cfg: "TrainConfig", out: Path) -> None:
+    """A NaN or infinite loss (or gradient) ends training with an error naming the step: nothing
+    after it is saved, so last.pt and best/ stay those of the last good epoch."""
+    if bool(torch.isfinite(value)):
+        return
+    raise TrainError(f"training diverged at step {step} (epoch {epoch}): {what} is {float(value.detach())}. "
+                     f"{_kept(out)} Start again with a lower optim.lr (now {cfg.optim.lr:g})"
+                     f"{'' if cfg.optim.grad_clip else ' and gradient clipping on (optim.grad_clip, e.g. 5)'}, "
+                     "in another out_dir (or init_from its best/)")
+
+
+def _stop_if_weights_not_finite(decoder, step: int, epoch: int, cfg: "TrainConfig", out: Path) -> None:
+    bad = [name for name, p in decoder.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainError(f"training diverged by step {step} (epoch {epoch}): weights {', '.join(bad[:3])} hold NaN "
+                         f"or infinite values. {_kept(out)} Start again with a lower optim.lr (now {cfg.optim.lr:g}), "
+                         "in another out_dir (or init_from its best/)")
+
+
+def _kept(out: Path) -> str:
+    kept = [str(p) for p in (out / "last.pt", out / "best") if p.exists()]
+    return (f"Nothing from this epoch was saved; {' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept "
+            "from before." if kept else "No checkpoint had been saved yet.")
+
+
+def _check_resume_vocab(c: dict, decoder, vocab: Vocab, vocab_path: str, ckpt: Path) -> None:
+    """--resume with the same config but a vocabulary file that changed since (prepare rerun)."""
+    if "vocab" in c:
+        old = json.loads(c["vocab"])
+        if old == vocab.itos:
+            return
+        detail = f"{len(old)} words then, {len(vocab)} now" if len(old) != len(vocab) else "same size, other words"
+    else:  # a checkpoint from before the vocabulary was recorded: compare the weight shapes
+        mine = decoder.state_dict()
+        wrong = [k for k, v in c["model"].items() if k in mine and tuple(v.shape) != tuple(mine[k].shape)]
+        if not wrong:
+            return
+        detail = f"the weights {', '.join(wrong[:2])} have other shapes"
+    raise TrainError(f"--resume: {vocab_path} changed since {ckpt} was written ({detail}); a run cannot continue with "
+                     "another vocabulary. Restore the vocabulary it started with, or start a new run in another "
+                     "out_dir (init_from cannot change the vocabulary either)")
 
 
 def _summary(state: dict, out: Path) -> dict:
@@ -325,10 +398,23 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.val_metric == "METEOR" and not java_available()[0]:
         raise TrainError("val_metric=METEOR needs Java; use CIDEr-D or BLEU-4")
     get_architecture(cfg.arch)  # raises with the list of architectures
-    if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1 or cfg.optim.lr <= 0:
-        raise TrainError("optim.batch_size and optim.epochs must be >= 1 and optim.lr > 0")
+    if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1:
+        raise TrainError("optim.batch_size and optim.epochs must be >= 1")
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
+        raise TrainError(f"optim.lr={cfg.optim.lr}: must be a finite number > 0 (e.g. 4e-4)")
     if cfg.val_beam < 1 or cfg.data.max_len < 1:
         raise TrainError("val_beam and data.max_len must be >= 1")
+    if not (math.isfinite(cfg.optim.grad_clip) and cfg.optim.grad_clip >= 0):
+        raise TrainError(f"optim.grad_clip={cfg.optim.grad_clip}: must be a finite number >= 0 (the largest gradient "
+                         "norm; 0 turns clipping off)")
+    if not (math.isfinite(cfg.optim.weight_decay) and cfg.optim.weight_decay >= 0):
+        raise TrainError(f"optim.weight_decay={cfg.optim.weight_decay}: must be a finite number >= 0")
+    if not 0 <= cfg.threads <= 1024:
+        raise TrainError(f"threads={cfg.threads}: must be from 1 to 1024 torch threads, or 0 to leave the default")
+    for name, value in (("optim.lr_patience", cfg.optim.lr_patience), ("optim.early_stop", cfg.optim.early_stop),
+                        ("data.val_images", cfg.data.val_images)):
+        if value < 0:
+            raise TrainError(f"{name}={value}: must be >= 0")
     if not 0 < cfg.optim.lr_decay < 1:
         raise TrainError(f"optim.lr_decay={cfg.optim.lr_decay}: must be between 0 and 1 (exclusive); "
                          "for no decay set optim.lr_patience to a number larger than optim.epochs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -66,7 +67,32 @@ def attention_figure(image: Image.Image, words: Sequence[str], attention: Sequen
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    fmt = figure_format(out)
+    # written to a temporary file then renamed: a failed write (full disk, unwritable folder)
+    # leaves neither a 0-byte nor a half-written figure behind
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=90, format=fmt)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the folder itself is not there
+            pass
+        raise
+    finally:
+        plt.close(fig)
     return out
+
+
+def figure_format(path: str | Path) -> str:
+    """The image format of a figure path from its suffix (no suffix: png); ValueError if unsupported."""
+    from matplotlib.figure import Figure
+
+    fmt = Path(path).suffix[1:].lower() or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"{path}: cannot write a figure in format {fmt!r}; use a suffix among "
+                         f"{', '.join(sorted(supported))} (e.g. .png)")
+    return fmt

@@ -760,14 +760,36 @@ def test_csv_not_utf8_raises_naming_the_file(tmp_path: Path, file_name: str) -> 
         read_kaggle_csv(path, tmp_path, check_images=False)
 
 
-def test_csv_parse_error_raises_naming_the_file(tmp_path: Path) -> None:
-    # an unbalanced quote swallows the rest of the file into one over-long field
+@pytest.mark.parametrize("reader", ["kaggle", "folder"])
+def test_csv_unterminated_quote_is_a_malformed_line_not_a_swallowed_file(tmp_path: Path, reader: str) -> None:
+    """Issue 7, case 2: an unterminated quote used to swallow every following row into one
+    caption (exit 0, even strict). Now that line is reported and the rows after it are read."""
+    _touch_images(tmp_path / "Images", ["000001.png", "000002.png", "000003.png"])
     path = tmp_path / "captions.txt"
-    path.write_text('image,caption\na.jpg,"A dog .\n' + "b.jpg,A cat .\n" * 12000,
-                    encoding="utf-8")
-    with pytest.raises(CorpusError, match="cannot parse CSV: field larger than field limit") as err:
-        read_kaggle_csv(path, tmp_path, check_images=False)
-    assert str(err.value).startswith(f"{path}: ")
+    path.write_text('image,caption\n000001.png,"a blue square above a red circle\n'
+                    "000002.png,a green circle\n000003.png,a red square\n", encoding="utf-8")
+
+    def read(**kw: Any) -> Corpus:
+        if reader == "kaggle":
+            return read_kaggle_csv(path, tmp_path / "Images", **kw)
+        return read_folder(tmp_path / "Images", path, **kw)
+
+    corpus = read()
+    assert [(i.image, i.captions) for i in corpus.items] == [
+        ("000002.png", ["a green circle"]), ("000003.png", ["a red square"])]
+    (bad,) = corpus.report.malformed_lines
+    assert bad.startswith(f"{path}:2: unterminated quote")
+    with pytest.raises(CorpusError, match="unterminated quote") as err:
+        read(strict=True)
+    assert err.value.problems == [bad]
+
+
+def test_csv_line_over_the_field_limit_is_a_malformed_line(tmp_path: Path) -> None:
+    path = tmp_path / "captions.txt"
+    path.write_text("image,caption\na.jpg," + "x" * 200_000 + "\nb.jpg,A cat .\n", encoding="utf-8")
+    corpus = read_kaggle_csv(path, tmp_path, check_images=False)
+    assert [i.image for i in corpus.items] == ["b.jpg"]
+    assert corpus.report.malformed_lines[0].startswith(f"{path}:2: field larger than field limit")
 
 
 @pytest.mark.parametrize(
@@ -853,3 +875,38 @@ def test_flickr8k_split_file_bad_image_name(tmp_path: Path, bad_name: str, what:
     items = [(img, FLICKR[img][1]) for img in ("222_b.jpg", "111_a.jpg", "333_c.jpg", "444_d.jpg")]
     _assert_one_skipped(read, f"{text_dir / SPLIT_FILE['val']}:2", what, items)
     assert read().report.unsplit_images == ["555_e.jpg"]  # info only, not a problem
+
+
+# --------------------------------------------------------------------------- empty sources (issue 7, case 2)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_empty_jsonl_is_an_error_not_an_empty_corpus(tmp_path: Path, strict: bool) -> None:
+    path = tmp_path / "caps.jsonl"
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(CorpusError, match="no image with a usable caption found") as err:
+        read_folder(tmp_path, path, strict=strict)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("emptied", ["Flickr8k.token.txt", "split files"])
+def test_empty_flickr8k_text_files_are_an_error(tmp_path: Path, strict: bool, emptied: str) -> None:
+    text_dir, image_dir = _write_flickr(tmp_path)
+    for name in ([emptied] if emptied != "split files" else list(SPLIT_FILE.values())):
+        (text_dir / name).write_text("", encoding="utf-8")
+    with pytest.raises(CorpusError, match="no image with a usable caption found") as err:
+        read_flickr8k_text(text_dir, image_dir, strict=strict)
+    msg = str(err.value)
+    assert msg.startswith(f"{text_dir / 'Flickr8k.token.txt'}: ")
+    if emptied == "split files":  # the captions are there: say why none was kept
+        assert f"{len(FLICKR)} image(s) are in no split" in msg
+
+
+def test_a_source_whose_every_entry_is_bad_lists_the_problems(tmp_path: Path) -> None:
+    path = tmp_path / "caps.jsonl"
+    path.write_text('{"image": "a.jpg"}\n[1]\n', encoding="utf-8")
+    with pytest.raises(CorpusError) as err:
+        read_folder(tmp_path, path)
+    assert err.value.problems == [f"{path}:1: no 'caption' text", f"{path}:2: expected a JSON object"]
+    assert f"{path}:2: expected a JSON object" in str(err.value)

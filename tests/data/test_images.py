@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import pickle
+import signal
 import warnings
 from pathlib import Path
 
@@ -231,6 +234,44 @@ def test_directory(tmp_path):
     e = _error(tmp_path)
     assert "directory" in e.reason
     assert str(tmp_path) in str(e)
+
+
+@contextlib.contextmanager
+def _hang_guard(seconds: int = 60):
+    """Turn a hang into a test failure (a watchdog, not a speed check: the call takes milliseconds)."""
+    def fail(*_):
+        raise AssertionError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_named_pipe_is_refused_without_blocking(tmp_path):
+    """Issue 7, case 5: a FIFO used to block open() forever (no writer)."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with _hang_guard():
+        e = _error(fifo)
+    assert e.reason == "is a named pipe (FIFO), not a regular file; only regular files are read as images"
+    assert str(e).startswith(f"{fifo}: ")
+
+
+def test_device_is_refused_not_read_forever():
+    with _hang_guard():
+        e = _error("/dev/zero")
+    assert e.reason.startswith("is a character device, not a regular file")
+
+
+def test_symlink_to_a_regular_image_is_read(tmp_path):
+    target = _save(Image.new("RGB", (8, 6), (1, 2, 3)), tmp_path / "real.png")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    assert load_image(link).size == (8, 6)
 
 
 def _noise(size: tuple[int, int]) -> Image.Image:

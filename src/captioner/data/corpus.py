@@ -125,6 +125,13 @@ class ValidationReport:
         out += self.duplicate_captions
         return out
 
+    def skipped_count(self) -> int:
+        """How many entries were left out because something was wrong with them.
+
+        Duplicate captions (kept, or dropped on request) and images in no split are not counted."""
+        return (len(self.missing_images) + len(self.unreadable_images) + len(self.uncaptioned_images)
+                + len(self.malformed_lines) + len(self.empty_captions))
+
     def summary(self, examples: int = 3) -> str:
         """Human-readable multi-line summary with a few examples per problem kind."""
         n_images = sum(self.images_per_split.values())
@@ -380,6 +387,18 @@ class _Builder:
         report.captions_per_image = {str(k): hist[k] for k in sorted(hist)}
 
         problems = report.problems()
+        if not items:  # an empty corpus is never what was asked for, strict or not
+            listing = "".join(f"\n  - {p}" for p in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            unsplit = (f" ({len(report.unsplit_images)} image(s) are in no split)"
+                       if report.unsplit_images else "")
+            found = unsplit + (f"; {len(problems)} problem(s):{listing}{more}" if problems
+                               else "" if unsplit else " (the source holds no captions)")
+            raise CorpusError(
+                f"{source}: no image with a usable caption found{found}\n"
+                "Check that this is the right caption file and format, and that the image folder holds its images.",
+                problems,
+            )
         if strict and problems:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise CorpusError(
@@ -887,45 +906,56 @@ def _add_row(
     b.caption(where, image, split, caption)
 
 
-def _read_caption_csv(path: Path, b: _Builder, ratios: Ratios, seed: int) -> None:
-    """CSV with a header naming ``image`` and ``caption`` (and optionally ``split``)."""
+def _parse_csv_line(line: str) -> list[str]:
+    """Fields of one CSV line; csv.Error for an unterminated quote (strict parsing).
+
+    Captions are one per line: a quote left open is reported on its own line instead of
+    swallowing the following rows into one caption. Other quirks strict parsing rejects
+    (text after a closing quote) are read leniently, as before."""
     try:
-        with path.open("r", encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            header = [h.strip().lower() for h in next(reader, [])]
-            if "image" not in header or "caption" not in header:
-                raise CorpusError(
-                    f"{path}:1: expected a CSV header with 'image' and 'caption' columns "
-                    f"(e.g. 'image,caption'), got {','.join(header)!r}"
-                )
-            col_image, col_caption = header.index("image"), header.index("caption")
-            col_split = header.index("split") if "split" in header else None
-            caption_last = col_caption == len(header) - 1
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if len(row) > len(header) and caption_last:
-                    # an unquoted comma inside the caption
-                    row = [*row[:col_caption], ",".join(row[col_caption:])]
-                if len(row) != len(header):
-                    b.malformed(
-                        where,
-                        f"expected {len(header)} fields ({','.join(header)}), got {len(row)}",
-                    )
-                    continue
-                split_value = row[col_split] if col_split is not None else None
-                _add_row(b, where, row[col_image], row[col_caption], split_value, ratios, seed)
-    except FileNotFoundError:
-        raise CorpusError(f"{path}: caption file not found") from None
-    except IsADirectoryError:
-        raise CorpusError(f"{path}: is a folder, expected a caption CSV file") from None
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: caption file is not UTF-8 text ({e.reason})") from None
+        return next(csv.reader([line], strict=True), [])
     except csv.Error as e:
-        raise CorpusError(f"{path}: cannot parse CSV: {e}") from None
-    except OSError as e:
-        raise CorpusError(f"{path}: cannot read caption file: {e.strerror or e}") from None
+        if "unexpected end of data" in str(e):
+            raise csv.Error("unterminated quote: a quoted field is not closed on this line "
+                            "(captions are one per line; close the quote or double it as \"\")") from None
+        return next(csv.reader([line]), [])
+
+
+def _read_caption_csv(path: Path, b: _Builder, ratios: Ratios, seed: int) -> None:
+    """CSV with a header naming ``image`` and ``caption`` (and optionally ``split``), one row per line."""
+    lines = _read_text_lines(path, "caption file", "check the path")
+    try:
+        header = [h.strip().lower() for h in _parse_csv_line(lines[0])]
+    except csv.Error as e:
+        raise CorpusError(f"{path}:1: cannot parse the CSV header: {e}") from None
+    if "image" not in header or "caption" not in header:
+        raise CorpusError(
+            f"{path}:1: expected a CSV header with 'image' and 'caption' columns "
+            f"(e.g. 'image,caption'), got {','.join(header)!r}"
+        )
+    col_image, col_caption = header.index("image"), header.index("caption")
+    col_split = header.index("split") if "split" in header else None
+    caption_last = col_caption == len(header) - 1
+    for lineno, line in enumerate(lines[1:], 2):
+        where = f"{path}:{lineno}"
+        try:
+            row = _parse_csv_line(line)
+        except csv.Error as e:
+            b.malformed(where, str(e))
+            continue
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) > len(header) and caption_last:
+            # an unquoted comma inside the caption
+            row = [*row[:col_caption], ",".join(row[col_caption:])]
+        if len(row) != len(header):
+            b.malformed(
+                where,
+                f"expected {len(header)} fields ({','.join(header)}), got {len(row)}",
+            )
+            continue
+        split_value = row[col_split] if col_split is not None else None
+        _add_row(b, where, row[col_image], row[col_caption], split_value, ratios, seed)
 
 
 def _read_caption_jsonl(path: Path, b: _Builder, ratios: Ratios, seed: int) -> None:

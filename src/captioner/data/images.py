@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,6 +161,30 @@ def _decode(fp: BinaryIO, source: str, max_pixels: int | None) -> Image.Image:
             raise ImageError(source, f"cannot convert mode {out.mode} to RGB: {e}") from e
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _open_regular_file(path: Path, source: str) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file.
+
+    Opened non-blocking and checked with fstat on the open descriptor (no check-then-open
+    race), so a named pipe or a device is refused at once instead of blocking or streaming
+    forever; the descriptor is switched back to blocking for regular files."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((what for test, what in _FILE_KINDS if test(mode)), "a special file")
+            raise ImageError(source, f"is {kind}, not a regular file; only regular files are read as images")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_image(
     src: ImageSource,
     *,
@@ -200,7 +225,7 @@ def load_image(
         if path.is_dir():
             raise ImageError(source, "is a directory, not an image file")
         try:
-            with open(path, "rb") as fp:
+            with _open_regular_file(path, source) as fp:
                 if os.fstat(fp.fileno()).st_size == 0:
                     raise ImageError(source, "empty file (0 bytes)")
                 return _decode(fp, source, max_pixels)

@@ -245,6 +245,11 @@ def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> No
             json.dump(data, f, ensure_ascii=False, indent=indent)
             f.write("\n")
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write(): name the file being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
