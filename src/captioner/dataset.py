@@ -34,7 +34,7 @@ def check_store_matches_corpus(store: FeatureStore, corpus: Corpus) -> None:
         return
     meta = store.meta
     made_from = meta.get("image_root")
-    how = f"`captioner features --corpus CORPUS.json --out NEW_FOLDER` on this corpus, and use NEW_FOLDER"
+    how = "`captioner features --corpus CORPUS.json --out NEW_FOLDER` on this corpus, and use NEW_FOLDER"
     if not isinstance(meta.get("fingerprint"), str) or not isinstance(meta.get("encoder"), dict):
         raise StoreMismatchError(f"{store.path}/meta.json: records no fingerprint of the images it was made from, so "
                                  f"it cannot be checked against the corpus (images in {root}); run {how}")

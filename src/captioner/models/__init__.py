@@ -23,22 +23,24 @@ def build_decoder(arch: str, config: dict, vocab=None) -> Decoder:
     cls, cfg_cls = get_architecture(arch)
     config = dict(config)
     cfg = from_dict(cfg_cls, config, where=f"model ({arch})")
-    if vocab is not None and cfg.word_vectors and "embed_dim" not in config:
+    # an architecture whose config does not extend DecoderConfig has no word-vector options
+    word_vectors, freeze = getattr(cfg, "word_vectors", ""), getattr(cfg, "freeze_embeddings", False)
+    if vocab is not None and word_vectors and "embed_dim" not in config:
         from ..wordvec import vector_dim
 
-        config["embed_dim"] = vector_dim(cfg.word_vectors)
+        config["embed_dim"] = vector_dim(word_vectors)
         cfg = from_dict(cfg_cls, config, where=f"model ({arch})")
-    if vocab is not None and cfg.freeze_embeddings and not cfg.word_vectors:
+    if vocab is not None and freeze and not word_vectors:
         raise ValueError(f"model.freeze_embeddings=true without model.word_vectors would train {arch} with a "
                          "fixed random word embedding; set model.word_vectors=glove-6b-50d or "
                          "model.freeze_embeddings=false")
     decoder = cls(cfg)
     decoder.word_vector_report = None
-    if vocab is not None and cfg.word_vectors:
+    if vocab is not None and word_vectors:
         from ..wordvec import init_embedding
 
-        decoder.word_vector_report = init_embedding(decoder.embed, vocab, cfg.word_vectors)
-    if cfg.freeze_embeddings:
+        decoder.word_vector_report = init_embedding(decoder.embed, vocab, word_vectors)
+    if freeze:
         decoder.embed.weight.requires_grad_(False)
     return decoder
 
