@@ -4,13 +4,12 @@ validation and by `captioner evaluate`, which also writes JSON + Markdown)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 from .data.corpus import Corpus
-from .data.text import Vocab
+from .data.text import Vocab, write_text_atomic
 from .dataset import CaptionData
 from .decoding import decode
 from .features import FeatureStore
@@ -82,22 +81,9 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
         o = Path(out)
         o.mkdir(parents=True, exist_ok=True)
         # each file complete or absent: written to a temporary file, then renamed
-        _write_atomic(o / "metrics.json", json.dumps({k: v for k, v in result.items() if k != "captions"}, indent=2))
-        _write_atomic(o / "captions.json", json.dumps(result["captions"], indent=1))
-        _write_atomic(o / "metrics.md", result["markdown"])
+        write_text_atomic(o / "metrics.json", json.dumps({k: v for k, v in result.items() if k != "captions"}, indent=2))
+        write_text_atomic(o / "captions.json", json.dumps(result["captions"], indent=1))
+        write_text_atomic(o / "metrics.md", result["markdown"])
     return result
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.filename is None:  # a failed write(): name the file
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise

@@ -236,14 +236,13 @@ def read_json_file(path: Path, *, what: str) -> Any:
         ) from None
 
 
-def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
-    """Write JSON to ``path`` via a temporary file in the same folder."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder: the file is complete or
+    absent, and a failed write (a full disk) leaves no temporary file and names ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=indent)
-            f.write("\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -253,3 +252,8 @@ def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> No
         if isinstance(e, OSError) and e.filename is None:  # a failed write(): name the file being written
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
+    """Write JSON to ``path`` via a temporary file in the same folder."""
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
