@@ -156,6 +156,7 @@ def check_prepare_out(out: Path, overwrite: bool) -> None:
 def cmd_features(a: argparse.Namespace) -> int:
     from .data.corpus import Corpus
     from .features import FeatureStoreError, extract_features
+    from .data.images import list_images
 
     if a.corpus:
         corpus = Corpus.load(a.corpus)
@@ -170,8 +171,7 @@ def cmd_features(a: argparse.Namespace) -> int:
         root = Path(a.images)
         if not root.is_dir():
             raise FeatureStoreError(f"{root}: not a folder")
-        exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-        names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in exts)
+        names = [str(p.relative_to(root)) for p in list_images(root)]
     if not names:
         raise FeatureStoreError(f"no images to encode in {a.corpus or a.images}")
     summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
@@ -210,8 +210,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- caption
 
 def cmd_caption(a: argparse.Namespace) -> int:
-    from .data.images import ImageError, load_image
-    from .modeldir import Captioner
+    from .data.images import ImageError, expand_image_args, load_image
+    from .modeldir import Captioner, check_decoding_costs
+
+    images = expand_image_args(a.images)
+    if not images:
+        raise ValueError(f"no images to caption in {' '.join(a.images)}")
+    check_decoding_costs(beam_size=a.beam, n_best=a.n_best, max_len=a.max_len, num_captions=a.num_captions)
 
     if a.sample and (a.n_best > 1 or a.beam is not None or a.length_penalty is not None):
         raise ValueError("--n-best, --beam and --length-penalty choose how a beam search ranks captions; with "
@@ -235,8 +240,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
     status = 0
     captioned = 0  # readable images so far: the k-th draws from the random stream (seed, k)
     chunk = 16  # images encoded and decoded together
-    for start in range(0, len(a.images), chunk):
-        paths = a.images[start:start + chunk]
+    for start in range(0, len(images), chunk):
+        paths = images[start:start + chunk]
         loaded: dict[int, object] = {}
         errors: dict[int, str] = {}
         for i, path in enumerate(paths):
@@ -247,7 +252,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
         order = sorted(loaded)
         results = (dict(zip(order, model.caption([loaded[i] for i in order], beam_size=a.beam, n_best=a.n_best,
                                                 max_len=a.max_len, return_attention=bool(a.attention),
-                                                allow_unk=a.allow_unk, max_pixels=None, seed_offset=captioned,
+                                                allow_unk=a.allow_unk, max_pixels=a.max_pixels, seed_offset=captioned,
                                                 **sampling)))
                    if order else {})
         captioned += len(order)
@@ -263,7 +268,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
                 from .viz import attention_figure
 
                 target = Path(a.attention)
-                if len(a.images) > 1:
+                if len(images) > 1:
                     target = target.with_name(f"{target.stem}-{start + i:03d}-{Path(path).stem}{target.suffix or '.png'}")
                 try:
                     attention_figure(loaded[i], r["words"], r["attention"], tuple(r["grid"]), target,
@@ -371,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("caption", help="caption images with a model (default: the bundled one)")
-    s.add_argument("images", nargs="+")
+    s.add_argument("images", nargs="+", help="image files, folders (recursively), quoted globs ('photos/*.jpg'), "
+                   "or - for one path per line on stdin")
     s.add_argument("--model", default="flickr8k-sat", help="model directory or bundled model name")
     s.add_argument("--beam", type=_positive, default=None, help="beam size (default: the model's, 3)")
     s.add_argument("--n-best", type=_positive, default=1, help="also list the N best captions with scores")

@@ -36,6 +36,21 @@ class ModelDirError(ValueError):
     pass
 
 
+# what one request may ask of the decoder: beam search keeps beam x vocabulary candidates per step
+# and its history grows with the caption, so both are bounded (the server and the CLI share these)
+MAX_BEAM, MAX_N_BEST, MAX_CAPTION_WORDS, MAX_SAMPLES = 50, 50, 100, 100
+
+
+def check_decoding_costs(*, beam_size: int | None = None, n_best: int = 1, max_len: int | None = None,
+                         num_captions: int = 1) -> None:
+    """Refuse decoding settings that would cost without bound (a ValueError naming the limit)."""
+    for name, value, limit in (("beam size", beam_size, MAX_BEAM), ("n-best", n_best, MAX_N_BEST),
+                               ("maximum caption length", max_len, MAX_CAPTION_WORDS),
+                               ("number of sampled captions", num_captions, MAX_SAMPLES)):
+        if value is not None and not 1 <= value <= limit:
+            raise ValueError(f"{name} {value}: must be from 1 to {limit}")
+
+
 def banned_ids(vocab: Vocab, allow_unk: bool = False) -> tuple[int, ...]:
     """Words a caption never contains: <pad>, <start> and, unless allowed, <unk>."""
     return (vocab.pad_id, vocab.start_id) if allow_unk else (vocab.pad_id, vocab.start_id, vocab.unk_id)
@@ -391,6 +406,7 @@ class Captioner:
         from .decoding import decode
         from .decoding import sample as draw
 
+        check_decoding_costs(beam_size=beam_size, n_best=n_best, max_len=max_len, num_captions=num_captions)
         d = self.config.get("decoding", {})
         common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_len=max_len or d.get("max_len", 30),
                       banned=banned_ids(self.vocab, allow_unk))

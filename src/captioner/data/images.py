@@ -28,6 +28,33 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, by extension, case-insensitive), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+
+
+def expand_image_args(args: list[str], stdin=None) -> list[str]:
+    """What `captioner caption` captions: each argument is a file, a folder (its images,
+    recursively, sorted), a quoted glob pattern such as 'photos/**/*.jpg' (expanded here, so any
+    number of files passes the shell's argument limit), or ``-`` for one path per line on stdin.
+    A name that is none of these is kept as it is, so it is reported as missing with the others."""
+    import glob
+    import sys
+
+    out: list[str] = []
+    for arg in args:
+        if arg == "-":
+            out += [line.rstrip("\r\n") for line in (stdin or sys.stdin) if line.strip()]
+        elif Path(arg).is_dir():
+            out += [str(p) for p in list_images(Path(arg))]
+        elif not Path(arg).exists() and glob.has_magic(arg):
+            out += sorted(p for p in glob.glob(arg, recursive=True) if not Path(p).is_dir())
+        else:
+            out.append(arg)
+    return out
 """Decompression-bomb guard: images with more pixels are refused unless asked."""
 
 ImageSource = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
