@@ -13,11 +13,9 @@ reproducible; ``CAPTIONER_FUZZ_EXAMPLES=2000`` for a deeper local run). A hang g
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,8 @@ from captioner.models.sat import SATConfig, SATDecoder
 from captioner.modeldir import ModelDirError, load_model_dir, save_model_dir
 from captioner.train import TrainConfig
 
-HANG_SECONDS = 60
+from .watchdog import hang_guard
+
 # Pillow warns about the damaged TIFF/EXIF metadata the mutations produce, numpy about escapes in damaged
 # .npy headers; the properties are about errors
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL.*"),
@@ -42,22 +41,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL.*"),
               pytest.mark.filterwarnings("ignore:invalid escape sequence:SyntaxWarning")]
 
 
-class Hang(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def hang_guard(seconds: int = HANG_SECONDS):
-    def fire(*_):
-        raise Hang(f"a reader blocked for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ----------------------------------------------------------------------------- mutation strategies

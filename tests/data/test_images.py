@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
-import signal
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,8 @@ from captioner.data.images import (
     load_image,
     try_load_image,
 )
+
+from ..watchdog import hang_guard
 
 
 def _save(im: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
@@ -236,33 +236,18 @@ def test_directory(tmp_path):
     assert str(tmp_path) in str(e)
 
 
-@contextlib.contextmanager
-def _hang_guard(seconds: int = 60):
-    """Turn a hang into a test failure (a watchdog, not a speed check: the call takes milliseconds)."""
-    def fail(*_):
-        raise AssertionError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_named_pipe_is_refused_without_blocking(tmp_path):
     """Issue 7, case 5: a FIFO used to block open() forever (no writer)."""
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    with _hang_guard():
+    with hang_guard():
         e = _error(fifo)
     assert e.reason == "is a named pipe (FIFO), not a regular file; only regular files are read as images"
     assert str(e).startswith(f"{fifo}: ")
 
 
 def test_device_is_refused_not_read_forever():
-    with _hang_guard():
+    with hang_guard():
         e = _error("/dev/zero")
     assert e.reason.startswith("is a character device, not a regular file")
 
