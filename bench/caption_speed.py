@@ -4,7 +4,7 @@ On the first N Flickr8k test photos (Karpathy split), in one run:
 - `captioner caption --json --beam K` end to end (a process, paths on stdin), K = 1, 3, 5, and
   `captioner features --images` over the same photos (a process): images/s of each, and the ratio
   of caption at beam 3 to features;
-- the encoder alone with `Captioner.caption`'s own image pipeline (load_image + encode, 16 at a time);
+- the encoder alone with `Captioner.iter_captions`'s own image pipeline (a decoding worker, 16 at a time);
 - decoder only, beam 3, on the same features: batched beam search (16 images per call) against a
   per-image beam search, with the largest score difference and whether the captions agree.
 
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 BIN = Path(sys.executable).parent
@@ -40,9 +41,9 @@ def main() -> None:
     ap.add_argument("--flickr8k", default="../shared/datasets/flickr8k")
     ap.add_argument("--n", type=int, default=500)
     a = ap.parse_args()
-    from captioner.data.images import load_image
     from captioner.decoding import decode
-    from captioner.modeldir import Captioner, banned_ids
+    from captioner.inference import Captioner, _as_list, _PrepareDataset
+    from captioner.modeldir import banned_ids
 
     root = Path(a.flickr8k)
     data = json.loads((root / "dataset_flickr8k.json").read_text())
@@ -69,8 +70,11 @@ def main() -> None:
     model = Captioner.from_pretrained()
     t0 = time.perf_counter()
     feats = []
-    for i in range(0, len(paths), 16):
-        feats.append(model.encoder.encode([load_image(p) for p in paths[i:i + 16]]))
+    # caption's own pipeline without the decoder: images loaded and resized in a worker process
+    loader = torch.utils.data.DataLoader(_PrepareDataset([(p, p) for p in paths], model.encoder.spec, None, False),
+                                         batch_size=16, num_workers=1, collate_fn=_as_list, prefetch_factor=4)
+    for batch in loader:
+        feats.append(model.encoder.encode_arrays(np.stack([p.array for p in batch])))
     res["encoder_alone_images_per_s"] = round(len(paths) / (time.perf_counter() - t0), 1)
     feats = torch.cat(feats).float()
 

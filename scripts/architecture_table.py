@@ -22,7 +22,7 @@ from pathlib import Path
 
 from captioner.data.corpus import Corpus
 from captioner.evaluate import evaluate_model
-from captioner.modeldir import Captioner
+from captioner.inference import Captioner
 
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from captioner.modeldir import PRETRAINED_DIR, Captioner
+from captioner.inference import Captioner
+from captioner.modeldir import PRETRAINED_DIR
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.data.images import expand_image_args
-from captioner.modeldir import MAX_BEAM, Captioner
+from captioner.inference import Captioner
+from captioner.modeldir import MAX_BEAM
 
 
 @pytest.fixture(scope="module")

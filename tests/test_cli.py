@@ -13,7 +13,8 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.metrics import java_available
-from captioner.modeldir import PRETRAINED_DIR, Captioner
+from captioner.inference import Captioner
+from captioner.modeldir import PRETRAINED_DIR
 
 BUNDLED = PRETRAINED_DIR / "flickr8k-sat"
 
@@ -101,7 +102,8 @@ def test_bundled_model_is_shipped_with_its_metrics():
 
 def test_caption_any_photo_with_the_bundled_model(photos):
     model = Captioner.from_pretrained()  # the default: the bundled model
-    results = model.caption([str(p) for p in photos], beam_size=3, n_best=2, return_attention=True)
+    results = [r.to_dict() for r in model.caption([str(p) for p in photos], beam_size=3, n_best=2,
+                                                   return_attention=True)]
     assert len(results) == len(photos)
     for r in results:
         assert isinstance(r["caption"], str) and r["caption"].strip()
@@ -207,4 +209,4 @@ def test_caption_cli_attention_figure_needs_an_attention_model(photos, tmp_path)
     r = run_cli("caption", str(photos[0]), "--model", str(tmp_path / "merge"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["caption"] is not None
     res = Captioner.from_pretrained(tmp_path / "merge").caption(str(photos[0]), return_attention=True)
-    assert res[0]["attention"] is None  # no fake maps
+    assert res[0].ok and res[0].attention is None  # no fake maps

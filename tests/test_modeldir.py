@@ -18,7 +18,8 @@ from captioner.decoding import decode
 from captioner.encoders import get_encoder_spec
 from captioner.models.base import Decoder
 from captioner.models.sat import SATConfig, SATDecoder
-from captioner.modeldir import Captioner, ModelDirError, load_model_dir, save_model_dir
+from captioner.inference import Captioner
+from captioner.modeldir import ModelDirError, load_model_dir, save_model_dir
 
 WORDS = ["a", "dog", "runs", "on", "the", "grass", "man", "red"]
 P, C = 4, 8
@@ -253,7 +254,9 @@ def _image_files(tmp_path):
             "palette.gif": (97, 61), "deep16.png": (80, 64), "big.jpg": (3000, 2000)}
 
 
-def _check_result(r: dict, n_best: int, image_size, *, attention: bool) -> None:
+def _check_result(result, n_best: int, image_size, *, attention: bool) -> None:
+    assert result.ok, result.error
+    r = result.to_dict()
     assert isinstance(r["caption"], str)
     assert isinstance(r["words"], list) and all(isinstance(w, str) for w in r["words"])
     assert r["caption"] == " ".join(r["words"])
@@ -286,8 +289,8 @@ def test_caption_image_files_of_all_kinds(captioner, tmp_path):
         _check_result(r, 2, size, attention=True)
     # str paths and bytes work the same way and give the same captions
     again = captioner.caption([str(tmp_path / "wide.jpg"), (tmp_path / "tall_gray.png").read_bytes()], n_best=2)
-    assert [r["caption"] for r in again] == [res[0]["caption"], res[1]["caption"]]
-    assert [r["score"] for r in again] == [res[0]["score"], res[1]["score"]]
+    assert [r.caption for r in again] == [res[0].caption, res[1].caption]
+    assert [r.score for r in again] == [res[0].score, res[1].score]
 
 
 def test_caption_pil_images_of_all_modes(captioner):
@@ -314,9 +317,9 @@ def test_caption_single_image_and_options(captioner):
     assert isinstance(single, list) and len(single) == 1
     _check_result(single[0], 1, (200, 150), attention=False)
     many = captioner.caption([im, im], n_best=3, max_len=3)
-    assert many[0] == many[1]
+    assert many[0].to_dict() == {**many[1].to_dict(), "source": "image 0"}
     _check_result(many[0], 3, (200, 150), attention=False)
-    assert all(len(h["caption"].split()) <= 3 for h in many[0]["n_best"])
+    assert all(len(h.caption.split()) <= 3 for h in many[0].n_best)
     greedy = captioner.caption(im, beam_size=1)
     _check_result(greedy[0], 1, (200, 150), attention=False)
 
@@ -325,8 +328,9 @@ def test_caption_refuses_images_over_max_pixels(captioner, tmp_path):
     from captioner.data.images import ImageError
 
     Image.fromarray(_gradient(300, 200)).save(tmp_path / "x.png")
-    with pytest.raises(ImageError, match="more than the limit"):
-        captioner.caption([tmp_path / "x.png"], max_pixels=1000)
+    (r,) = captioner.caption([tmp_path / "x.png"], max_pixels=1000)  # reported in its result, not raised
+    assert not r.ok and "more than the limit" in r.error and r.caption is None
+    assert r.to_dict() == {"source": str(tmp_path / "x.png"), "error": r.error}
 
 
 def test_save_pretrained_from_pretrained_round_trip(captioner, tmp_path):
@@ -378,8 +382,10 @@ class _ScriptDecoder(Decoder):
 
 
 class _FakeEncoder:
-    def encode(self, images):
-        return torch.zeros(len(images), 49, 8)
+    spec = get_encoder_spec("efficientnet-lite0")
+
+    def encode_arrays(self, batch):
+        return torch.zeros(len(batch), 49, 8)
 
 
 def test_caption_attention_rows_match_words():
@@ -388,8 +394,8 @@ def test_caption_attention_rows_match_words():
     cap = Captioner(_ScriptDecoder([dog, runs], 49), vocab, {"encoder": ENCODER, "decoding": {"beam_size": 1}})
     cap._encoder = _FakeEncoder()
     r = cap.caption(Image.new("RGB", (8, 8)), return_attention=True)[0]
-    assert r["words"] == ["dog", "runs"]
-    assert [int(np.argmax(row)) for row in r["attention"]] == [0, 1]
+    assert r.words == ["dog", "runs"]
+    assert [int(np.argmax(row)) for row in r.attention] == [0, 1]
 
 
 def test_caption_never_contains_special_tokens_and_rows_stay_aligned():
@@ -409,5 +415,5 @@ def test_caption_never_contains_special_tokens_and_rows_stay_aligned():
     cap._encoder = _FakeEncoder()
     for beam in (1, 3):
         r = cap.caption(Image.new("RGB", (8, 8)), beam_size=beam, return_attention=True)[0]
-        assert r["words"] == ["dog", "dog", "runs"]
-        assert [int(np.argmax(row)) for row in r["attention"]] == [0, 1, 2]  # the steps that said them
+        assert r.words == ["dog", "dog", "runs"]
+        assert [int(np.argmax(row)) for row in r.attention] == [0, 1, 2]  # the steps that said them

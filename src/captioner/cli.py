@@ -210,94 +210,72 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- caption
 
 def cmd_caption(a: argparse.Namespace) -> int:
-    from .data.images import ImageError, expand_image_args, load_image
-    from .modeldir import Captioner, check_decoding_costs
+    from tqdm import tqdm
+
+    from .data.images import expand_image_args
+    from .inference import Captioner
 
     images = expand_image_args(a.images)
     if not images:
         raise ValueError(f"no images to caption in {' '.join(a.images)}")
-    check_decoding_costs(beam_size=a.beam, n_best=a.n_best, max_len=a.max_len, num_captions=a.num_captions)
-
-    if a.sample and (a.n_best > 1 or a.beam is not None or a.length_penalty is not None):
-        raise ValueError("--n-best, --beam and --length-penalty choose how a beam search ranks captions; with "
-                         "--sample use --num-captions N (and --temperature, --top-k, --top-p, --seed)")
-    if not a.sample and (a.num_captions > 1 or a.temperature != 1.0 or a.top_k or a.top_p != 1.0
-                         or a.seed is not None):
-        raise ValueError("--num-captions, --temperature, --top-k, --top-p and --seed choose how captions are "
-                         "sampled: add --sample")
     if a.attention:
         from .viz import figure_format
 
         figure_format(a.attention)  # an unsupported figure format is a bad command, before any work
     model = Captioner.from_pretrained(a.model)
+    settings = model.decoding_settings(  # checked (bounds, sampling vs beam options) before any image is read
+        beam_size=a.beam, n_best=a.n_best, max_len=a.max_len, length_penalty=a.length_penalty,
+        allow_unk=a.allow_unk or None, sample=a.sample or None, num_captions=a.num_captions,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     if a.attention and not model.decoder.has_attention:
         raise ValueError(f"--attention: the model {a.model} ({model.config['arch']}) has no attention over image "
                          "regions, so there is no map to draw; use an attention model (sat, bahdanau-gru, "
                          "gru-residual, transformer)")
     crop = model.config.get("encoder", {}).get("resize") == "center-crop"
-    sampling = dict(sample=a.sample, num_captions=a.num_captions, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, seed=a.seed, length_penalty=a.length_penalty)
     status = 0
-    captioned = 0  # readable images so far: the k-th draws from the random stream (seed, k)
-    chunk = 16  # images encoded and decoded together
-    for start in range(0, len(images), chunk):
-        paths = images[start:start + chunk]
-        loaded: dict[int, object] = {}
-        errors: dict[int, str] = {}
-        for i, path in enumerate(paths):
-            try:
-                loaded[i] = load_image(path, max_pixels=a.max_pixels)
-            except ImageError as e:
-                errors[i] = str(e)
-        order = sorted(loaded)
-        results = (dict(zip(order, model.caption([loaded[i] for i in order], beam_size=a.beam, n_best=a.n_best,
-                                                max_len=a.max_len, return_attention=bool(a.attention),
-                                                allow_unk=a.allow_unk, max_pixels=a.max_pixels, seed_offset=captioned,
-                                                **sampling)))
-                   if order else {})
-        captioned += len(order)
-        for i, path in enumerate(paths):
-            if i in errors:
-                print(f"error: {errors[i]}", file=sys.stderr)
-                if a.json:  # keep one line per image for scripts
-                    print_json({"image": path, "error": errors[i]}, flush=True)
-                status = 1
-                continue
-            r = results[i]
-            if a.attention:
-                from .viz import attention_figure
+    # a progress bar on stderr when the captions would scroll past a screen; results stream to stdout
+    bar = tqdm(total=len(images), unit="img", desc="caption", disable=a.quiet or len(images) <= 24,
+               dynamic_ncols=True, file=sys.stderr)
+    results = model.iter_captions(images, settings, return_attention=bool(a.attention), max_pixels=a.max_pixels,
+                                  keep_images=bool(a.attention), workers=a.workers, batch_size=a.batch_size)
+    for k, r in enumerate(results):
+        bar.update(1)
+        if r.ok and a.attention:
+            from .viz import attention_figure
 
-                target = Path(a.attention)
-                if len(images) > 1:
-                    target = target.with_name(f"{target.stem}-{start + i:03d}-{Path(path).stem}{target.suffix or '.png'}")
-                try:
-                    attention_figure(loaded[i], r["words"], r["attention"], tuple(r["grid"]), target,
-                                     title=r["caption"], center_crop=crop)
-                except OSError as e:  # this image's figure only: the other images go on
-                    err = f"{path}: cannot write the attention figure {target}: {e.strerror or e}"
-                    print(f"error: {err}", file=sys.stderr)
-                    if a.json:
-                        print_json({"image": path, "error": err}, flush=True)
-                    status = 1
-                    continue
-                r["attention_figure"] = str(target)
-            if a.json:
-                obj = {"image": path, "caption": r["caption"], "score": r["score"]}
-                if a.n_best > 1:
-                    obj["n_best"] = r["n_best"]
-                if a.sample:
-                    obj["samples"] = r["samples"]
-                if a.attention:
-                    obj["attention_figure"] = r["attention_figure"]
-                print_json(obj, flush=True)
-            else:
-                print(f"{path}: {r['caption']}")
-                listed = r["samples"] if a.sample else r["n_best"]
-                if len(listed) > 1:
-                    for j, h in enumerate(listed, 1):
-                        print(f"  {j}. {h['caption']}  ({h['score']:.3f})")
-                if a.attention:
-                    print(f"  attention figure: {r['attention_figure']}")
+            target = Path(a.attention)
+            if len(images) > 1:
+                target = target.with_name(f"{target.stem}-{k:03d}-{Path(r.source).stem}{target.suffix or '.png'}")
+            try:
+                attention_figure(r.image, r.words, r.attention, r.grid, target, title=r.caption, center_crop=crop)
+                r.attention_figure = str(target)
+            except OSError as e:  # this image's figure only: the other images go on
+                r.error = f"{r.source}: cannot write the attention figure {target}: {e.strerror or e}"
+        if not r.ok:
+            bar.clear()
+            print(f"error: {r.error}", file=sys.stderr)
+            if a.json:  # keep one line per image for scripts
+                print_json({"image": r.source, "error": r.error}, flush=True)
+            status = 1
+            continue
+        listed = r.samples if settings.sample else r.n_best
+        if a.json:
+            obj = {"image": r.source, "caption": r.caption, "score": r.score}
+            if settings.n_best > 1:
+                obj["n_best"] = [{"caption": c.caption, "score": c.score} for c in r.n_best]
+            if settings.sample:
+                obj["samples"] = [{"caption": c.caption, "score": c.score} for c in r.samples]
+            if a.attention:
+                obj["attention_figure"] = r.attention_figure
+            print_json(obj, flush=True)
+        else:
+            print(f"{r.source}: {r.caption}", flush=True)
+            if len(listed) > 1:
+                for j, h in enumerate(listed, 1):
+                    print(f"  {j}. {h.caption}  ({h.score:.3f})")
+            if a.attention:
+                print(f"  attention figure: {r.attention_figure}")
+    bar.close()
     return status
 
 
@@ -380,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or - for one path per line on stdin")
     s.add_argument("--model", default="flickr8k-sat", help="model directory or bundled model name")
     s.add_argument("--beam", type=_positive, default=None, help="beam size (default: the model's, 3)")
-    s.add_argument("--n-best", type=_positive, default=1, help="also list the N best captions with scores")
+    s.add_argument("--n-best", type=_positive, default=None, help="also list the N best captions with scores")
     s.add_argument("--json", action="store_true", help="one JSON object per line per image")
     s.add_argument("--attention", default=None, metavar="OUT.png", help="write an attention figure")
     s.add_argument("--max-pixels", type=_positive, default=64_000_000, help="decompression-bomb limit")
@@ -390,12 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank beam hypotheses by score / length**P (default: the model's, 0 = raw log-probability)")
     g = s.add_argument_group("sampling (instead of beam search)")
     g.add_argument("--sample", action="store_true", help="draw captions from the model's distribution")
-    g.add_argument("--num-captions", type=_positive, default=1, help="captions to draw per image")
-    g.add_argument("--temperature", type=_positive_float, default=1.0, help="below 1: safer; above 1: more varied")
-    g.add_argument("--top-k", type=_nonneg_int, default=0, help="draw only from the K most likely words (0 = all)")
-    g.add_argument("--top-p", type=_unit_interval, default=1.0,
+    g.add_argument("--num-captions", type=_positive, default=None, help="captions to draw per image (default 1)")
+    g.add_argument("--temperature", type=_positive_float, default=None,
+                   help="below 1: safer; above 1: more varied (default 1)")
+    g.add_argument("--top-k", type=_nonneg_int, default=None, help="draw only from the K most likely words (0 = all)")
+    g.add_argument("--top-p", type=_unit_interval, default=None,
                    help="draw only from the most likely words whose probabilities reach P (nucleus sampling)")
     g.add_argument("--seed", type=_seed, default=None, help="the same seed gives the same captions")
+    s.add_argument("--workers", type=_nonneg_int, default=None,
+                   help="image decoding processes (default: 1 for more than one batch; 0: decode in this process)")
+    s.add_argument("--batch-size", type=_positive, default=16, help="images encoded and decoded together")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")

@@ -72,6 +72,7 @@ class CaptionData:
                           f"{store.path} (unreadable or not computed); they are left out", stacklevel=2)
         self.images = [it.image for it in items]
         self.refs = {it.image: it.captions for it in items}
+        self.ref_tokens = {it.image: it.tokens for it in items}  # tokenised references (SCST's reward)
         # rows of the store's memory map: nothing is loaded up front, each batch reads its own rows
         # (the OS page cache keeps hot rows in RAM), so COCO-sized stores need no more memory than a batch
         self.rows = np.array([store.row_of[im] for im in self.images])

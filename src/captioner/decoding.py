@@ -60,7 +60,7 @@ def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: i
         scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1))
         words.append(word)
         atts.append(att)
-        done |= word == end_id
+        done = done | (word == end_id)  # not in place: SCST backpropagates through torch.where(done, ...)
         prev = word
         if bool(done.all()):
             break

@@ -11,24 +11,22 @@ from typing import Sequence
 from .data.corpus import Corpus
 from .data.text import Vocab, write_text_atomic
 from .dataset import CaptionData
-from .decoding import decode
 from .features import FeatureStore
 from .metrics import METRIC_NAMES, compute_metrics
-from .modeldir import banned_ids, load_model_dir
+from .inference import DecodingSettings
+from .modeldir import load_model_dir
 
 
-def evaluate_split(decoder, vocab: Vocab, data: CaptionData, *, beam_size: int = 1, max_len: int = 30,
-                   batch_size: int = 100, metrics=None, limit: int = 0,
-                   banned: tuple[int, ...] = ()) -> tuple[dict, dict[str, str], dict[str, str]]:
-    """Decode the images of ``data`` and score them against their references.
+def evaluate_split(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSettings, *,
+                   batch_size: int = 100, metrics=None, limit: int = 0) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """Decode the images of ``data`` with ``settings`` and score them against their references.
 
     Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
     n = len(data.images) if not limit else min(limit, len(data.images))
     cands: dict[str, str] = {}
     for i in range(0, n, batch_size):
         feats = data.features(slice(i, min(n, i + batch_size)))
-        hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
-                      max_len=max_len, banned=banned)
+        hyps = settings.decode(decoder, vocab, feats, seed_offset=i)
         for j, h in enumerate(hyps):
             cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
     refs = {k: data.refs[k] for k in cands}
@@ -61,14 +59,14 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                              f"was trained with {want.get(key)!r}; run `captioner features` with the model's "
                              "encoder settings")
     data = CaptionData(Corpus.load(corpus), vocab, store, split, 10_000)
-    max_len = max_len or cfg.get("decoding", {}).get("max_len", 30)
-    banned = banned_ids(vocab, allow_unk)
+    # decoded as `captioner caption` decodes with this model, at each beam size
+    base = DecodingSettings.from_model(cfg).replace(max_len=max_len, allow_unk=allow_unk)
     result = {"model": str(model), "split": split, "unk_allowed": allow_unk, "images": min(limit, len(data.images)) if limit else len(data.images),
               "beams": {}, "seconds": {}, "captions": {}}
     for k in beams:
         t0 = time.perf_counter()
-        scores, cands, unavailable = evaluate_split(decoder, vocab, data, beam_size=k, max_len=max_len,
-                                                    metrics=metrics, limit=limit, banned=banned)
+        scores, cands, unavailable = evaluate_split(decoder, vocab, data, base.replace(beam_size=k),
+                                                    metrics=metrics, limit=limit)
         result["beams"][k] = scores
         result["seconds"][k] = round(time.perf_counter() - t0, 1)
         result["captions"][k] = cands

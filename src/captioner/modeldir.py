@@ -17,7 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,16 +39,6 @@ class ModelDirError(ValueError):
 # what one request may ask of the decoder: beam search keeps beam x vocabulary candidates per step
 # and its history grows with the caption, so both are bounded (the server and the CLI share these)
 MAX_BEAM, MAX_N_BEST, MAX_CAPTION_WORDS, MAX_SAMPLES = 50, 50, 100, 100
-
-
-def check_decoding_costs(*, beam_size: int | None = None, n_best: int = 1, max_len: int | None = None,
-                         num_captions: int = 1) -> None:
-    """Refuse decoding settings that would cost without bound (a ValueError naming the limit)."""
-    for name, value, limit in (("beam size", beam_size, MAX_BEAM), ("n-best", n_best, MAX_N_BEST),
-                               ("maximum caption length", max_len, MAX_CAPTION_WORDS),
-                               ("number of sampled captions", num_captions, MAX_SAMPLES)):
-        if value is not None and not 1 <= value <= limit:
-            raise ValueError(f"{name} {value}: must be from 1 to {limit}")
 
 
 def banned_ids(vocab: Vocab, allow_unk: bool = False) -> tuple[int, ...]:
@@ -149,7 +139,7 @@ _SIZE_BOUNDS = {  # integer size fields of any architecture's config, by name: i
 }
 _DIM_BOUNDS = (1, 65_536)  # *_dim, *_size
 _COUNT_BOUNDS = (1, 1_024)  # layers, heads
-_DECODING_BOUNDS = {"beam_size": (1, 1_000), "max_len": (1, 10_000), "n_best": (1, 1_000)}
+_DECODING_BOUNDS = {"beam_size": (1, MAX_BEAM), "max_len": (1, MAX_CAPTION_WORDS), "n_best": (1, MAX_N_BEST)}
 _IMAGE_SIZE_BOUNDS = (32, 2_048)  # encoder input side in pixels
 
 
@@ -365,104 +355,3 @@ def _validate_encoder(enc: Any, model: dict, fail) -> None:
                    f"channels, but config.json says grid {grid!r}, channels {enc['channels']!r}")
     if "feature_dim" in model and model["feature_dim"] != spec.channels:
         raise fail(f"model.feature_dim is {model['feature_dim']!r} but encoder {name} gives {spec.channels} channels")
-
-
-class Captioner:
-    """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``."""
-
-    def __init__(self, decoder: Decoder, vocab: Vocab, config: dict):
-        self.decoder, self.vocab, self.config = decoder.eval(), vocab, config
-        self._encoder = None
-        self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL) -> "Captioner":
-        return cls(*load_model_dir(name_or_path))
-
-    def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
-        extra = {k: v for k, v in self.config.items() if k not in ("format", "version", "arch", "model")}
-        return save_model_dir(path, self.decoder, self.vocab, extra, dtype=dtype)
-
-    @property
-    def encoder(self):
-        if self._encoder is None:
-            from .encoders import ImageEncoder, get_encoder_spec
-
-            e = self.config.get("encoder")
-            if not e:
-                raise ModelDirError("this model's config.json names no encoder, so it can only caption features "
-                                    "(decode_features), not images")
-            spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"))
-            self._encoder = ImageEncoder(spec)
-        return self._encoder
-
-    def decode_features(self, features: torch.Tensor, *, beam_size: int | None = None, n_best: int = 1,
-                        max_len: int | None = None, length_penalty: float | None = None,
-                        allow_unk: bool = False, sample: bool = False, num_captions: int = 1,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                        seed_offset: int = 0):
-        """Hypotheses per image: the n best of a beam search, or ``num_captions`` samples (image b
-        drawing from the stream of ``(seed, seed_offset + b)``)."""
-        from .decoding import decode
-        from .decoding import sample as draw
-
-        check_decoding_costs(beam_size=beam_size, n_best=n_best, max_len=max_len, num_captions=num_captions)
-        d = self.config.get("decoding", {})
-        common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_len=max_len or d.get("max_len", 30),
-                      banned=banned_ids(self.vocab, allow_unk))
-        if sample:
-            return draw(self.decoder, features.float(), temperature=temperature, top_k=top_k, top_p=top_p,
-                        num_samples=num_captions, seed=seed, seed_offset=seed_offset, **common)
-        beam = max(beam_size or d.get("beam_size", 3), n_best)  # an n-best list needs at least n beams
-        return decode(self.decoder, features.float(), beam_size=beam, n_best=n_best,
-                      length_penalty=d.get("length_penalty", 0.0) if length_penalty is None else length_penalty,
-                      **common)
-
-    def caption(self, images: Sequence[Any] | Any, *, beam_size: int | None = None, n_best: int = 1,
-                max_len: int | None = None, return_attention: bool = False, max_pixels: int | None = None,
-                batch_size: int = 16, allow_unk: bool = False, length_penalty: float | None = None,
-                sample: bool = False, num_captions: int = 1, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int | None = None, seed_offset: int = 0) -> list[dict]:
-        """Caption image paths, bytes or PIL images. One dict per image:
-        ``{"caption", "score", "n_best": [{"caption", "score"}...], "words", "attention"?, "grid"}``.
-
-        With ``sample=True`` the captions are drawn from the model (temperature, top-k, top-p;
-        ``seed`` makes them repeatable: the k-th image draws from the stream of ``(seed,
-        seed_offset + k)``, whatever the batch): ``"samples"`` lists ``num_captions`` of them and
-        ``"caption"`` is the first. ``"attention"`` is None for a model without attention."""
-        from .data.images import DEFAULT_MAX_PIXELS, load_image
-
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        results: list[dict] = []
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            pil = [load_image(im, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
-                   for im in chunk]
-            feats = self.encoder.encode(pil)
-            all_hyps = self.decode_features(
-                feats, beam_size=beam_size, n_best=n_best, max_len=max_len, allow_unk=allow_unk,
-                length_penalty=length_penalty, sample=sample, num_captions=num_captions, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seed, seed_offset=seed_offset + i)
-            for im, hyps in zip(pil, all_hyps):
-                best = hyps[0]
-                # words and their attention rows together, skipping any special token the model emitted
-                keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]
-                words = [self.vocab.itos[best.tokens[i]] for i in keep]
-                listed = [{"caption": " ".join(self.vocab.decode(h.tokens)), "score": round(h.norm_score, 4)}
-                          for h in hyps]
-                r = {
-                    "caption": " ".join(words),
-                    "score": round(best.norm_score, 4),
-                    "n_best": listed if not sample else listed[:1],
-                    "words": words,
-                    "image_size": list(im.size),
-                    "grid": list(self.config["encoder"]["grid"]),
-                }
-                if sample:
-                    r["samples"] = listed
-                if return_attention:
-                    r["attention"] = best.attention[keep].tolist() if best.attention is not None else (
-                        [] if self.decoder.has_attention else None)
-                results.append(r)
-        return results

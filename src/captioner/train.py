@@ -35,9 +35,11 @@ from .data.corpus import Corpus
 from .data.text import Vocab
 from .dataset import CaptionData
 from .evaluate import evaluate_split
+from .inference import DecodingSettings
 from .features import FeatureStore
 from .models import build_decoder
-from .modeldir import load_model_dir, save_model_dir
+from .scst import CiderD, ScstConfig, scst_loss
+from .modeldir import banned_ids, load_model_dir, save_model_dir
 
 
 @dataclass
@@ -62,6 +64,10 @@ class OptimConfig:
     lr_patience: int = 2  # ... after this many epochs without a better validation score
     early_stop: int = 6  # stop after this many epochs without improvement (0 = never)
     restore_best: bool = False  # when the lr decays, go back to the best epoch's weights first
+    max_minutes: float = 0.0  # wall-clock budget of this run (0 = none): the epoch in progress is cut short,
+    #                           validated and kept if best, leaving time for its validation
+    schedule: str = "plateau"  # "plateau": decay on a validation plateau; "cosine": lr follows a cosine from lr
+    #                            to 0 over optim.epochs, or over max_minutes when a budget is set
 
 
 @dataclass
@@ -73,6 +79,8 @@ class TrainConfig:
     val_metric: str = "CIDEr-D"  # or BLEU-4
     val_beam: int = 1
     init_from: str = ""  # a model directory to start from (staged training), instead of random weights
+    objective: str = "xe"  # "xe": cross-entropy on the references; "scst": self-critical on CIDEr-D (needs init_from)
+    scst: ScstConfig = field(default_factory=ScstConfig)
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave the default
     out_dir: str = "runs/sat"
@@ -136,7 +144,10 @@ def plot_curves(history: list[dict], path: Path, metric: str) -> None:
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(ep, [h["train_loss"] for h in history], marker="o", label="train (total)")
-    ax[0].plot(ep, [h["train_ce"] for h in history], marker=".", label="train cross-entropy")
+    if all("train_ce" in h for h in history):
+        ax[0].plot(ep, [h["train_ce"] for h in history], marker=".", label="train cross-entropy")
+    if all("train_reward" in h for h in history):  # SCST: the mean CIDEr-D of the sampled captions
+        ax[0].plot(ep, [h["train_reward"] for h in history], marker=".", label="sampled reward (CIDEr-D)")
     ax[0].set_xlabel("epoch"), ax[0].set_title("loss"), ax[0].legend()
     ax[1].plot(ep, [h["val"].get(metric, float("nan")) for h in history], marker="o", color="C2")
     ax[1].set_xlabel("epoch"), ax[1].set_title(f"validation {metric}")
@@ -210,34 +221,70 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         print(f"--resume: no checkpoint in {out}, starting from scratch")
     save_yaml(cfg, out / "config.yaml")
 
-    info = {"encoder": enc, "decoding": {"beam_size": 3, "max_len": cfg.data.max_len, "length_penalty": 0.0},
+    info = {"encoder": enc, "decoding": DecodingSettings(beam_size=3, max_len=cfg.data.max_len).to_dict(),
             "training": {"config": asdict(cfg), "corpus": corpus.name,
                          "train_images": len(train_data.images), "train_captions": len(train_data)}}
+    banned = banned_ids(vocab, False)  # <unk> is never output, in validation as in deployment
+    val_decoding = DecodingSettings(beam_size=cfg.val_beam, max_len=cfg.data.max_len)
     metrics_needed = ["BLEU-4", "CIDEr-D"] if cfg.val_metric in ("BLEU-4", "CIDEr-D") else [cfg.val_metric]
     if cfg.init_from and state["epoch"] == 0:
         # the starting point is the score to beat: stage 2 must not ship something worse than stage 1
-        scores, _, _ = evaluate_split(decoder, vocab, val_data, beam_size=cfg.val_beam, max_len=cfg.data.max_len,
-                                      metrics=metrics_needed, limit=cfg.data.val_images)
+        scores, _, _ = evaluate_split(decoder, vocab, val_data, val_decoding, metrics=metrics_needed,
+                                      limit=cfg.data.val_images)
         state.update(best=scores[cfg.val_metric], best_epoch=0)
         sched.best = scores[cfg.val_metric]
         save_model_dir(out / "best", decoder, vocab, {**info, "metrics": {"val": {
             "split": cfg.data.val_split, "beam": cfg.val_beam, "epoch": 0, **scores}}})
         print(f"init_from {cfg.init_from}: val {cfg.val_metric} {state['best']:.4f} to beat", flush=True)
     steps_run = 0
-    while state["epoch"] < cfg.optim.epochs:
+    scst = cfg.objective == "scst"
+    if scst:
+        cider = CiderD({im: [list(t) for t in toks] for im, toks in train_data.ref_tokens.items()})
+        print(f"scst: CIDEr-D document frequencies from {len(train_data.images)} training images' references",
+              flush=True)
+    t_start = time.perf_counter()
+    budget = cfg.optim.max_minutes * 60.0
+    reserve = 0.1 * budget  # time kept for the last validation; the measured one once there is one
+    out_of_time = False
+
+    def step_loss(idx: torch.Tensor):
+        if scst:
+            images = [train_data.images[i] for i in idx.tolist()]
+            loss, reward, baseline = scst_loss(decoder, train_data.features(idx.numpy()), images, cider, vocab.itos,
+                                               start_id=vocab.start_id, end_id=vocab.end_id, cfg=cfg.scst,
+                                               banned=banned)
+            return loss, {"reward": reward, "baseline": baseline}
+        feats, tokens, lengths = train_data.batch(idx)
+        loss, ce = caption_loss(decoder(feats, tokens, lengths), tokens, lengths)
+        return loss, {"ce": ce.item()}
+
+    while state["epoch"] < cfg.optim.epochs and not out_of_time:
         epoch = state["epoch"] + 1
         rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
         decoder.train()
-        batches = train_data.batches(cfg.optim.batch_size, rng)
+        if scst:  # images, not captions: each image's samples are scored against all its references
+            order = torch.from_numpy(rng.permutation(len(train_data.images)))
+            batches = list(order.split(cfg.scst.images_per_batch))
+        else:
+            batches = train_data.batches(cfg.optim.batch_size, rng)
         t0 = time.perf_counter()
-        tot = ce_sum = 0.0
+        tot = 0.0
+        sums: dict[str, float] = {}
         seen = 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.optim.epochs}", unit="batch", disable=not cfg.progress,
                    dynamic_ncols=True)
-        for idx in bar:
-            feats, tokens, lengths = train_data.batch(idx)
-            out_ = decoder(feats, tokens, lengths)
-            loss, ce = caption_loss(out_, tokens, lengths)
+        for b, idx in enumerate(bar):
+            if budget and time.perf_counter() - t_start > budget - reserve:
+                out_of_time = True  # validate what this epoch has learnt so far, then stop
+                break
+            if cfg.optim.schedule == "cosine":
+                if budget:
+                    frac = (time.perf_counter() - t_start) / max(budget - reserve, 1e-9)
+                else:
+                    frac = (state["epoch"] + b / len(batches)) / cfg.optim.epochs
+                for g in opt.param_groups:
+                    g["lr"] = cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+            loss, stats = step_loss(idx)
             _stop_if_not_finite("the loss", loss, state["step"] + 1, epoch, cfg, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -247,26 +294,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             opt.step()
             n = len(idx)
             tot += loss.item() * n
-            ce_sum += ce.item() * n
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v * n
             seen += n
             state["step"] += 1
             steps_run += 1
-            bar.set_postfix(loss=f"{tot / seen:.3f}", caps_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            shown = {"reward": f"{sums['reward'] / seen:.3f}"} if scst else {"loss": f"{tot / seen:.3f}"}
+            bar.set_postfix(**shown, **{("imgs_s" if scst else "caps_s"): f"{seen / (time.perf_counter() - t0):.0f}"})
             if stop_after_steps is not None and steps_run >= stop_after_steps:
                 return {"stopped_at_step": state["step"]}
         bar.close()
+        if seen == 0:  # the budget ran out before this epoch's first step
+            break
         _stop_if_weights_not_finite(decoder, state["step"], epoch, cfg, out)
         train_secs = time.perf_counter() - t0
         t1 = time.perf_counter()
-        scores, cands, _ = evaluate_split(decoder, vocab, val_data, beam_size=cfg.val_beam, max_len=cfg.data.max_len,
-                                       metrics=metrics_needed, limit=cfg.data.val_images)
+        scores, cands, _ = evaluate_split(decoder, vocab, val_data, val_decoding, metrics=metrics_needed,
+                                          limit=cfg.data.val_images)
         score = scores[cfg.val_metric]
         improved = score > state["best"]
         lr_used = opt.param_groups[0]["lr"]
-        sched.step(score)
-        row = {"epoch": epoch, "train_loss": tot / seen, "train_ce": ce_sum / seen,
-               "captions_per_s": round(seen / train_secs, 1), "train_seconds": round(train_secs, 1),
-               "val_seconds": round(time.perf_counter() - t1, 1), "lr": lr_used,
+        if cfg.optim.schedule == "plateau":
+            sched.step(score)
+        reserve = max(reserve, 1.2 * (time.perf_counter() - t1))
+        row = {"epoch": epoch, "train_loss": tot / seen, **{f"train_{k}": v / seen for k, v in sums.items()},
+               ("images_per_s" if scst else "captions_per_s"): round(seen / train_secs, 1),
+               "train_seconds": round(train_secs, 1), "val_seconds": round(time.perf_counter() - t1, 1),
+               "lr": lr_used, "elapsed_seconds": round(time.perf_counter() - t_start, 1),
                "val": {k: round(v, 5) for k, v in scores.items()},
                "example": next(iter(cands.values()))}
         state["history"].append(row)
@@ -286,8 +340,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                       "rng": _rng_state(), "state": json.dumps(state), "config": json.dumps(asdict(cfg)),
                       "vocab": json.dumps(vocab.itos)}, ckpt)
         _write_logs(state["history"], out, cfg.val_metric)
-        print(f"epoch {epoch}: loss {row['train_loss']:.3f}  val {cfg.val_metric} {score:.4f}"
-              f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {row['captions_per_s']} captions/s"
+        speed = f"{row['images_per_s']} images/s" if scst else f"{row['captions_per_s']} captions/s"
+        print(f"epoch {epoch}{' (cut short by optim.max_minutes)' if out_of_time else ''}: loss {row['train_loss']:.3f}"
+              f"{'  reward %.3f' % row['train_reward'] if scst else ''}  val {cfg.val_metric} {score:.4f}"
+              f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {speed}"
               f"{'  (back to epoch %d)' % row['restored_epoch'] if 'restored_epoch' in row else ''}",
               flush=True)
         if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
@@ -304,7 +360,7 @@ def _restore_weights(decoder, model_dir: Path) -> None:
 
 
 ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")
-RESUMABLE_CHANGES = {"optim.epochs", "progress", "threads"}
+RESUMABLE_CHANGES = {"optim.epochs", "optim.max_minutes", "progress", "threads"}
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -418,6 +474,21 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 < cfg.optim.lr_decay < 1:
         raise TrainError(f"optim.lr_decay={cfg.optim.lr_decay}: must be between 0 and 1 (exclusive); "
                          "for no decay set optim.lr_patience to a number larger than optim.epochs")
+    if not (math.isfinite(cfg.optim.max_minutes) and 0 <= cfg.optim.max_minutes <= 10_000_000):
+        raise TrainError(f"optim.max_minutes={cfg.optim.max_minutes}: must be a number of minutes >= 0 (0 = no budget)")
+    if cfg.optim.schedule not in ("plateau", "cosine"):
+        raise TrainError(f"optim.schedule={cfg.optim.schedule!r}: use plateau (decay when validation stops "
+                         "improving) or cosine (from optim.lr to 0 over the epochs, or over optim.max_minutes)")
+    if cfg.objective not in ("xe", "scst"):
+        raise TrainError(f"objective={cfg.objective!r}: use xe (cross-entropy) or scst (self-critical, after xe)")
+    if cfg.objective == "scst":
+        if not cfg.init_from:
+            raise TrainError("objective=scst fine-tunes a trained model: set init_from=DIR (e.g. the best/ of a "
+                             "cross-entropy run); from random weights its samples earn no reward to learn from")
+        if cfg.scst.baseline not in ("mean", "greedy"):
+            raise TrainError(f"scst.baseline={cfg.scst.baseline!r}: use mean (of the other samples) or greedy")
+        if not 2 <= cfg.scst.samples <= 100 or not 1 <= cfg.scst.max_len <= 100 or cfg.scst.images_per_batch < 1:
+            raise TrainError("scst.samples must be 2..100, scst.max_len 1..100 and scst.images_per_batch >= 1")
     if cfg.init_from and cfg.model:
         raise TrainError("init_from takes the architecture sizes from that model directory; leave model empty")
     if cfg.init_from:

@@ -1,0 +1,297 @@
+"""The one inference path: images in, typed results out (the CLI, the server and Python use it).
+
+    from captioner import Captioner
+    model = Captioner.from_pretrained("flickr8k-sat")
+    for r in model.iter_captions(["a.jpg", "b.jpg"], beam_size=5, n_best=3):
+        print(r.source, r.caption if r.ok else r.error)
+
+- :class:`DecodingSettings` is every choice of how captions are decoded (beam, length, n-best,
+  banned words, sampling). A model directory stores its defaults (``config.json`` "decoding");
+  caption, evaluate and training's validation all decode through :meth:`DecodingSettings.decode`.
+- :class:`CaptionResult` is one image's answer, or its error: an unreadable image is reported
+  in its result and the others go on.
+- :meth:`Captioner.iter_captions` decodes and resizes images in worker processes while the
+  network runs on the previous batch, and yields each result, in input order, as soon as its
+  batch is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from .data.text import Vocab
+from .modeldir import (DEFAULT_MODEL, MAX_BEAM, MAX_CAPTION_WORDS, MAX_N_BEST, MAX_SAMPLES, ModelDirError,
+                       banned_ids, load_model_dir, save_model_dir)
+from .models.base import Decoder
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How captions are decoded. ``sample=False``: beam search (greedy at beam 1), ranked by
+    ``score / length ** length_penalty``, the ``n_best`` first returned. ``sample=True``:
+    ``num_captions`` captions drawn (temperature, top-k, top-p), repeatable with ``seed``."""
+
+    beam_size: int = 3
+    max_len: int = 30
+    length_penalty: float = 0.0
+    n_best: int = 1
+    allow_unk: bool = False  # False: <unk> is never output (banned, like <pad> and <start>)
+    sample: bool = False
+    num_captions: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_model(cls, config: dict) -> "DecodingSettings":
+        """The decoding defaults stored in a model directory's config.json ("decoding")."""
+        stored = config.get("decoding") or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in known}).checked()
+
+    def replace(self, **changes: Any) -> "DecodingSettings":
+        """A copy with the given fields changed; ``None`` means "keep the default"."""
+        kept = {k: v for k, v in changes.items() if v is not None}
+        new = dataclasses.replace(self, **kept)
+        if new.sample and any(k in kept for k in ("beam_size", "n_best", "length_penalty")):
+            raise ValueError("beam size, n-best and length penalty choose how a beam search ranks captions; when "
+                             "sampling ask for several captions with num_captions (--num-captions)")
+        if not new.sample and isinstance(new.n_best, int) and new.n_best > new.beam_size:
+            new = dataclasses.replace(new, beam_size=new.n_best)  # an n-best list needs at least n beams
+        return new.checked()
+
+    def checked(self) -> "DecodingSettings":
+        """Refuse settings that are contradictory or would cost without bound (ValueError)."""
+        for name, value, limit in (("beam size", self.beam_size, MAX_BEAM), ("n-best", self.n_best, MAX_N_BEST),
+                                   ("maximum caption length", self.max_len, MAX_CAPTION_WORDS),
+                                   ("number of sampled captions", self.num_captions, MAX_SAMPLES)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"{name} {value}: must be from 1 to {limit}")
+        if not self.sample and self.n_best > self.beam_size:
+            raise ValueError(f"n-best {self.n_best} needs a beam of at least {self.n_best} (beam size "
+                             f"{self.beam_size})")
+        for name, value, low, high in (("length penalty", self.length_penalty, 0.0, 10.0),
+                                       ("temperature", self.temperature, 0.01, 100.0),
+                                       ("top-p", self.top_p, 1e-6, 1.0)):
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} {value}: must be from {low} to {high}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top-k {self.top_k}: must be >= 0 (0 = no limit)")
+        if self.sample and (self.n_best > 1 or self.length_penalty):
+            raise ValueError("n-best and length penalty choose how a beam search ranks captions; when sampling "
+                             "ask for several captions with num_captions (--num-captions)")
+        if not self.sample and (self.num_captions > 1 or self.temperature != 1.0 or self.top_k or self.top_p != 1.0
+                                or self.seed is not None):
+            raise ValueError("num_captions, temperature, top-k, top-p and seed choose how captions are sampled: "
+                             "add sample=True (on the command line: add --sample)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def decode(self, decoder: Decoder, vocab: Vocab, features: torch.Tensor, *, seed_offset: int = 0):
+        """Hypotheses per image (features (B, P, C)): the n best of a beam search, or
+        ``num_captions`` samples (image b drawing from the stream of ``(seed, seed_offset + b)``)."""
+        from .decoding import decode, sample
+
+        common = dict(start_id=vocab.start_id, end_id=vocab.end_id, max_len=self.max_len,
+                      banned=banned_ids(vocab, self.allow_unk))
+        if self.sample:
+            return sample(decoder, features.float(), temperature=self.temperature, top_k=self.top_k,
+                          top_p=self.top_p, num_samples=self.num_captions, seed=self.seed, seed_offset=seed_offset,
+                          **common)
+        return decode(decoder, features.float(), beam_size=self.beam_size, n_best=self.n_best,
+                      length_penalty=self.length_penalty, **common)
+
+
+@dataclass
+class Caption:
+    caption: str
+    score: float  # the model's log-probability of the caption (normalised by the length penalty, if any)
+
+
+@dataclass
+class CaptionResult:
+    """One image's captions, or why it has none (``error``)."""
+
+    source: str  # the path, or "image K" for bytes and PIL images
+    caption: str | None = None
+    score: float | None = None
+    n_best: list[Caption] = field(default_factory=list)  # beam search: best first, distinct
+    samples: list[Caption] | None = None  # sampling: the captions drawn
+    words: list[str] = field(default_factory=list)
+    attention: list[list[float]] | None = None  # per word, its weights over the grid (row-major)
+    grid: tuple[int, int] | None = None
+    image_size: tuple[int, int] | None = None  # (width, height) as decoded
+    error: str | None = None
+    attention_figure: str | None = None  # where the CLI wrote this image's figure
+    image: Any = field(default=None, repr=False, compare=False)  # the decoded PIL image, with keep_images
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"source": self.source, "error": self.error}
+        d = {"source": self.source, "caption": self.caption, "score": self.score,
+             "n_best": [dataclasses.asdict(c) for c in self.n_best], "words": self.words,
+             "grid": list(self.grid) if self.grid else None,
+             "image_size": list(self.image_size) if self.image_size else None}
+        if self.samples is not None:
+            d["samples"] = [dataclasses.asdict(c) for c in self.samples]
+        if self.attention is not None:
+            d["attention"] = self.attention
+        return d
+
+
+class _Prepared:
+    """One input after loading: its source name, the encoder's uint8 array or an error."""
+
+    __slots__ = ("source", "array", "size", "error", "image")
+
+    def __init__(self, source, array=None, size=None, error=None, image=None):
+        self.source, self.array, self.size, self.error, self.image = source, array, size, error, image
+
+
+def _prepare(src: Any, source: str, spec, max_pixels: int | None, keep_image: bool) -> _Prepared:
+    from .data.images import ImageError, load_image
+    from .encoders import image_to_array
+
+    try:
+        img = load_image(src, max_pixels=max_pixels, name=source)
+    except ImageError as e:
+        return _Prepared(source, error=str(e))
+    return _Prepared(source, image_to_array(img, spec), img.size, image=img if keep_image else None)
+
+
+class _PrepareDataset(torch.utils.data.Dataset):
+    """Image loading and resizing, run in DataLoader worker processes (paths only)."""
+
+    def __init__(self, items: list[tuple[Any, str]], spec, max_pixels, keep_images: bool):
+        self.items, self.spec, self.max_pixels, self.keep = items, spec, max_pixels, keep_images
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> _Prepared:
+        src, source = self.items[i]
+        return _prepare(src, source, self.spec, self.max_pixels, self.keep)
+
+
+def _as_list(batch):
+    return batch
+
+
+class Captioner:
+    """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``."""
+
+    def __init__(self, decoder: Decoder, vocab: Vocab, config: dict):
+        self.decoder, self.vocab, self.config = decoder.eval(), vocab, config
+        self.settings = DecodingSettings.from_model(config)  # this model's decoding defaults
+        self._encoder = None
+        self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL) -> "Captioner":
+        return cls(*load_model_dir(name_or_path))
+
+    def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
+        extra = {k: v for k, v in self.config.items() if k not in ("format", "version", "arch", "model")}
+        return save_model_dir(path, self.decoder, self.vocab, extra, dtype=dtype)
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from .encoders import ImageEncoder, get_encoder_spec
+
+            e = self.config.get("encoder")
+            if not e:
+                raise ModelDirError("this model's config.json names no encoder, so it can only caption features "
+                                    "(decode_features), not images")
+            spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"))
+            self._encoder = ImageEncoder(spec)
+        return self._encoder
+
+    def decoding_settings(self, settings: DecodingSettings | None = None, **overrides: Any) -> DecodingSettings:
+        """``settings`` (default: the model's own) with ``overrides`` applied, checked."""
+        return (settings or self.settings).replace(**overrides)
+
+    def decode_features(self, features: torch.Tensor, settings: DecodingSettings | None = None, *,
+                        seed_offset: int = 0, **overrides: Any):
+        """Hypotheses per image for a batch of encoder features (B, P, C)."""
+        return self.decoding_settings(settings, **overrides).decode(self.decoder, self.vocab, features,
+                                                                    seed_offset=seed_offset)
+
+    def caption(self, images: Sequence[Any] | Any, settings: DecodingSettings | None = None, **kw: Any
+                ) -> list[CaptionResult]:
+        """Caption image paths, bytes or PIL images: one :class:`CaptionResult` per image, in order
+        (a single image gives a list of one). Options as for :meth:`iter_captions`."""
+        single = not isinstance(images, (list, tuple))
+        return list(self.iter_captions([images] if single else images, settings, **kw))
+
+    def iter_captions(self, images: Iterable[Any], settings: DecodingSettings | None = None, *,
+                      return_attention: bool = False, max_pixels: int | None = None, batch_size: int = 16,
+                      workers: int | None = None, keep_images: bool = False, seed_offset: int = 0,
+                      **overrides: Any) -> Iterator[CaptionResult]:
+        """Yield one :class:`CaptionResult` per image, in input order, each batch as soon as it is done.
+
+        ``overrides`` are fields of :class:`DecodingSettings` (beam_size=5, n_best=3, sample=True, ...).
+        Paths are loaded and resized in ``workers`` processes (default: 1 when there is more than one
+        batch) while the network runs; bytes and PIL images in this process. ``max_pixels`` (default
+        :data:`captioner.data.images.DEFAULT_MAX_PIXELS`) refuses larger images before decoding them.
+        With a seed, the k-th readable image draws from the stream ``(seed, seed_offset + k)``."""
+        from .data.images import DEFAULT_MAX_PIXELS
+
+        s = self.decoding_settings(settings, **overrides)
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: must be >= 1")
+        spec = self.encoder.spec
+        limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        items = [(im, im if isinstance(im, str) else os.fspath(im) if isinstance(im, os.PathLike) else f"image {i}")
+                 for i, im in enumerate(images)]
+        all_paths = all(isinstance(src, (str, os.PathLike)) for src, _ in items)
+        if workers is None:
+            workers = 1 if len(items) > batch_size else 0
+        if workers > 0 and all_paths:
+            loader = torch.utils.data.DataLoader(_PrepareDataset(items, spec, limit, keep_images),
+                                                 batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
+                                                 prefetch_factor=4)
+            batches: Iterable[list[_Prepared]] = loader
+        else:
+            batches = ([_prepare(src, name, spec, limit, keep_images) for src, name in items[i:i + batch_size]]
+                       for i in range(0, len(items), batch_size))
+        readable = 0  # readable images so far: the k-th draws from the random stream (seed, seed_offset + k)
+        for batch in batches:
+            good = [p for p in batch if p.error is None]
+            hyps = []
+            if good:
+                import numpy as np
+
+                feats = self.encoder.encode_arrays(np.stack([p.array for p in good]))
+                hyps = s.decode(self.decoder, self.vocab, feats, seed_offset=seed_offset + readable)
+                readable += len(good)
+            it = iter(hyps)
+            for p in batch:
+                yield (CaptionResult(p.source, error=p.error) if p.error is not None
+                       else self._result(p, next(it), s, return_attention))
+
+    def _result(self, p: _Prepared, hyps, s: DecodingSettings, return_attention: bool) -> CaptionResult:
+        best = hyps[0]
+        # words and their attention rows together, skipping any special token the model emitted
+        keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]
+        listed = [Caption(" ".join(self.vocab.decode(h.tokens)), round(h.norm_score, 4)) for h in hyps]
+        r = CaptionResult(p.source, caption=" ".join(self.vocab.itos[best.tokens[i]] for i in keep),
+                          score=round(best.norm_score, 4), n_best=listed[:1] if s.sample else listed,
+                          samples=listed if s.sample else None, words=[self.vocab.itos[best.tokens[i]] for i in keep],
+                          grid=tuple(self.config["encoder"]["grid"]), image_size=tuple(p.size), image=p.image)
+        if return_attention and self.decoder.has_attention:
+            r.attention = best.attention[keep].tolist() if best.attention is not None else []
+        return r

@@ -1,0 +1,153 @@
+"""The one inference path (issue 8): DecodingSettings, typed CaptionResults that own per-image
+errors, n-best lists that carry the beam's own scores, worker decoding, streaming."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.inference import Captioner, CaptionResult, DecodingSettings
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return Captioner.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def photo_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inference")
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(7):
+        # smooth colour fields with a blob: closer to a photo than noise, so captions differ
+        y, x = np.mgrid[0:120, 0:160]
+        img = np.stack([(x * (i + 1)) % 256, (y * 3 + 40 * i) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)
+        img[30:90, 40 + 10 * i:100 + 10 * i] = rng.integers(0, 255, 3)
+        p = d / f"p{i}.jpg"
+        Image.fromarray(img).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def _teacher_forced_logprob(model: Captioner, words: list[str], feats: torch.Tensor) -> float:
+    """log p(caption, <end> | image) by running the decoder's step over the caption's own words."""
+    v, dec = model.vocab, model.decoder
+    ids = [v.stoi[w] for w in words] + [v.end_id]
+    with torch.inference_mode():
+        memory = dec.encode(feats)
+        state = dec.init_state(memory)
+        prev = torch.tensor([v.start_id])
+        total = 0.0
+        for t in ids:
+            logp, state, _ = dec.step(prev, state, memory)
+            total += float(logp[0, t])
+            prev = torch.tensor([t])
+    return total
+
+
+def test_n_best_is_sorted_distinct_and_carries_the_beams_scores(bundled, photo_paths):
+    results = bundled.caption(photo_paths[:3], beam_size=5, n_best=5)
+    feats = bundled.encoder.encode_arrays(np.stack([bundled.encoder.preprocess([Image.open(p).convert("RGB")])[0]
+                                                    for p in photo_paths[:3]]))
+    for r, f in zip(results, feats):
+        assert r.ok and len(r.n_best) == 5
+        scores = [c.score for c in r.n_best]
+        assert scores == sorted(scores, reverse=True)
+        assert len({c.caption for c in r.n_best}) == 5  # distinct
+        assert r.n_best[0].caption == r.caption and r.n_best[0].score == r.score
+        for c in r.n_best:  # each score is the model's own log-probability of that caption (+ <end>)
+            assert c.score == pytest.approx(_teacher_forced_logprob(bundled, c.caption.split(), f[None]), abs=2e-3)
+
+
+def test_results_are_typed_and_errors_stay_in_their_result(bundled, photo_paths, tmp_path):
+    truncated = open(photo_paths[0], "rb").read()[:200]
+    (tmp_path / "text.jpg").write_text("hello")
+    inputs = [photo_paths[0], truncated, str(tmp_path / "text.jpg"), Image.open(photo_paths[1]), photo_paths[2]]
+    res = bundled.caption(inputs)
+    assert [type(r) for r in res] == [CaptionResult] * 5
+    assert [r.ok for r in res] == [True, False, False, True, True]
+    assert res[1].source == "image 1" and res[1].caption is None and res[1].error
+    assert str(tmp_path / "text.jpg") in res[2].source and "image" in res[2].error.lower()
+    assert res[1].to_dict() == {"source": "image 1", "error": res[1].error}
+    good = res[0].to_dict()
+    assert good["caption"] == res[0].caption and good["n_best"] == [{"caption": res[0].caption, "score": res[0].score}]
+    assert good["grid"] == [7, 7] and "attention" not in good
+    # the same image gives the same caption wherever it sits among failures
+    assert bundled.caption(photo_paths[0])[0].caption == res[0].caption
+
+
+def test_worker_processes_give_the_same_results_as_this_process(bundled, photo_paths, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    paths = photo_paths + [str(bad)]
+    inline = bundled.caption(paths, batch_size=3, workers=0, n_best=2, return_attention=True)
+    workers = bundled.caption(paths, batch_size=3, workers=2, n_best=2, return_attention=True)
+    assert [r.to_dict() for r in inline] == [r.to_dict() for r in workers]
+    assert [r.ok for r in workers] == [True] * 7 + [False]
+
+
+def test_results_stream_batch_by_batch(bundled, photo_paths):
+    calls = []
+    real = bundled.encoder.encode_arrays
+
+    def counting(batch):
+        calls.append(len(batch))
+        return real(batch)
+
+    bundled.encoder.encode_arrays = counting
+    try:
+        it = bundled.iter_captions(photo_paths, batch_size=2, workers=0)
+        first = next(it)
+        assert first.ok and calls == [2]  # the first result came after one batch, not after all of them
+        rest = list(it)
+        assert len(rest) == 6 and calls == [2, 2, 2, 1]
+    finally:
+        del bundled.encoder.encode_arrays
+
+
+def test_seeded_samples_depend_on_the_image_position_among_readable_images(bundled, photo_paths):
+    a = bundled.caption(photo_paths[:4], sample=True, num_captions=2, seed=7, batch_size=3)
+    b = bundled.caption([photo_paths[0], b"junk", *photo_paths[1:4]], sample=True, num_captions=2, seed=7, batch_size=2)
+    assert [r.samples for r in a] == [r.samples for r in b if r.ok]
+    assert all(r.n_best == r.samples[:1] and r.caption == r.samples[0].caption for r in a)
+
+
+def test_decoding_settings_defaults_overrides_and_refusals(bundled):
+    s = bundled.settings
+    assert s == DecodingSettings.from_model(bundled.config) and s.beam_size == 3 and s.max_len == 30
+    assert s.replace(n_best=5).beam_size == 5  # an n-best list needs n beams
+    assert s.replace(beam_size=None) == s  # None keeps the default
+    assert s.replace(sample=True, num_captions=3).num_captions == 3
+    with pytest.raises(ValueError, match="beam size 51: must be from 1 to 50"):
+        s.replace(beam_size=51)
+    with pytest.raises(ValueError, match="maximum caption length 0"):
+        s.replace(max_len=0)
+    with pytest.raises(ValueError, match="num_captions"):
+        s.replace(sample=True, n_best=2)
+    with pytest.raises(ValueError, match="add sample=True"):
+        s.replace(temperature=0.5)
+    with pytest.raises(ValueError, match="top-p"):
+        s.replace(sample=True, top_p=0.0)
+    assert DecodingSettings(**s.to_dict()) == s
+
+
+def test_the_same_settings_decode_the_same_way_everywhere(bundled, photo_paths):
+    """caption() and decode_features() (what evaluate and validation use) agree for one settings object."""
+    s = bundled.settings.replace(beam_size=4, max_len=12, n_best=2)
+    via_images = bundled.caption(photo_paths[:3], s)
+    arrays = np.stack([bundled.encoder.preprocess([Image.open(p).convert("RGB")])[0] for p in photo_paths[:3]])
+    hyps = s.decode(bundled.decoder, bundled.vocab, bundled.encoder.encode_arrays(arrays))
+    for r, h in zip(via_images, hyps):
+        assert [c.caption for c in r.n_best] == [" ".join(bundled.vocab.decode(x.tokens)) for x in h]
+        assert all(len(c.caption.split()) <= 12 for c in r.n_best)
+
+
+def test_bytes_and_file_sources_are_named(bundled, photo_paths):
+    data = open(photo_paths[3], "rb").read()
+    res = bundled.caption([data, io.BytesIO(data)])
+    assert [r.source for r in res] == ["image 0", "image 1"] and res[0].caption == res[1].caption
