@@ -325,7 +325,6 @@ def test_caption_single_image_and_options(captioner):
 
 
 def test_caption_refuses_images_over_max_pixels(captioner, tmp_path):
-    from captioner.data.images import ImageError
 
     Image.fromarray(_gradient(300, 200)).save(tmp_path / "x.png")
     (r,) = captioner.caption([tmp_path / "x.png"], max_pixels=1000)  # reported in its result, not raised
