@@ -22,8 +22,10 @@ from captioner.modeldir import load_model_dir
 from captioner.models import build_decoder
 from captioner.dataset import CaptionData
 from captioner.evaluate import evaluate_split
+from captioner.inference import DecodingSettings
 from captioner.train import DataConfig, OptimConfig, TrainConfig, train
 
+BEAM3 = DecodingSettings(beam_size=3, max_len=12)
 SMALL = {"embed_dim": 48, "hidden_dim": 96, "attention_dim": 48, "dropout": 0.1}
 
 
@@ -55,11 +57,11 @@ def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
     decoder, vocab, model_cfg = load_model_dir(tmp_path / "run" / "best")
     test = CaptionData(corpus, vocab, store, "test", 12)
     metrics = ["BLEU-4", "CIDEr-D"]
-    trained, cands, _ = evaluate_split(decoder, vocab, test, beam_size=3, max_len=12, metrics=metrics)
+    trained, cands, _ = evaluate_split(decoder, vocab, test, BEAM3, metrics=metrics)
 
     torch.manual_seed(0)
     untrained_model = build_decoder("sat", {**SMALL, "vocab_size": len(vocab), "feature_dim": 1280})
-    untrained, _, _ = evaluate_split(untrained_model, vocab, test, beam_size=3, max_len=12, metrics=metrics)
+    untrained, _, _ = evaluate_split(untrained_model, vocab, test, BEAM3, metrics=metrics)
 
     train_caps = Counter(c for it in corpus.split("train") for c in it.captions)
     blind_caption = train_caps.most_common(1)[0][0]
@@ -87,7 +89,7 @@ def _run_cli_train(out_dir: Path, data, epochs: int) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-TIMING = ("captions_per_s", "train_seconds", "val_seconds")
+TIMING = ("captions_per_s", "train_seconds", "val_seconds", "elapsed_seconds")
 
 
 def _untimed(state: dict) -> dict:

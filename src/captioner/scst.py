@@ -33,6 +33,7 @@ class ScstConfig:
     baseline: str = "mean"  # "mean" (of the other samples) or "greedy"
     max_len: int = 20  # words per sampled caption
     images_per_batch: int = 50
+    dropout: bool = False  # sample with the decoder's dropout on (False: the network that will be deployed)
 
 
 def _ngrams(words: Sequence[str], n: int) -> Counter:
@@ -82,7 +83,19 @@ def scst_loss(decoder, features: torch.Tensor, images: Sequence[str], cider: Cid
               start_id: int, end_id: int, cfg: ScstConfig, banned: tuple[int, ...] = ()):
     """The self-critical loss of one batch of images, and (mean sampled reward, mean baseline).
 
-    The decoder is in training mode (dropout on), as when it was trained with cross-entropy."""
+    Captions are drawn with dropout off unless ``cfg.dropout``: the policy improved is then the
+    network that captions at test time."""
+    K, B = cfg.samples, features.shape[0]
+    training = decoder.training
+    decoder.train(cfg.dropout)
+    try:
+        return _scst_loss(decoder, features, images, cider, itos, start_id=start_id, end_id=end_id, cfg=cfg,
+                          banned=banned)
+    finally:
+        decoder.train(training)
+
+
+def _scst_loss(decoder, features, images, cider, itos, *, start_id, end_id, cfg, banned):
     K, B = cfg.samples, features.shape[0]
     memory = decoder.encode(features)
     expanded = tuple(t.repeat_interleave(K, dim=0) for t in memory)
@@ -101,10 +114,11 @@ def scst_loss(decoder, features: torch.Tensor, images: Sequence[str], cider: Cid
     reward = torch.tensor(rewards).view(B, K)
     if cfg.baseline == "greedy":
         with torch.no_grad():
+            training = decoder.training
             decoder.eval()
             g, _, _ = rollout(decoder, memory, B, lambda lp: lp.argmax(-1), start_id=start_id, end_id=end_id,
                               max_len=cfg.max_len, banned=banned)
-            decoder.train()
+            decoder.train(training)
         base = []
         for b, seq in enumerate(g.tolist()):
             n = seq.index(end_id) if end_id in seq else len(seq)

@@ -320,7 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         row = {"epoch": epoch, "train_loss": tot / seen, **{f"train_{k}": v / seen for k, v in sums.items()},
                ("images_per_s" if scst else "captions_per_s"): round(seen / train_secs, 1),
                "train_seconds": round(train_secs, 1), "val_seconds": round(time.perf_counter() - t1, 1),
-               "lr": lr_used, "elapsed_seconds": round(time.perf_counter() - t_start, 1),
+               "lr": lr_used, "elapsed_seconds": round(time.perf_counter() - t_start, 1), "cut_short": out_of_time,
                "val": {k: round(v, 5) for k, v in scores.items()},
                "example": next(iter(cands.values()))}
         state["history"].append(row)
