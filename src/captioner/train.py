@@ -83,7 +83,7 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torc
     """Cross-entropy on real target words only (mask from lengths), plus the model's regulariser."""
     T = out.logits.shape[1]
     targets = tokens[:, 1:T + 1]
-    mask = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    mask = torch.arange(T, device=lengths.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
     ce = F.cross_entropy(out.logits[mask], targets[mask])
     total = ce + (out.extra_loss if out.extra_loss is not None else 0.0)
     return total, ce
