@@ -12,23 +12,27 @@ from .data.corpus import Corpus
 from .data.text import Vocab, write_text_atomic
 from .dataset import CaptionData
 from .decoding import decode
+from .devices import autocast, check_precision, module_device, resolve_device
 from .features import FeatureStore
 from .metrics import METRIC_NAMES, compute_metrics
 from .modeldir import banned_ids, load_model_dir
 
 
 def evaluate_split(decoder, vocab: Vocab, data: CaptionData, *, beam_size: int = 1, max_len: int = 30,
-                   batch_size: int = 100, metrics=None, limit: int = 0,
-                   banned: tuple[int, ...] = ()) -> tuple[dict, dict[str, str], dict[str, str]]:
+                   batch_size: int = 100, metrics=None, limit: int = 0, banned: tuple[int, ...] = (),
+                   precision: str = "fp32") -> tuple[dict, dict[str, str], dict[str, str]]:
     """Decode the images of ``data`` and score them against their references.
 
+    Decoding runs where the decoder's weights are (each batch of features is moved there).
     Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
+    device = module_device(decoder)
     n = len(data.images) if not limit else min(limit, len(data.images))
     cands: dict[str, str] = {}
     for i in range(0, n, batch_size):
-        feats = data.features(slice(i, min(n, i + batch_size)))
-        hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
-                      max_len=max_len, banned=banned)
+        feats = data.features(slice(i, min(n, i + batch_size))).to(device)
+        with autocast(device, precision):
+            hyps = decode(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam_size,
+                          max_len=max_len, banned=banned)
         for j, h in enumerate(hyps):
             cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
     refs = {k: data.refs[k] for k in cands}
@@ -49,10 +53,15 @@ def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str
 
 def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test", beams: Sequence[int] = (1, 3, 5),
                    out: str | None = None, max_len: int | None = None, limit: int = 0,
-                   metrics: Sequence[str] | None = None, allow_unk: bool = False) -> dict:
+                   metrics: Sequence[str] | None = None, allow_unk: bool = False, device: str = "cpu",
+                   precision: str = "fp32") -> dict:
     """Decode ``split`` at each beam size as `captioner caption` does (<unk> never output unless
-    ``allow_unk``) and score it."""
+    ``allow_unk``) and score it. ``device`` (cpu, cuda, auto) and ``precision`` (fp32, bf16): where
+    and how the decoder runs."""
+    dev = resolve_device(device)
+    check_precision(precision, dev)
     decoder, vocab, cfg = load_model_dir(model)
+    decoder.to(dev)
     store = FeatureStore.open(features)
     have, want = store.meta["encoder"], cfg["encoder"]
     for key in ("name", "image_size", "grid", "resize", "mean", "std"):
@@ -68,7 +77,7 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
     for k in beams:
         t0 = time.perf_counter()
         scores, cands, unavailable = evaluate_split(decoder, vocab, data, beam_size=k, max_len=max_len,
-                                                    metrics=metrics, limit=limit, banned=banned)
+                                                    metrics=metrics, limit=limit, banned=banned, precision=precision)
         result["beams"][k] = scores
         result["seconds"][k] = round(time.perf_counter() - t0, 1)
         result["captions"][k] = cands

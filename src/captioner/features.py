@@ -92,18 +92,25 @@ def extract_features(
     overwrite: bool = False,
     progress: bool = True,
     limit_batches: int | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict:
     """Compute (or finish computing) the features of ``images`` into ``out_dir``.
 
     Returns a summary: rows computed now, rows already done, failures, images/s.
     ``limit_batches`` stops after that many batches (for tests and benchmarks).
+    ``device`` runs the encoder there (cpu, cuda, auto); ``precision="bf16"`` under bfloat16 autocast
+    (recorded in meta.json: a store is finished in the precision it was started in).
     """
     import torch
     from tqdm import tqdm
 
     from .data.images import DEFAULT_MAX_PIXELS
+    from .devices import check_precision, resolve_device
     from .encoders import ImageEncoder, get_encoder_spec
 
+    dev = resolve_device(device)  # a GPU that is not there: an error before any file is touched
+    check_precision(precision, dev)
     root, out = Path(image_root), Path(out_dir)
     names = list(images)
     if len(set(names)) != len(names):
@@ -121,6 +128,7 @@ def extract_features(
         "dtype": "float16",
         "image_root": str(root.resolve()),
         "fingerprint": fp,
+        "precision": precision,
     }
     out.mkdir(parents=True, exist_ok=True)
     feat_path, status_path = out / "features.npy", out / "status.npy"
@@ -141,6 +149,10 @@ def extract_features(
                 f"{old.get('shape')}); "
                 "use a new output directory or --overwrite"
             )
+        was = old.get("precision", "fp32")  # stores from before precision was recorded are fp32
+        if was != precision:
+            raise FeatureStoreError(f"{out}: this store was started in {was} precision; finish it with "
+                                    f"--precision {was}, or start again with --overwrite")
     if fresh:
         for p in (feat_path, status_path, out / "errors.jsonl", out / "meta.json"):
             p.unlink(missing_ok=True)
@@ -159,7 +171,7 @@ def extract_features(
     t0 = time.perf_counter()
     done_now = failed_now = 0
     if todo:
-        enc = ImageEncoder(spec)
+        enc = ImageEncoder(spec, device=dev, precision=precision)
         ds = _DecodeDataset(root, names, todo, spec, max_pixels)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
@@ -181,7 +193,7 @@ def extract_features(
                 if good:
                     rows = np.array([r for r, _ in good])
                     grid = enc.encode_arrays(np.stack([a for _, a in good]))
-                    feats[rows] = grid.numpy().astype(np.float16)  # data first ...
+                    feats[rows] = grid.cpu().numpy().astype(np.float16)  # data first ...
                     status[rows] = DONE  # ... then the done mark
                     done_now += len(good)
                 bar.update(len(batch))

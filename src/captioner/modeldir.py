@@ -367,17 +367,43 @@ def _validate_encoder(enc: Any, model: dict, fail) -> None:
         raise fail(f"model.feature_dim is {model['feature_dim']!r} but encoder {name} gives {spec.channels} channels")
 
 
-class Captioner:
-    """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``."""
+def _in_precision(method):
+    """Run a Captioner method under its precision's autocast (nothing for fp32)."""
+    import functools
 
-    def __init__(self, decoder: Decoder, vocab: Vocab, config: dict):
-        self.decoder, self.vocab, self.config = decoder.eval(), vocab, config
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        from .devices import autocast
+
+        with autocast(self.device, self.precision):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class Captioner:
+    """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``.
+
+    ``device`` (cpu, cuda, cuda:N, auto) is where the encoder and the decoder run; ``precision``
+    ``"bf16"`` runs them under bfloat16 autocast (default fp32)."""
+
+    def __init__(self, decoder: Decoder, vocab: Vocab, config: dict, *, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
+        from .devices import check_precision, resolve_device
+
+        self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device)
+        self.decoder, self.vocab, self.config = decoder.to(self.device).eval(), vocab, config
         self._encoder = None
         self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL) -> "Captioner":
-        return cls(*load_model_dir(name_or_path))
+    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
+                        precision: str = "fp32") -> "Captioner":
+        from .devices import check_precision, resolve_device
+
+        check_precision(precision, resolve_device(device))  # before loading anything
+        return cls(*load_model_dir(name_or_path), device=device, precision=precision)
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
         extra = {k: v for k, v in self.config.items() if k not in ("format", "version", "arch", "model")}
@@ -393,9 +419,10 @@ class Captioner:
                 raise ModelDirError("this model's config.json names no encoder, so it can only caption features "
                                     "(decode_features), not images")
             spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"))
-            self._encoder = ImageEncoder(spec)
+            self._encoder = ImageEncoder(spec, device=self.device, precision=self.precision)
         return self._encoder
 
+    @_in_precision
     def decode_features(self, features: torch.Tensor, *, beam_size: int | None = None, n_best: int = 1,
                         max_len: int | None = None, length_penalty: float | None = None,
                         allow_unk: bool = False, sample: bool = False, num_captions: int = 1,
@@ -407,6 +434,7 @@ class Captioner:
         from .decoding import sample as draw
 
         check_decoding_costs(beam_size=beam_size, n_best=n_best, max_len=max_len, num_captions=num_captions)
+        features = features.to(self.device)
         d = self.config.get("decoding", {})
         common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_len=max_len or d.get("max_len", 30),
                       banned=banned_ids(self.vocab, allow_unk))

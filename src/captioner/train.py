@@ -34,6 +34,7 @@ from .config import save_yaml
 from .data.corpus import Corpus
 from .data.text import Vocab
 from .dataset import CaptionData
+from .devices import autocast, check_precision, resolve_device
 from .evaluate import evaluate_split
 from .features import FeatureStore
 from .models import build_decoder
@@ -77,6 +78,8 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = leave the default
     out_dir: str = "runs/sat"
     progress: bool = True
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (a GPU when there is one); `captioner train --device`
+    precision: str = "fp32"  # or bf16: forward and loss under bfloat16 autocast
 
 
 def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +153,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     from tqdm import tqdm
 
     check_config(cfg)
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -185,6 +189,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         decoder = build_decoder(cfg.arch, model_cfg, vocab=vocab)
         if decoder.word_vector_report is not None:
             print(decoder.word_vector_report.summary(), flush=True)
+    decoder.to(device)
     opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
                            weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
@@ -195,7 +200,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         changed = _config_changes(json.loads(c["config"]), asdict(cfg)) if "config" in c else []
         if changed:
             raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); "
-                             "resume with the same settings (only optim.epochs, progress and threads may change)")
+                             "resume with the same settings (only optim.epochs, progress, threads and device may change)")
         _check_resume_vocab(c, decoder, vocab, vocab_path, ckpt)
         decoder.load_state_dict(c["model"])
         opt.load_state_dict(c["optimizer"])
@@ -235,9 +240,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.optim.epochs}", unit="batch", disable=not cfg.progress,
                    dynamic_ncols=True)
         for idx in bar:
-            feats, tokens, lengths = train_data.batch(idx)
-            out_ = decoder(feats, tokens, lengths)
-            loss, ce = caption_loss(out_, tokens, lengths)
+            feats, tokens, lengths = (t.to(device) for t in train_data.batch(idx))
+            with autocast(device, cfg.precision):
+                out_ = decoder(feats, tokens, lengths)
+                loss, ce = caption_loss(out_, tokens, lengths)
             _stop_if_not_finite("the loss", loss, state["step"] + 1, epoch, cfg, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -304,7 +310,7 @@ def _restore_weights(decoder, model_dir: Path) -> None:
 
 
 ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")
-RESUMABLE_CHANGES = {"optim.epochs", "progress", "threads"}
+RESUMABLE_CHANGES = {"optim.epochs", "progress", "threads", "device"}
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -398,6 +404,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.val_metric == "METEOR" and not java_available()[0]:
         raise TrainError("val_metric=METEOR needs Java; use CIDEr-D or BLEU-4")
     get_architecture(cfg.arch)  # raises with the list of architectures
+    check_precision(cfg.precision, resolve_device(cfg.device))  # a GPU that is not there, an unknown precision
     if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1:
         raise TrainError("optim.batch_size and optim.epochs must be >= 1")
     if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
