@@ -178,11 +178,14 @@ def cmd_features(a: argparse.Namespace) -> int:
                                batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
                                overwrite=a.overwrite, progress=not a.quiet, device=a.device,
                                precision=a.precision)
-    print_json(summary)
-    if summary["failed"]:
-        print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}", file=sys.stderr)
-        return 1
-    return 0
+    from .distributed import env_world
+
+    if env_world()[0] == 0:  # under torchrun, one summary (rank 0's holds the totals of all ranks)
+        print_json(summary)
+        if summary["failed"]:
+            print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}",
+                  file=sys.stderr)
+    return 1 if summary["failed"] else 0
 
 
 # ----------------------------------------------------------------------------- train / evaluate
