@@ -89,7 +89,8 @@ def print_json(obj, **kw) -> None:
 # ----------------------------------------------------------------------------- prepare
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from .data.corpus import CorpusError, read_corpus
+    from .data.corpus import CorpusError
+    from .data.readers import read_corpus
     from .data.text import Vocab, length_report, write_json_atomic
 
     kwargs = {"strict": a.strict, "dedupe": a.dedupe}
