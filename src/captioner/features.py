@@ -13,6 +13,9 @@ memory maps, so a killed process never leaves a row marked done with partial dat
 (the kernel keeps the written pages); a rerun computes only rows whose status is 0.
 The fingerprint (encoder, preprocessing, image names and sizes) guards against resuming
 into a store made from other inputs.
+
+Under torchrun (one node), every process fills the same files: rank r encodes the rows i with
+i % world == r; rank 0 creates or checks the store first and writes meta.json last, after a barrier.
 """
 
 from __future__ import annotations
