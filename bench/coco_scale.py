@@ -5,8 +5,8 @@
     so exact on any machine), the fastest of 5 timings of decoding + resizing a COCO-sized JPEG
     (640x480, made from examples/) and of the network on batches of 8 photos (the first N of
     Flickr8k, or synthetic images when the dataset is absent); then ``extract_features`` end to end
-    at Lite0/224 on those N photos (the project's Flickr8k copy is pre-resized to 224 px). Timings on a busy machine are not measurements:
-    the load average before the run is printed.
+    at Lite0/224 on those N photos (the project's Flickr8k copy is pre-resized to 224 px). Timings on
+    a busy machine are not measurements: the load average before the run is printed.
 (b) trainer memory: a corpus of COCO's size (123,287 images, Karpathy split 113,287 / 5,000 / 5,000,
     5 captions of 8-16 words each, a 10,000-word vocabulary) and a *sparse* feature store of its
     shape (nothing written: rows are memory-mapped like a real store's); the process's private

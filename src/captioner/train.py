@@ -199,8 +199,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
         changed = _config_changes(json.loads(c["config"]), asdict(cfg)) if "config" in c else []
         if changed:
-            raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); "
-                             "resume with the same settings (only optim.epochs, progress, threads and device may change)")
+            raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); resume "
+                             "with the same settings (only optim.epochs, progress, threads and device may change)")
         _check_resume_vocab(c, decoder, vocab, vocab_path, ckpt)
         decoder.load_state_dict(c["model"])
         opt.load_state_dict(c["optimizer"])
