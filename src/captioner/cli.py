@@ -89,7 +89,8 @@ def print_json(obj, **kw) -> None:
 # ----------------------------------------------------------------------------- prepare
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from .data.corpus import CorpusError, read_corpus
+    from .data.corpus import CorpusError
+    from .data.readers import read_corpus
     from .data.text import Vocab, length_report, write_json_atomic
 
     kwargs = {"strict": a.strict, "dedupe": a.dedupe}
@@ -176,12 +177,16 @@ def cmd_features(a: argparse.Namespace) -> int:
         raise FeatureStoreError(f"no images to encode in {a.corpus or a.images}")
     summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
                                batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
-                               overwrite=a.overwrite, progress=not a.quiet)
-    print_json(summary)
-    if summary["failed"]:
-        print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}", file=sys.stderr)
-        return 1
-    return 0
+                               overwrite=a.overwrite, progress=not a.quiet, device=a.device,
+                               precision=a.precision)
+    from .distributed import env_world
+
+    if env_world()[0] == 0:  # under torchrun, one summary (rank 0's holds the totals of all ranks)
+        print_json(summary)
+        if summary["failed"]:
+            print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}",
+                  file=sys.stderr)
+    return 1 if summary["failed"] else 0
 
 
 # ----------------------------------------------------------------------------- train / evaluate
@@ -191,6 +196,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     cfg = load_config(TrainConfig, a.config, a.overrides)
+    if a.device is not None:  # the command line wins over the config file
+        cfg.device = a.device
+    if a.precision is not None:
+        cfg.precision = a.precision
     summary = train(cfg, resume=a.resume)
     print_json({k: v for k, v in summary.items() if k != "history"})
     return 0
@@ -200,7 +209,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit or 0,
-                         allow_unk=a.allow_unk)
+                         allow_unk=a.allow_unk, device=a.device, precision=a.precision)
     print(res["markdown"])
     for k, s in res["seconds"].items():
         print(f"beam {k}: {s} s")
@@ -222,7 +231,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
         from .viz import figure_format
 
         figure_format(a.attention)  # an unsupported figure format is a bad command, before any work
-    model = Captioner.from_pretrained(a.model)
+    model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision)
     settings = model.decoding_settings(  # checked (bounds, sampling vs beam options) before any image is read
         beam_size=a.beam, n_best=a.n_best, max_len=a.max_len, length_penalty=a.length_penalty,
         allow_unk=a.allow_unk or None, sample=a.sample or None, num_captions=a.num_captions,
@@ -289,6 +298,15 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def _device_options(s: argparse.ArgumentParser, default: str | None = "cpu", where: str = "") -> None:
+    """--device and --precision (checked when the command runs: an absent GPU is exit status 2)."""
+    s.add_argument("--device", default=default, metavar="{cpu,cuda,auto}",
+                   help="where the networks run: cpu (default), cuda (cuda:N for one GPU) or auto, a GPU when "
+                        f"there is one{where}")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default=None if default is None else "fp32",
+                   help="bf16: bfloat16 autocast, for GPUs with bfloat16 units (default fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -332,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=_positive, default=None, help="decompression-bomb limit")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
+    _device_options(s)
     s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("train", help="train a captioning model", description="Overrides: key=value, e.g. "
@@ -339,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="YAML config (see configs/)")
     s.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
+    _device_options(s, default=None, where=" (default: the config's device, cpu)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="score a model on a split (JSON + Markdown)")
@@ -351,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, captions.json")
     s.add_argument("--allow-unk", action="store_true", help="let captions contain <unk> (default: never, "
                    "as in `captioner caption`)")
+    _device_options(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("caption", help="caption images with a model (default: the bundled one)")
@@ -379,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding processes (default: 1 for more than one batch; 0: decode in this process)")
     s.add_argument("--batch-size", type=_positive, default=16, help="images encoded and decoded together")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_options(s)
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")

@@ -50,9 +50,10 @@ def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: i
     Returns words (n, T), the summed log-probabilities of the chosen words (n,) and the
     attention of each step (list of (n, P) or None)."""
     state = model.init_state(memory)
-    prev = torch.full((n,), start_id, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    scores = torch.zeros(n)
+    device = memory[0].device
+    prev = torch.full((n,), start_id, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    scores = torch.zeros(n, device=device)
     words, atts = [], []
     for _ in range(max_len):
         logp, state, att = model.step(prev, state, memory)
@@ -64,7 +65,7 @@ def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: i
         prev = word
         if bool(done.all()):
             break
-    words_t = torch.stack(words, 1) if words else torch.empty(n, 0, dtype=torch.long)
+    words_t = torch.stack(words, 1) if words else torch.empty(n, 0, dtype=torch.long, device=device)
     return words_t, scores, atts
 
 
@@ -103,13 +104,14 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     B = features.shape[0]
     memory = _expand(model.encode(features), k)
     state = model.init_state(memory)
-    prev = torch.full((B * k,), start_id, dtype=torch.long)
-    scores = torch.full((B, k), float("-inf"))
+    device = features.device
+    prev = torch.full((B * k,), start_id, dtype=torch.long, device=device)
+    scores = torch.full((B, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step picks k distinct words
-    finished = torch.zeros(B, k, dtype=torch.bool)
-    history = torch.empty(B, k, 0, dtype=torch.long)
+    finished = torch.zeros(B, k, dtype=torch.bool, device=device)
+    history = torch.empty(B, k, 0, dtype=torch.long, device=device)
     att_hist = None
-    offsets = (torch.arange(B) * k).unsqueeze(1)  # (B,1)
+    offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B,1)
     for _ in range(max_len):
         logp, state, att = model.step(prev, state, memory)  # (B*k, V)
         V = logp.shape[-1]
@@ -202,8 +204,10 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
         probs = logits.softmax(-1)
         if gens is None:
             return torch.multinomial(probs, 1).squeeze(1)
-        return torch.cat([torch.multinomial(probs[b * num_samples:(b + 1) * num_samples], 1, generator=g)
-                          for b, g in enumerate(gens)]).squeeze(1)
+        # seeded: drawn on the CPU from each image's CPU stream, so a seed gives the same captions on any device
+        cpu_probs = probs.float().cpu()
+        return torch.cat([torch.multinomial(cpu_probs[b * num_samples:(b + 1) * num_samples], 1, generator=g)
+                          for b, g in enumerate(gens)]).squeeze(1).to(probs.device)
 
     B = features.shape[0]
     memory = _expand(model.encode(features), num_samples)

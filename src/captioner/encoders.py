@@ -219,28 +219,40 @@ def _fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class ImageEncoder:
-    """A frozen backbone in inference mode: uint8 images in, ``(B, H*W, C)`` float features out."""
+    """A frozen backbone in inference mode: uint8 images in, ``(B, H*W, C)`` float32 features out.
 
-    def __init__(self, spec: EncoderSpec | str, *, fuse: bool = True):
+    ``device`` is where the network runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the features come
+    back on it); ``precision="bf16"`` runs it under bfloat16 autocast (:mod:`captioner.devices`)."""
+
+    def __init__(self, spec: EncoderSpec | str, *, fuse: bool = True, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
+        from .devices import check_precision, resolve_device
+
+        self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device)
         self.spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
         net = self.spec.build().eval()
         for p in net.parameters():
             p.requires_grad_(False)
         net = _fold_batchnorm(net) if fuse else net
-        self.net = net.to(memory_format=torch.channels_last)  # after folding: the fused weights are new
-        self._mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
-        self._inv_std = 1.0 / torch.tensor(self.spec.std).view(1, 3, 1, 1)
+        # after folding: the fused weights are new
+        self.net = net.to(self.device, memory_format=torch.channels_last)
+        self._mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         return np.stack([image_to_array(im, self.spec) for im in images])
 
     @torch.inference_mode()
     def encode_arrays(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, S, S, 3)`` -> float32 ``(B, H*W, C)``."""
-        x = torch.as_tensor(batch).permute(0, 3, 1, 2).float()  # (B,3,S,S), channels_last memory
+        """uint8 ``(B, S, S, 3)`` -> float32 ``(B, H*W, C)`` on the encoder's device."""
+        from .devices import autocast
+
+        x = torch.as_tensor(batch, device=self.device).permute(0, 3, 1, 2).float()  # (B,3,S,S), channels_last
         x = ((x - self._mean) * self._inv_std).contiguous(memory_format=torch.channels_last)
-        fmap = self.net(x)  # (B, C, H, W)
-        return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
+        with autocast(self.device, self.precision):
+            fmap = self.net(x)  # (B, C, H, W)
+        return fmap.flatten(2).transpose(1, 2).float().contiguous()  # (B, H*W, C)
 
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
         return self.encode_arrays(self.preprocess(images))

@@ -11,6 +11,7 @@ from typing import Sequence
 from .data.corpus import Corpus
 from .data.text import Vocab, write_text_atomic
 from .dataset import CaptionData
+from .devices import autocast, check_precision, module_device, resolve_device
 from .features import FeatureStore
 from .metrics import METRIC_NAMES, compute_metrics
 from .inference import DecodingSettings
@@ -18,15 +19,19 @@ from .modeldir import load_model_dir
 
 
 def evaluate_split(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSettings, *,
-                   batch_size: int = 100, metrics=None, limit: int = 0) -> tuple[dict, dict[str, str], dict[str, str]]:
+                   batch_size: int = 100, metrics=None, limit: int = 0,
+                   precision: str = "fp32") -> tuple[dict, dict[str, str], dict[str, str]]:
     """Decode the images of ``data`` with ``settings`` and score them against their references.
 
+    Decoding runs where the decoder's weights are (each batch of features is moved there).
     Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
+    device = module_device(decoder)
     n = len(data.images) if not limit else min(limit, len(data.images))
     cands: dict[str, str] = {}
     for i in range(0, n, batch_size):
-        feats = data.features(slice(i, min(n, i + batch_size)))
-        hyps = settings.decode(decoder, vocab, feats, seed_offset=i)
+        feats = data.features(slice(i, min(n, i + batch_size))).to(device)
+        with autocast(device, precision):
+            hyps = settings.decode(decoder, vocab, feats, seed_offset=i)
         for j, h in enumerate(hyps):
             cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
     refs = {k: data.refs[k] for k in cands}
@@ -47,10 +52,15 @@ def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str
 
 def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test", beams: Sequence[int] = (1, 3, 5),
                    out: str | None = None, max_len: int | None = None, limit: int = 0,
-                   metrics: Sequence[str] | None = None, allow_unk: bool = False) -> dict:
+                   metrics: Sequence[str] | None = None, allow_unk: bool = False, device: str = "cpu",
+                   precision: str = "fp32") -> dict:
     """Decode ``split`` at each beam size as `captioner caption` does (<unk> never output unless
-    ``allow_unk``) and score it."""
+    ``allow_unk``) and score it. ``device`` (cpu, cuda, auto) and ``precision`` (fp32, bf16): where
+    and how the decoder runs."""
+    dev = resolve_device(device)
+    check_precision(precision, dev)
     decoder, vocab, cfg = load_model_dir(model)
+    decoder.to(dev)
     store = FeatureStore.open(features)
     have, want = store.meta["encoder"], cfg["encoder"]
     for key in ("name", "image_size", "grid", "resize", "mean", "std"):
@@ -66,7 +76,7 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
     for k in beams:
         t0 = time.perf_counter()
         scores, cands, unavailable = evaluate_split(decoder, vocab, data, base.replace(beam_size=k),
-                                                    metrics=metrics, limit=limit)
+                                                    metrics=metrics, limit=limit, precision=precision)
         result["beams"][k] = scores
         result["seconds"][k] = round(time.perf_counter() - t0, 1)
         result["captions"][k] = cands

@@ -13,6 +13,9 @@ memory maps, so a killed process never leaves a row marked done with partial dat
 (the kernel keeps the written pages); a rerun computes only rows whose status is 0.
 The fingerprint (encoder, preprocessing, image names and sizes) guards against resuming
 into a store made from other inputs.
+
+Under torchrun (one node), every process fills the same files: rank r encodes the rows i with
+i % world == r; rank 0 creates or checks the store first and writes meta.json last, after a barrier.
 """
 
 from __future__ import annotations
@@ -92,12 +95,42 @@ def extract_features(
     overwrite: bool = False,
     progress: bool = True,
     limit_batches: int | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict:
     """Compute (or finish computing) the features of ``images`` into ``out_dir``.
 
     Returns a summary: rows computed now, rows already done, failures, images/s.
     ``limit_batches`` stops after that many batches (for tests and benchmarks).
+    ``device`` runs the encoder there (cpu, cuda, auto); ``precision="bf16"`` under bfloat16 autocast
+    (recorded in meta.json: a store is finished in the precision it was started in).
+    Under torchrun (WORLD_SIZE > 1, one node) each process encodes every WORLD_SIZE-th image into the
+    same store, which ends up exactly as a single-process run leaves it.
     """
+    from .devices import check_precision, resolve_device
+    from .distributed import env_world, one_node, process_group
+
+    dev = resolve_device(device)  # a GPU that is not there: an error before any file is touched
+    check_precision(precision, dev)
+    _, world = env_world()
+    if world > 1 and not one_node(world):
+        raise FeatureStoreError(
+            f"{out_dir}: feature extraction runs its ranks on one machine (they write one shared memory-mapped "
+            f"store), but torchrun started {world} processes over several nodes; use `torchrun --standalone "
+            "--nproc_per_node N` on one node, or one store per node (each with its own --splits)")
+    with process_group() as group:
+        return _extract(group, image_root, images, out_dir, encoder=encoder, resize=resize, image_size=image_size,
+                        batch_size=batch_size, workers=workers, max_pixels=max_pixels, overwrite=overwrite,
+                        progress=progress, limit_batches=limit_batches, device=dev, precision=precision)
+
+
+def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size, batch_size, workers, max_pixels,
+             overwrite, progress, limit_batches, device, precision) -> dict:
+    """extract_features in one process of ``group``: rank r encodes the rows i with i % world == r.
+
+    Rank 0 alone creates (or checks) the store and finally writes meta.json; every rank writes its
+    own rows into the shared memory maps (disjoint rows, so no two ranks write the same bytes), and
+    the layout is exactly that of a single-process run. Alone (world 1) this is the whole job."""
     import torch
     from tqdm import tqdm
 
@@ -112,61 +145,56 @@ def extract_features(
     if max_pixels is None:
         max_pixels = DEFAULT_MAX_PIXELS
     n, hw, c = len(names), spec.grid[0] * spec.grid[1], spec.channels
-    fp = fingerprint(spec.to_dict(), names, root)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "encoder": spec.to_dict(),
-        "shape": [n, hw, c],
-        "dtype": "float16",
-        "image_root": str(root.resolve()),
-        "fingerprint": fp,
-    }
-    out.mkdir(parents=True, exist_ok=True)
     feat_path, status_path = out / "features.npy", out / "status.npy"
-    fresh = overwrite or not (out / "meta.json").exists()
-    if not fresh:
-        try:
-            old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        except (ValueError, OSError) as e:
-            raise FeatureStoreError(f"{out / 'meta.json'}: damaged ({e}); use a new output directory or --overwrite") \
-                from None
-        if not isinstance(old, dict):
-            raise FeatureStoreError(f"{out / 'meta.json'}: not a feature store's meta.json; use a new output "
-                                    "directory or --overwrite")
-        if old.get("fingerprint") != fp or old.get("shape") != meta["shape"]:
-            raise FeatureStoreError(
-                f"{out}: this store was made from other images or another encoder "
-                f"({(old.get('encoder') if isinstance(old.get('encoder'), dict) else {}).get('name')}, "
-                f"{old.get('shape')}); "
-                "use a new output directory or --overwrite"
-            )
-    if fresh:
-        for p in (feat_path, status_path, out / "errors.jsonl", out / "meta.json"):
-            p.unlink(missing_ok=True)
-        np.lib.format.open_memmap(status_path, mode="w+", dtype=np.uint8, shape=(n,)).flush()
-        np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16, shape=(n, hw, c)).flush()
-        _write_json_atomic(out / "index.json", {"images": names})
-        _write_json_atomic(out / "meta.json", {**meta, "complete": False})
 
+    def open_store() -> tuple[dict, int, bool]:
+        """Create or check the store (rank 0); returns its meta, rows already done, rows left to do."""
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "encoder": spec.to_dict(),
+            "shape": [n, hw, c],
+            "dtype": "float16",
+            "image_root": str(root.resolve()),
+            "fingerprint": fingerprint(spec.to_dict(), names, root),
+            "precision": precision,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        fresh = overwrite or not (out / "meta.json").exists()
+        if not fresh:
+            _check_resumable(out, meta)
+        if fresh:
+            for p in (feat_path, status_path, out / "errors.jsonl", out / "meta.json"):
+                p.unlink(missing_ok=True)
+            np.lib.format.open_memmap(status_path, mode="w+", dtype=np.uint8, shape=(n,)).flush()
+            np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16, shape=(n, hw, c)).flush()
+            _write_json_atomic(out / "index.json", {"images": names})
+            _write_json_atomic(out / "meta.json", {**meta, "complete": False})
+        status = np.load(status_path, mmap_mode="r")
+        left = bool((status == TODO).any())
+        if left:  # only when rows will be written: a finished store is not touched
+            for p in (status_path, feat_path):
+                _reserve_disk_space(p, out, n)
+        return meta, int((status == DONE).sum()), left
+
+    meta, already, left = group.on_rank0(open_store)  # the others wait for the files to exist
     status = np.load(status_path, mmap_mode="r+")
     feats = np.load(feat_path, mmap_mode="r+")
-    todo = [int(i) for i in np.flatnonzero(status == TODO)]
-    if todo:  # only when rows will be written: a finished store is not touched
-        for p in (status_path, feat_path):
-            _reserve_disk_space(p, out, n)
-    already = int((status == DONE).sum())
+    # this rank's share; no other rank writes these rows, so reading their status here is safe
+    todo = [int(i) for i in np.flatnonzero(status == TODO) if i % group.world == group.rank]
     t0 = time.perf_counter()
     done_now = failed_now = 0
     if todo:
-        enc = ImageEncoder(spec)
+        enc = ImageEncoder(spec, device=device, precision=precision)
         ds = _DecodeDataset(root, names, todo, spec, max_pixels)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
             prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
         )
-        bar = tqdm(total=len(todo), unit="img", desc=f"features {spec.name}", disable=not progress,
-                   dynamic_ncols=True)
+        ranks = f" (rank 0 of {group.world}, its share)" if group.world > 1 else ""
+        bar = tqdm(total=len(todo), unit="img", desc=f"features {spec.name}{ranks}",
+                   disable=not progress or group.rank != 0, dynamic_ncols=True)
+        # every rank appends whole lines (one write each, O_APPEND): lines never interleave
         with open(out / "errors.jsonl", "a") as errlog:
             for b, batch in enumerate(loader):
                 if limit_batches is not None and b >= limit_batches:
@@ -181,7 +209,7 @@ def extract_features(
                 if good:
                     rows = np.array([r for r, _ in good])
                     grid = enc.encode_arrays(np.stack([a for _, a in good]))
-                    feats[rows] = grid.numpy().astype(np.float16)  # data first ...
+                    feats[rows] = grid.cpu().numpy().astype(np.float16)  # data first ...
                     status[rows] = DONE  # ... then the done mark
                     done_now += len(good)
                 bar.update(len(batch))
@@ -191,10 +219,14 @@ def extract_features(
         bar.close()
     feats.flush()
     status.flush()
+    group.barrier()  # every rank's rows are written
     secs = time.perf_counter() - t0
+    done_now, failed_now = (int(v) for v in group.sum([done_now, failed_now]))
     complete = bool((status != TODO).all())
-    _write_json_atomic(out / "meta.json", {**meta, "complete": complete})
-    return {
+    if group.rank == 0:
+        _write_json_atomic(out / "meta.json", {**meta, "complete": complete})
+    group.barrier()  # meta.json is final when any rank returns
+    summary = {
         "store": str(out),
         "images": n,
         "computed": done_now,
@@ -202,8 +234,34 @@ def extract_features(
         "failed": int((status == FAILED).sum()),
         "complete": complete,
         "seconds": round(secs, 2),
-        "images_per_second": round((done_now + failed_now) / secs, 2) if secs > 0 and todo else None,
+        "images_per_second": round((done_now + failed_now) / secs, 2) if secs > 0 and left else None,
     }
+    if group.world > 1:
+        summary["ranks"] = group.world
+    return summary
+
+
+def _check_resumable(out: Path, meta: dict) -> None:
+    """An existing store may be finished only with the same images, encoder and precision."""
+    try:
+        old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise FeatureStoreError(f"{out / 'meta.json'}: damaged ({e}); use a new output directory or --overwrite") \
+            from None
+    if not isinstance(old, dict):
+        raise FeatureStoreError(f"{out / 'meta.json'}: not a feature store's meta.json; use a new output "
+                                "directory or --overwrite")
+    if old.get("fingerprint") != meta["fingerprint"] or old.get("shape") != meta["shape"]:
+        raise FeatureStoreError(
+            f"{out}: this store was made from other images or another encoder "
+            f"({(old.get('encoder') if isinstance(old.get('encoder'), dict) else {}).get('name')}, "
+            f"{old.get('shape')}); "
+            "use a new output directory or --overwrite"
+        )
+    was = old.get("precision", "fp32")  # stores from before precision was recorded are fp32
+    if was != meta["precision"]:
+        raise FeatureStoreError(f"{out}: this store was started in {was} precision; finish it with "
+                                f"--precision {was}, or start again with --overwrite")
 
 
 def _reserve_disk_space(path: Path, out: Path, n_images: int) -> None:

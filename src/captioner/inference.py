@@ -191,17 +191,32 @@ def _as_list(batch):
 
 
 class Captioner:
-    """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``."""
+    """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``.
 
-    def __init__(self, decoder: Decoder, vocab: Vocab, config: dict):
-        self.decoder, self.vocab, self.config = decoder.eval(), vocab, config
-        self.settings = DecodingSettings.from_model(config)  # this model's decoding defaults
+    ``device`` (cpu, cuda, cuda:N, auto) is where the encoder and the decoder run; ``precision``
+    ``"bf16"`` runs them under bfloat16 autocast (default fp32)."""
+
+    def __init__(self, decoder: Decoder, vocab: Vocab, config: dict, *, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
+        from .devices import check_precision, resolve_device
+
+        self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device)
+        self.decoder, self.vocab, self.config = decoder.to(self.device).eval(), vocab, config
+        try:
+            self.settings = DecodingSettings.from_model(config)  # this model's decoding defaults
+        except (TypeError, ValueError) as e:
+            raise ModelDirError(f"config.json: its decoding defaults are not usable: {e}") from None
         self._encoder = None
         self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL) -> "Captioner":
-        return cls(*load_model_dir(name_or_path))
+    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
+                        precision: str = "fp32") -> "Captioner":
+        from .devices import check_precision, resolve_device
+
+        check_precision(precision, resolve_device(device))  # before loading anything
+        return cls(*load_model_dir(name_or_path), device=device, precision=precision)
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
         extra = {k: v for k, v in self.config.items() if k not in ("format", "version", "arch", "model")}
@@ -217,7 +232,7 @@ class Captioner:
                 raise ModelDirError("this model's config.json names no encoder, so it can only caption features "
                                     "(decode_features), not images")
             spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"))
-            self._encoder = ImageEncoder(spec)
+            self._encoder = ImageEncoder(spec, device=self.device, precision=self.precision)
         return self._encoder
 
     def decoding_settings(self, settings: DecodingSettings | None = None, **overrides: Any) -> DecodingSettings:
@@ -227,8 +242,11 @@ class Captioner:
     def decode_features(self, features: torch.Tensor, settings: DecodingSettings | None = None, *,
                         seed_offset: int = 0, **overrides: Any):
         """Hypotheses per image for a batch of encoder features (B, P, C)."""
-        return self.decoding_settings(settings, **overrides).decode(self.decoder, self.vocab, features,
-                                                                    seed_offset=seed_offset)
+        from .devices import autocast
+
+        s = self.decoding_settings(settings, **overrides)
+        with autocast(self.device, self.precision):
+            return s.decode(self.decoder, self.vocab, features.to(self.device), seed_offset=seed_offset)
 
     def caption(self, images: Sequence[Any] | Any, settings: DecodingSettings | None = None, **kw: Any
                 ) -> list[CaptionResult]:
@@ -276,7 +294,7 @@ class Captioner:
                 import numpy as np
 
                 feats = self.encoder.encode_arrays(np.stack([p.array for p in good]))
-                hyps = s.decode(self.decoder, self.vocab, feats, seed_offset=seed_offset + readable)
+                hyps = self.decode_features(feats, s, seed_offset=seed_offset + readable)
                 readable += len(good)
             it = iter(hyps)
             for p in batch:

@@ -34,6 +34,7 @@ from .config import save_yaml
 from .data.corpus import Corpus
 from .data.text import Vocab
 from .dataset import CaptionData
+from .devices import autocast, check_precision, resolve_device
 from .evaluate import evaluate_split
 from .inference import DecodingSettings
 from .features import FeatureStore
@@ -85,13 +86,15 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = leave the default
     out_dir: str = "runs/sat"
     progress: bool = True
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (a GPU when there is one); `captioner train --device`
+    precision: str = "fp32"  # or bf16: forward and loss under bfloat16 autocast
 
 
 def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on real target words only (mask from lengths), plus the model's regulariser."""
     T = out.logits.shape[1]
     targets = tokens[:, 1:T + 1]
-    mask = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    mask = torch.arange(T, device=lengths.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
     ce = F.cross_entropy(out.logits[mask], targets[mask])
     total = ce + (out.extra_loss if out.extra_loss is not None else 0.0)
     return total, ce
@@ -161,6 +164,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     from tqdm import tqdm
 
     check_config(cfg)
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -196,6 +200,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         decoder = build_decoder(cfg.arch, model_cfg, vocab=vocab)
         if decoder.word_vector_report is not None:
             print(decoder.word_vector_report.summary(), flush=True)
+    decoder.to(device)
     opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
                            weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
@@ -205,8 +210,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
         changed = _config_changes(json.loads(c["config"]), asdict(cfg)) if "config" in c else []
         if changed:
-            raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); "
-                             "resume with the same settings (only optim.epochs, progress and threads may change)")
+            raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); resume "
+                             "with the same settings (only optim.epochs, progress, threads and device may change)")
         _check_resume_vocab(c, decoder, vocab, vocab_path, ckpt)
         decoder.load_state_dict(c["model"])
         opt.load_state_dict(c["optimizer"])
@@ -250,12 +255,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     def step_loss(idx: torch.Tensor):
         if scst:
             images = [train_data.images[i] for i in idx.tolist()]
-            loss, reward, baseline = scst_loss(decoder, train_data.features(idx.numpy()), images, cider, vocab.itos,
-                                               start_id=vocab.start_id, end_id=vocab.end_id, cfg=cfg.scst,
-                                               banned=banned)
+            with autocast(device, cfg.precision):
+                loss, reward, baseline = scst_loss(decoder, train_data.features(idx.numpy()).to(device), images,
+                                                   cider, vocab.itos, start_id=vocab.start_id, end_id=vocab.end_id,
+                                                   cfg=cfg.scst, banned=banned)
             return loss, {"reward": reward, "baseline": baseline}
-        feats, tokens, lengths = train_data.batch(idx)
-        loss, ce = caption_loss(decoder(feats, tokens, lengths), tokens, lengths)
+        feats, tokens, lengths = (t.to(device) for t in train_data.batch(idx))
+        with autocast(device, cfg.precision):
+            loss, ce = caption_loss(decoder(feats, tokens, lengths), tokens, lengths)
         return loss, {"ce": ce.item()}
 
     while state["epoch"] < cfg.optim.epochs and not out_of_time:
@@ -360,7 +367,7 @@ def _restore_weights(decoder, model_dir: Path) -> None:
 
 
 ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")
-RESUMABLE_CHANGES = {"optim.epochs", "optim.max_minutes", "progress", "threads"}
+RESUMABLE_CHANGES = {"optim.epochs", "optim.max_minutes", "progress", "threads", "device"}
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -454,6 +461,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.val_metric == "METEOR" and not java_available()[0]:
         raise TrainError("val_metric=METEOR needs Java; use CIDEr-D or BLEU-4")
     get_architecture(cfg.arch)  # raises with the list of architectures
+    check_precision(cfg.precision, resolve_device(cfg.device))  # a GPU that is not there, an unknown precision
     if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1:
         raise TrainError("optim.batch_size and optim.epochs must be >= 1")
     if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):

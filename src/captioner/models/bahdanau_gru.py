@@ -87,7 +87,7 @@ class BahdanauGRUDecoder(Decoder):
             h, alpha = self._advance(tokens[:n, t], h[:n], f[:n], keys[:n])
             hs[:n, t] = h
             alphas[:n, t] = alpha
-        mask = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # real target positions
+        mask = torch.arange(T, device=lengths.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # real target positions
         logits = f.new_zeros(B, T, self.cfg.vocab_size)
         logits[mask] = self.head(hs[mask])
         return DecoderOutput(logits=logits, attention=alphas)

@@ -41,7 +41,7 @@ class TransformerConfig(DecoderConfig):
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """PE(t, 2i) = sin(t / 10000^(2i/d)), PE(t, 2i+1) = cos(...). positions (T,) -> (T, dim)."""
-    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) * (-math.log(10000.0) / dim))
     angles = positions.float().unsqueeze(1) * inv  # (T, dim/2)
     return torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1)[:, :dim]
 
@@ -88,7 +88,7 @@ class TransformerDecoder(Decoder):
 
     def _words(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens (B, T) at positions start.. -> (B, T, d)."""
-        pos = sinusoid(torch.arange(start, start + tokens.shape[1]), self.cfg.d_model)
+        pos = sinusoid(torch.arange(start, start + tokens.shape[1], device=tokens.device), self.cfg.d_model)
         return self.dropout(self.W_x(self.embed(tokens)) * math.sqrt(self.cfg.d_model) + pos)
 
     def encode(self, features: torch.Tensor) -> Memory:
@@ -119,7 +119,7 @@ class TransformerDecoder(Decoder):
         memory = self.encode(features)
         T = int(lengths.max()) - 1
         x = self._words(tokens[:, :T], start=0)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.project_kv(layer.ln1(x))
             x, weights = layer(x, k, v, memory[2 * i], memory[2 * i + 1], mask=causal)

@@ -1,0 +1,82 @@
+"""Where the networks run: ``--device cpu|cuda|auto`` and ``--precision fp32|bf16``.
+
+Everything defaults to the CPU in float32, so nothing changes for a user who never asks.
+``auto`` takes a CUDA GPU when PyTorch sees one, else the CPU. Under ``torchrun`` a bare
+``cuda`` means this process's own GPU, ``cuda:$LOCAL_RANK``.
+
+``bf16`` runs the matrix products in bfloat16 under ``torch.autocast`` (weights stay float32,
+training needs no loss scaling); it saves memory and time on GPUs with bfloat16 units
+(NVIDIA Ampere and later). On a CPU it is allowed but rarely faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+import torch
+
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16")
+
+
+class DeviceError(ValueError):
+    """A device or precision that this machine cannot give (a user's mistake: exit status 2)."""
+
+
+def resolve_device(name: str | torch.device = "cpu") -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> a :class:`torch.device` this machine has.
+
+    A CUDA device that is not there is a :class:`DeviceError` saying what to use instead."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):
+        raise DeviceError(f"device {name!r}: expected one of cpu, cuda, cuda:N, auto")
+    text = name.strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not m:
+        raise DeviceError(f"device {name!r}: unknown; use cpu, cuda, cuda:N (a GPU's number) or auto "
+                          "(a GPU when there is one, else the CPU)")
+    if not torch.cuda.is_available():
+        why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+               else "PyTorch sees no CUDA GPU on this machine")
+        raise DeviceError(f"device {name!r}: {why} (torch {torch.__version__}); use --device cpu, or --device auto "
+                          "to take a GPU only when there is one")
+    if m.group(1) is not None:
+        index = int(m.group(1))
+    else:  # under torchrun each process takes its own GPU of the node
+        index = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceError(f"device {name!r}: GPU {index} asked for, but this machine has {count} "
+                          f"(cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` (a :class:`DeviceError` for another name, or bf16 on a GPU without it)."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"precision {precision!r}: use fp32 (default) or bf16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"precision bf16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                          "use --precision fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """The context a forward pass runs in: nothing for fp32, bfloat16 autocast for bf16."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (the CPU for a module without any)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,120 @@
+"""Several processes on one job, started by PyTorch's launcher: ``torchrun --nproc_per_node N -m captioner ...``.
+
+torchrun gives each process its place in environment variables (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``). Without them (a plain
+``captioner ...``) a command is rank 0 of 1 and nothing here communicates, so single-process
+behaviour never depends on torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+# How long a rank waits for the others at a barrier. Ranks get equal shares, but one may start
+# later or run on a slower device; torchrun stops every rank as soon as one fails, so a long wait
+# only happens when a peer is alive but stuck.
+BARRIER_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def env_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        rank = int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, RANK={os.environ.get('RANK')!r}: expected "
+                         "whole numbers (these are set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"WORLD_SIZE={world}, RANK={rank}: expected 0 <= RANK < WORLD_SIZE (set by torchrun)")
+    return rank, world
+
+
+@dataclass
+class Group:
+    """This process's rank among ``world`` processes, and the few collectives the commands need."""
+
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (picklable, small)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the ranks."""
+        if self.world == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def on_rank0(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run by rank 0 only; its result is handed to every rank, and so is its failure:
+        the other ranks raise a ValueError with rank 0's message instead of waiting for it forever."""
+        if self.world == 1:
+            return fn()
+        result, failure = None, None
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # shared below, then raised again here
+                error = e
+                user = isinstance(e, (ValueError, OSError))
+                text = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror
+                        else str(e))
+                failure = (user, text if user else f"{type(e).__name__}: {e}")
+        result, failure = self.broadcast((result, failure))
+        if error is not None:
+            raise error
+        if failure is not None:
+            user, text = failure
+            raise (ValueError if user else RuntimeError)(f"{text} (rank 0 stopped; so does rank {self.rank})")
+        return result
+
+
+def one_node(world: int) -> bool:
+    """True when all ``world`` processes are on this machine (torchrun's LOCAL_WORLD_SIZE says so)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return local is None or not local.isdigit() or int(local) == world
+
+
+@contextlib.contextmanager
+def process_group(backend: str = "gloo"):
+    """The :class:`Group` of this process: under torchrun (WORLD_SIZE > 1) a process group is set up
+    for the duration (unless one already is); otherwise rank 0 of 1, with no communication."""
+    rank, world = env_world()
+    if world == 1:
+        yield Group()
+        return
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
+    try:
+        yield Group(dist.get_rank(), dist.get_world_size())
+    finally:
+        if created:
+            dist.destroy_process_group()
