@@ -98,3 +98,42 @@ def test_budget_and_schedule_are_validated(synthetic, tmp_path, override, messag
     setattr(cfg.optim, override, -1.0 if override == "max_minutes" else "linear")
     with pytest.raises(TrainError, match=message):
         train(cfg)
+
+
+# --- scheduled sampling -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["sat", "bahdanau-gru", "gru-residual", "merge", "transformer"])
+def test_scheduled_sampling_at_p0_is_teacher_forcing_and_at_p1_feeds_the_models_words(arch):
+    from captioner.models import build_decoder
+    from captioner.scheduled_sampling import scheduled_sampling_forward
+    from captioner.train import caption_loss
+
+    torch.manual_seed(0)
+    from .models.test_contract import SMALL as SMALL_ARCH
+
+    dec = build_decoder(arch, {**SMALL_ARCH[arch], "vocab_size": 20, "feature_dim": 8}).eval()
+    feats = torch.randn(3, 4, 8)
+    lengths = torch.tensor([7, 6, 4])
+    tokens = torch.zeros(3, 7, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        tokens[b, 0], tokens[b, n - 1] = 1, 2
+        tokens[b, 1:n - 1] = torch.randint(4, 20, (n - 2,))
+    teacher = caption_loss(dec(feats, tokens, lengths), tokens, lengths)[1]
+    p0 = caption_loss(scheduled_sampling_forward(dec, feats, tokens, lengths, 0.0), tokens, lengths)[1]
+    assert p0.item() == pytest.approx(teacher.item(), abs=1e-4)
+    p1 = caption_loss(scheduled_sampling_forward(dec, feats, tokens, lengths, 1.0), tokens, lengths)[1]
+    assert abs(p1.item() - teacher.item()) > 1e-4  # other words were fed
+
+
+def test_scheduled_sampling_schedule_and_training(synthetic, tmp_path):
+    from captioner.scheduled_sampling import ScheduledSamplingConfig
+
+    s = ScheduledSamplingConfig(max_prob=0.25, start_epoch=2, increase_every=2, increase_prob=0.1)
+    assert [s.prob(e) for e in range(1, 8)] == [0.0, 0.1, 0.1, 0.2, 0.2, 0.25, 0.25]
+    cfg = small_config(synthetic, tmp_path / "ss", epochs=3)
+    cfg.scheduled_sampling = ScheduledSamplingConfig(max_prob=0.25, start_epoch=1, increase_every=1,
+                                                     increase_prob=0.1)
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "ss" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["scheduled_sampling_prob"] for r in rows] == [0.1, 0.2, 0.25]
+    assert summary["best"] > 2.0  # it learns (the blind most-frequent caption scores about 1.55)

@@ -85,7 +85,6 @@ def scst_loss(decoder, features: torch.Tensor, images: Sequence[str], cider: Cid
 
     Captions are drawn with dropout off unless ``cfg.dropout``: the policy improved is then the
     network that captions at test time."""
-    K, B = cfg.samples, features.shape[0]
     training = decoder.training
     decoder.train(cfg.dropout)
     try:

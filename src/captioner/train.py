@@ -39,6 +39,7 @@ from .evaluate import evaluate_split
 from .inference import DecodingSettings
 from .features import FeatureStore
 from .models import build_decoder
+from .scheduled_sampling import ScheduledSamplingConfig, scheduled_sampling_forward
 from .scst import CiderD, ScstConfig, scst_loss
 from .modeldir import banned_ids, load_model_dir, save_model_dir
 
@@ -82,6 +83,7 @@ class TrainConfig:
     init_from: str = ""  # a model directory to start from (staged training), instead of random weights
     objective: str = "xe"  # "xe": cross-entropy on the references; "scst": self-critical on CIDEr-D (needs init_from)
     scst: ScstConfig = field(default_factory=ScstConfig)
+    scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)  # xe only
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave the default
     out_dir: str = "runs/sat"
@@ -262,12 +264,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             return loss, {"reward": reward, "baseline": baseline}
         feats, tokens, lengths = (t.to(device) for t in train_data.batch(idx))
         with autocast(device, cfg.precision):
-            loss, ce = caption_loss(decoder(feats, tokens, lengths), tokens, lengths)
+            if ss_prob > 0:
+                out_ = scheduled_sampling_forward(decoder, feats, tokens, lengths, ss_prob)
+            else:
+                out_ = decoder(feats, tokens, lengths)
+            loss, ce = caption_loss(out_, tokens, lengths)
         return loss, {"ce": ce.item()}
 
     while state["epoch"] < cfg.optim.epochs and not out_of_time:
         epoch = state["epoch"] + 1
         rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
+        ss_prob = 0.0 if scst else cfg.scheduled_sampling.prob(epoch)
         decoder.train()
         if scst:  # images, not captions: each image's samples are scored against all its references
             order = torch.from_numpy(rng.permutation(len(train_data.images)))
@@ -328,6 +335,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                ("images_per_s" if scst else "captions_per_s"): round(seen / train_secs, 1),
                "train_seconds": round(train_secs, 1), "val_seconds": round(time.perf_counter() - t1, 1),
                "lr": lr_used, "elapsed_seconds": round(time.perf_counter() - t_start, 1), "cut_short": out_of_time,
+               **({"scheduled_sampling_prob": ss_prob} if ss_prob else {}),
                "val": {k: round(v, 5) for k, v in scores.items()},
                "example": next(iter(cands.values()))}
         state["history"].append(row)
@@ -487,6 +495,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.optim.schedule not in ("plateau", "cosine"):
         raise TrainError(f"optim.schedule={cfg.optim.schedule!r}: use plateau (decay when validation stops "
                          "improving) or cosine (from optim.lr to 0 over the epochs, or over optim.max_minutes)")
+    ss = cfg.scheduled_sampling
+    if not (0 <= ss.max_prob <= 1 and 0 <= ss.increase_prob <= 1 and ss.increase_every >= 1 and ss.start_epoch >= 1):
+        raise TrainError("scheduled_sampling: max_prob and increase_prob must be from 0 to 1, increase_every and "
+                         "start_epoch >= 1")
     if cfg.objective not in ("xe", "scst"):
         raise TrainError(f"objective={cfg.objective!r}: use xe (cross-entropy) or scst (self-critical, after xe)")
     if cfg.objective == "scst":
