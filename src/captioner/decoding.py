@@ -106,7 +106,9 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     state = model.init_state(memory)
     device = features.device
     prev = torch.full((B * k,), start_id, dtype=torch.long, device=device)
-    scores = torch.full((B, k), float("-inf"), device=device)
+    # summed in float64: a caption's score does not depend on how many images share the batch
+    # beyond the network's own rounding
+    scores = torch.full((B, k), float("-inf"), device=device, dtype=torch.float64)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step picks k distinct words
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)
@@ -120,7 +122,7 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
         frozen = torch.full_like(logp[0, 0], float("-inf"))
         frozen[end_id] = 0.0
         logp = torch.where(finished.unsqueeze(-1), frozen, logp)
-        cand = (scores.unsqueeze(-1) + logp).view(B, k * V)
+        cand = (scores.unsqueeze(-1) + logp.double()).view(B, k * V)
         top_scores, top_idx = cand.topk(k, dim=1)  # (B, k)
         beam_idx, word = top_idx // V, top_idx % V
         flat = (offsets + beam_idx).view(-1)
