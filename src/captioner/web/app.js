@@ -95,13 +95,16 @@ async function caption(note) {
   let resp, body;
   try {
     resp = await fetch("/v1/captions", { method: "POST", body: form });
-    body = await resp.json();
+    body = await resp.json().catch(() => null);  // every answer of the server is JSON; a proxy's may not be
   } catch (e) {
-    if (id === state.request) setStatus(`The server could not be reached (${e.message}); try again.`, "error");
+    if (id !== state.request) return;
+    $("result").hidden = true;
+    setStatus(`The server could not be reached (${e.message}); try again.`, "error");
     return;
   }
   if (id !== state.request) return;
   if (!resp.ok) {
+    $("result").hidden = true;  // the answer shown was for another photo
     const wait = resp.headers.get("Retry-After");
     setStatus((body && body.error ? body.error : `the server answered ${resp.status}`) +
               (wait ? ` (try again in ${wait} s)` : ""), "error");
@@ -115,6 +118,7 @@ async function caption(note) {
 // ---------------------------------------------------------------- showing the answer
 
 function show(result, image) {
+  if (state.image && state.image !== image) URL.revokeObjectURL(state.image.src);  // the previous photo
   state.result = result;
   state.image = image;
   state.pinned = -1;
