@@ -333,7 +333,7 @@ async def _wait_for(condition, seconds: float = 20.0):
 
 
 def test_a_full_queue_answers_503_with_retry_after_then_recovers(model):
-    app = create_app(model, ServeConfig(max_batch=1, max_queue=1, **FAST))
+    app = create_app(model, ServeConfig(max_batch=1, max_queue=2, max_images=2, **FAST))  # 2 images may wait
     batcher = app.state.batcher
     release = threading.Event()
 
@@ -343,8 +343,9 @@ def test_a_full_queue_answers_503_with_retry_after_then_recovers(model):
             batcher.executor.submit(release.wait)  # the model thread is busy
             first = asyncio.ensure_future(c.post("/v1/captions", **_one("a.png", png_bytes())))
             await _wait_for(lambda: batcher.running == 1)  # taken from the queue, waiting for the model
-            second = asyncio.ensure_future(c.post("/v1/captions", **_one("b.png", png_bytes())))
-            await _wait_for(lambda: batcher.queued == 1)  # the queue is full
+            second = asyncio.ensure_future(c.post("/v1/captions", files=[("images", ("b1.png", png_bytes())),
+                                                                         ("images", ("b2.png", png_bytes()))]))
+            await _wait_for(lambda: batcher.queued == 2)  # two images waiting: the queue is full
             third = await c.post("/v1/captions", **_one("c.png", png_bytes()))
             release.set()
             return await first, await second, third
@@ -356,7 +357,8 @@ def test_a_full_queue_answers_503_with_retry_after_then_recovers(model):
         batcher.close()
     assert third.status_code == 503 and int(third.headers["Retry-After"]) >= 1
     assert "busy" in third.json()["error"]
-    assert first.status_code == 200 and second.status_code == 200
+    assert first.status_code == 200 and second.status_code == 200 and len(second.json()["results"]) == 2
+    assert list(batcher.batch_sizes) == [1, 1, 1]
 
 
 def test_a_request_waiting_longer_than_the_timeout_gets_503_and_the_server_recovers(model):
@@ -431,6 +433,7 @@ def test_captioner_serve_runs_uvicorn_on_loopback_and_stops_on_ctrl_c():
     (["--max-upload-mb", "100", "--max-request-mb", "10"], "raise the request limit"),
     (["--model", "no-such-model"], "no-such-model: no such model directory"),
     (["--host", "256.1.1.1"], "--host 256.1.1.1"),
+    (["--max-images", "20", "--max-queue", "10"], "could never be taken"),
 ])
 def test_serve_refuses_bad_settings_with_status_2(args, message, capsys):
     from captioner.cli import main

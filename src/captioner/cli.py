@@ -412,11 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=_positive, default=50, help="longest caption a client may ask for (default 50)")
     g.add_argument("--timeout", type=_positive_float, default=30.0,
                    help="seconds a request may wait for its captions, then 503 (default 30)")
-    g.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for the model; more get 503 "
-                   "with Retry-After (default 64)")
+    g.add_argument("--max-queue", type=_positive, default=256, help="images waiting for the model; more get 503 "
+                   "with Retry-After (default 256)")
     g = s.add_argument_group("micro-batching")
-    g.add_argument("--max-batch", type=_positive, default=32,
-                   help="images of concurrent requests captioned together (default 32; 1: no batching)")
+    g.add_argument("--max-batch", type=_positive, default=16,
+                   help="images of concurrent requests captioned together (default 16; 1: no batching)")
     g.add_argument("--max-wait-ms", type=_nonneg_float, default=5.0,
                    help="how long a batch waits for more images when the model is idle (default 5 ms)")
     g.add_argument("--no-batching", action="store_true", help="one image per model call (same as --max-batch 1)")

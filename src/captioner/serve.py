@@ -49,9 +49,9 @@ class ServeConfig:
     max_beam: int = 10  # bounds beam, n_best and num_captions
     max_len: int = 50  # longest caption a client may ask for (words)
     timeout: float = 30.0  # seconds a request may wait for its captions
-    max_batch: int = 32  # images in one model call (1: no batching)
+    max_batch: int = 16  # images in one model call (1: no batching); 16: the CPU's best (bench/README.md)
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for others
-    max_queue: int = 64  # requests waiting for the model; beyond: 503
+    max_queue: int = 256  # images waiting for the model; beyond: 503
     warm_up: bool = True  # caption one image at start-up so the first request is not slow
 
     def checked(self) -> "ServeConfig":
@@ -64,6 +64,9 @@ class ServeConfig:
                     raise ValueError(f"--max-wait-ms {v}: must be from 0 to 1000")
             elif not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"--{f.name.replace('_', '-')} {v}: must be > 0")
+        if self.max_images > self.max_queue:
+            raise ValueError(f"--max-images {self.max_images} is more than the queue holds (--max-queue "
+                             f"{self.max_queue} images): such a request could never be taken")
         if self.max_upload_bytes > self.max_request_bytes:
             raise ValueError(f"the upload limit per file ({self.max_upload_bytes} bytes) is larger than the request "
                              f"limit ({self.max_request_bytes} bytes); raise the request limit too")
@@ -97,7 +100,7 @@ class Batcher:
 
     ``batch_sizes`` keeps the number of images of each batch the model ran (the last 10000)."""
 
-    def __init__(self, model: Captioner, *, max_batch: int = 32, max_wait: float = 0.005, max_queue: int = 64,
+    def __init__(self, model: Captioner, *, max_batch: int = 16, max_wait: float = 0.005, max_queue: int = 256,
                  max_pixels: int | None = None):
         self.model, self.max_batch, self.max_wait, self.max_queue = model, max_batch, max_wait, max_queue
         self.max_pixels = max_pixels
@@ -119,7 +122,8 @@ class Batcher:
         if self._task is not None and self._loop is loop and not self._task.done():
             return
         self._loop = loop
-        self._queue = asyncio.Queue(self.max_queue)
+        self._queue = asyncio.Queue(self.max_queue)  # bounded in requests; and in images by submit()
+        self._waiting = 0
         self._task = loop.create_task(self._run(), name="captioner-batcher")
 
     async def stop(self) -> None:
@@ -136,7 +140,8 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Images waiting for the model (not counting the call under way)."""
+        return self._waiting if self._queue is not None else 0
 
     def retry_after(self) -> int:
         """Seconds after which the queue has probably room again (at least 1)."""
@@ -149,28 +154,35 @@ class Batcher:
         self.start()
         future = asyncio.get_running_loop().create_future()
         job = _Job(images, settings, future, object() if settings.sample and settings.seed is not None else None)
+        if self._waiting + len(images) > self.max_queue:
+            raise Busy(self.retry_after())
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             raise Busy(self.retry_after()) from None
+        self._waiting += len(images)
         return future
+
+    def _took(self, job: _Job) -> _Job:
+        self._waiting -= len(job.images)
+        return job
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         queue = self._queue
         while True:
-            jobs = [await queue.get()]
+            jobs = [self._took(await queue.get())]
             n = len(jobs[0].images)
             deadline = loop.time() + self.max_wait
-            while n < self.max_batch:
+            while n < self.max_batch:  # more requests: those already waiting, then those arriving in time
                 try:
-                    job = queue.get_nowait()
+                    job = self._took(queue.get_nowait())
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
                     try:
-                        job = await asyncio.wait_for(queue.get(), remaining)
+                        job = self._took(await asyncio.wait_for(queue.get(), remaining))
                     except asyncio.TimeoutError:
                         break
                 jobs.append(job)
