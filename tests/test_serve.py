@@ -4,7 +4,6 @@ limits and every kind of bad input, micro-batching of concurrent requests, and t
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import signal

@@ -284,8 +284,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import ServeConfig, serve
 
-    cfg = ServeConfig(max_upload_bytes=round(a.max_upload_mb * 2**20), max_request_bytes=round(a.max_request_mb * 2**20),
-                      max_images=a.max_images, max_pixels=a.max_pixels, max_beam=a.max_beam, max_len=a.max_len,
+    cfg = ServeConfig(max_upload_bytes=round(a.max_upload_mb * 2**20),
+                      max_request_bytes=round(a.max_request_mb * 2**20), max_images=a.max_images, max_pixels=a.max_pixels, max_beam=a.max_beam, max_len=a.max_len,
                       timeout=a.timeout, max_batch=1 if a.no_batching else a.max_batch, max_wait_ms=a.max_wait_ms,
                       max_queue=a.max_queue)
     serve(a.model, cfg.checked(), host=a.host, port=a.port, log_level=a.log_level, threads=a.threads)

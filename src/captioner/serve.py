@@ -112,6 +112,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = 0  # images in the queue
         self.running = 0  # images in the model call under way (or waiting for the model thread)
 
     # -- event-loop side
@@ -247,7 +248,7 @@ def _as_bool(name: str, text: str) -> bool:
     t = text.strip().lower()
     if t in ("1", "true", "yes", "on"):
         return True
-    if t in ("0", "false", "no", "off", ""):
+    if t in ("0", "false", "no", "off"):
         return False
     raise OptionError(f"{name}: expected true or false, got {text!r}")
 
