@@ -1,4 +1,4 @@
-"""The `captioner` command: prepare, features, train, evaluate, caption, synth."""
+"""The `captioner` command: prepare, features, train, evaluate, caption, serve, synth."""
 
 from __future__ import annotations
 
@@ -288,6 +288,19 @@ def cmd_caption(a: argparse.Namespace) -> int:
     return status
 
 
+# ----------------------------------------------------------------------------- serve
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    cfg = ServeConfig(max_upload_bytes=round(a.max_upload_mb * 2**20),
+                      max_request_bytes=round(a.max_request_mb * 2**20), max_images=a.max_images, max_pixels=a.max_pixels, max_beam=a.max_beam, max_len=a.max_len,
+                      timeout=a.timeout, max_batch=1 if a.no_batching else a.max_batch, max_wait_ms=a.max_wait_ms,
+                      max_queue=a.max_queue)
+    serve(a.model, cfg.checked(), host=a.host, port=a.port, log_level=a.log_level, threads=a.threads)
+    return 0
+
+
 # ----------------------------------------------------------------------------- synth
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -402,6 +415,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _device_options(s)
     s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("serve", help="a REST API and a web page (needs the serve extra)",
+                       description="Serve a model: the web page at /, POST /v1/captions, GET /v1/health, "
+                                   "GET /v1/models, API docs at /docs. Images come only from uploads: the server "
+                                   "never fetches URLs.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_nonneg_int, default=8000, help="port (default 8000; 0: any free port)")
+    s.add_argument("--model", default="flickr8k-sat", help="model directory or bundled model name")
+    g = s.add_argument_group("limits")
+    g.add_argument("--max-upload-mb", type=_positive_float, default=10.0, help="largest file (default 10 MB)")
+    g.add_argument("--max-request-mb", type=_positive_float, default=64.0, help="largest request (default 64 MB)")
+    g.add_argument("--max-images", type=_positive, default=16, help="images per request (default 16)")
+    g.add_argument("--max-pixels", type=_positive, default=40_000_000,
+                   help="largest image in pixels, checked before decoding (default 40 million)")
+    g.add_argument("--max-beam", type=_positive, default=10, help="largest beam, n-best and number of samples "
+                   "a client may ask for (default 10)")
+    g.add_argument("--max-len", type=_positive, default=50, help="longest caption a client may ask for (default 50)")
+    g.add_argument("--timeout", type=_positive_float, default=30.0,
+                   help="seconds a request may wait for its captions, then 503 (default 30)")
+    g.add_argument("--max-queue", type=_positive, default=256, help="images waiting for the model; more get 503 "
+                   "with Retry-After (default 256)")
+    g = s.add_argument_group("micro-batching")
+    g.add_argument("--max-batch", type=_positive, default=16,
+                   help="images of concurrent requests captioned together (default 16; 1: no batching)")
+    g.add_argument("--max-wait-ms", type=_nonneg_float, default=5.0,
+                   help="how long a batch waits for more images when the model is idle (default 5 ms)")
+    g.add_argument("--no-batching", action="store_true", help="one image per model call (same as --max-batch 1)")
+    s.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")
     s.add_argument("--out", required=True)

@@ -1,0 +1,197 @@
+"""The web page end to end, in a real browser: the server runs under uvicorn on 127.0.0.1 and Debian's
+chromium (driven by Playwright, headless) opens the page, uploads a photo, waits for the caption,
+hovers and taps words, and checks the attention overlay is drawn on the photo's canvas.
+
+The browser is /usr/bin/chromium (`apt-get install chromium`; `make test` installs it; another path
+with CAPTIONER_CHROMIUM). Without it these tests FAIL and say so: they never skip.
+CAPTIONER_SERVE_SCREENSHOT=docs/serve-page.png also saves the desktop screenshot there (the README's)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioner.inference import Captioner
+from captioner.serve import ServeConfig, bind_socket, create_app
+
+from .serve_helpers import EXAMPLES, merge_model_dir
+
+CHROMIUM = os.environ.get("CAPTIONER_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu"]
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        end = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < end, "the server did not start"
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"BROWSER MISSING: the browser tests need Debian's chromium at {CHROMIUM}, which is not there. "
+                    "Install it (as root: apt-get install chromium; `make test` tries to) or point "
+                    "CAPTIONER_CHROMIUM at a Chromium binary. These tests fail rather than skip.", pytrace=False)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright for Python is missing: pip install 'captioner[test]' (make test installs it)",
+                    pytrace=False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def sat_url():
+    app = create_app(Captioner.from_pretrained("flickr8k-sat"), ServeConfig())
+    with ServerThread(app) as url:
+        yield url
+
+
+def _page(browser, **context):
+    ctx = browser.new_context(**context)
+    page = ctx.new_page()
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    return page
+
+
+def _pixels(page) -> np.ndarray:
+    """The photo canvas's pixels (RGB, int16), read back losslessly as a PNG."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    url = page.evaluate("() => document.getElementById('view').toDataURL('image/png')")
+    png = base64.b64decode(url.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def _upload(page, url, photo: Path):
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('Model ')")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector(".chip", timeout=60_000)
+
+
+def test_page_captions_a_photo_and_overlays_each_words_attention(browser, sat_url, tmp_path):
+    page = _page(browser, viewport={"width": 1100, "height": 760})
+    _upload(page, sat_url, EXAMPLES / "chelsea.png")
+    words = page.locator(".chip").all_inner_texts()
+    assert " ".join(words) == "a white dog is playing with a toy"  # the bundled model's caption (README)
+    n_best = page.locator("#nbest li").all_inner_texts()
+    assert len(n_best) == 3 and n_best[0].startswith("a white dog is playing with a toy")
+    assert "chelsea.png" in page.inner_text("#status")
+
+    photo = _pixels(page)
+    assert photo.shape[:2] == (300, 451)  # the photo itself, at its size
+    page.hover(".chip >> nth=2")  # "dog"
+    assert page.get_attribute(".chip >> nth=2", "class") == "chip active"
+    dog = _pixels(page)
+    changed = np.abs(dog - photo).max(axis=-1) > 8
+    assert changed.mean() > 0.5, "the overlay should tint most of the photo (jet colours at 50 %)"
+    assert "dog" in page.inner_text("#legend")
+    page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
+    if os.environ.get("CAPTIONER_SERVE_SCREENSHOT"):
+        shutil.copy(tmp_path / "serve-page.png", os.environ["CAPTIONER_SERVE_SCREENSHOT"])
+
+    page.hover(".chip >> nth=7")  # "toy": another map
+    toy = _pixels(page)
+    assert np.abs(toy - dog).mean() > 2, "each word has its own map"
+    page.hover("h1")  # away from the words: the photo alone again
+    assert np.array_equal(_pixels(page), photo)
+    page.click(".chip >> nth=2")  # clicked (tapped): the map stays when the pointer leaves
+    page.hover("h1")
+    assert np.array_equal(_pixels(page), dog)
+    page.click(".chip >> nth=2")  # clicked again: the photo alone
+    page.hover("h1")
+    assert np.array_equal(_pixels(page), photo)
+    assert page.errors == []
+
+
+def test_the_overlay_map_is_the_figures_map(browser, sat_url):
+    """The page's JavaScript computes viz.attention_overlay_map (bicubic upsampling, Gaussian blur of
+    0.3 cells, normalised) to within PIL's 8-bit rounding and box-blur approximation."""
+    from captioner.viz import attention_overlay_map
+
+    page = _page(browser)
+    page.goto(sat_url)
+    rng = np.random.default_rng(0)
+    for w, h in ((160, 120), (90, 200)):
+        alpha = rng.dirichlet(np.full(49, 0.3)).tolist()
+        js = np.asarray(page.evaluate(f"() => Array.from(attentionMap({alpha}, [7, 7], {w}, {h}))")).reshape(h, w)
+        py = attention_overlay_map(alpha, (7, 7), (w, h), smooth=0.3)
+        assert np.abs(js - py).mean() < 0.02 and np.abs(js - py).max() < 0.12
+        assert np.unravel_index(js.argmax(), js.shape) == pytest.approx(np.unravel_index(py.argmax(), py.shape), abs=3)
+
+
+def test_page_works_on_a_phone_sized_touch_screen(browser, sat_url):
+    page = _page(browser, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                 device_scale_factor=2)
+    _upload(page, sat_url, EXAMPLES / "rocket.jpg")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # nothing wider than the screen
+    box = page.locator("#view").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["width"] > 300
+    before = _pixels(page)
+    page.tap(".chip >> nth=1")
+    after = _pixels(page)
+    assert (np.abs(after - before).max(axis=-1) > 8).mean() > 0.5
+    chip = page.locator(".chip >> nth=1").bounding_box()
+    assert chip["height"] >= 30  # big enough to tap
+    assert page.errors == []
+
+
+def test_page_says_plainly_when_the_model_has_no_attention(browser, tmp_path):
+    app = create_app(Captioner.from_pretrained(merge_model_dir(tmp_path / "merge")), ServeConfig())
+    with ServerThread(app) as url:
+        page = _page(browser)
+        _upload(page, url, EXAMPLES / "coffee.png")
+        assert "no attention over image regions" in page.inner_text("#model")
+        assert "has no attention over image regions" in page.inner_text("#hint")
+        before = _pixels(page)
+        page.hover(".chip >> nth=0")
+        assert np.array_equal(_pixels(page), before)  # nothing drawn: no fake map
+        assert page.errors == []
+
+
+def test_page_shows_the_servers_message_for_a_bad_file(browser, sat_url, tmp_path):
+    bad = tmp_path / "holiday.jpg"
+    bad.write_text("this is not a photo")
+    page = _page(browser)
+    _upload(page, sat_url, EXAMPLES / "coffee.png")
+    assert page.is_visible("#result")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_selector("#status.error")
+    assert "holiday.jpg: not an image file" in page.inner_text("#status")
+    assert page.is_hidden("#result")  # the previous photo's answer is not left under the error
+    # errors logged by the browser for the 422 itself are expected here; no script error
+    assert not [e for e in page.errors if "status of 422" not in e]
