@@ -233,7 +233,7 @@ def _edit(cfg: dict, key: str, value) -> dict:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (("decoding.beam_size", "3"), "decoding.beam_size must be a whole number from 1 to 1000, got '3'"),
+    (("decoding.beam_size", "3"), "decoding.beam_size must be a whole number from 1 to 50, got '3'"),
     ("top-level list", "expected a JSON object at the top level, got list"),
     (("encoder.grid", KeyError), "encoder: missing grid"),
     (("model.vocab_size", -5), "model.vocab_size must be a whole number from 4 to 2000000, got -5"),
