@@ -151,3 +151,19 @@ def test_bytes_and_file_sources_are_named(bundled, photo_paths):
     data = open(photo_paths[3], "rb").read()
     res = bundled.caption([data, io.BytesIO(data)])
     assert [r.source for r in res] == ["image 0", "image 1"] and res[0].caption == res[1].caption
+
+
+def test_batched_beam_search_equals_per_image_with_the_bundled_model(bundled, photo_paths):
+    """Issue 8: the batched search gives each image the caption and score it gets alone (within 1e-5)."""
+    from captioner.decoding import decode
+    from captioner.modeldir import banned_ids
+
+    arrays = np.stack([bundled.encoder.preprocess([Image.open(p).convert("RGB")])[0] for p in photo_paths])
+    feats = bundled.encoder.encode_arrays(arrays)
+    kw = dict(start_id=bundled.vocab.start_id, end_id=bundled.vocab.end_id, beam_size=3, max_len=30,
+              banned=banned_ids(bundled.vocab))
+    batched = decode(bundled.decoder, feats, **kw)
+    for i, hyps in enumerate(batched):
+        alone = decode(bundled.decoder, feats[i:i + 1], **kw)[0]
+        assert hyps[0].tokens == alone[0].tokens
+        assert abs(hyps[0].score - alone[0].score) <= 1e-5
