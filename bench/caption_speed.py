@@ -22,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# as the CLI does (captioner.cli.main): OpenMP threads that do not spin, set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -152,6 +152,9 @@ class CaptionResult:
         return d
 
 
+ENCODER_BATCH = 8  # images per encoder call (the feature extractor's default too)
+
+
 class _Prepared:
     """One input after loading: its source name, the encoder's uint8 array or an error."""
 
@@ -293,7 +296,11 @@ class Captioner:
             if good:
                 import numpy as np
 
-                feats = self.encoder.encode_arrays(np.stack([p.array for p in good]))
+                arrays = np.stack([p.array for p in good])
+                # the encoder runs fastest in small batches that stay in cache (as `features` does);
+                # the decoder gains from large ones
+                feats = torch.cat([self.encoder.encode_arrays(arrays[i:i + ENCODER_BATCH])
+                                   for i in range(0, len(arrays), ENCODER_BATCH)])
                 hyps = self.decode_features(feats, s, seed_offset=seed_offset + readable)
                 readable += len(good)
             it = iter(hyps)
