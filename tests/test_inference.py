@@ -113,7 +113,11 @@ def test_results_stream_batch_by_batch(bundled, photo_paths):
 def test_seeded_samples_depend_on_the_image_position_among_readable_images(bundled, photo_paths):
     a = bundled.caption(photo_paths[:4], sample=True, num_captions=2, seed=7, batch_size=3)
     b = bundled.caption([photo_paths[0], b"junk", *photo_paths[1:4]], sample=True, num_captions=2, seed=7, batch_size=2)
-    assert [r.samples for r in a] == [r.samples for r in b if r.ok]
+    kept = [r.samples for r in b if r.ok]
+    # the same words; the scores agree up to float32 matmuls over batches of other sizes
+    assert [[c.caption for c in s] for s in (r.samples for r in a)] == [[c.caption for c in s] for s in kept]
+    for sa, sb in zip((r.samples for r in a), kept):
+        assert [c.score for c in sa] == pytest.approx([c.score for c in sb], abs=5e-4)
     assert all(r.n_best == r.samples[:1] and r.caption == r.samples[0].caption for r in a)
 
 

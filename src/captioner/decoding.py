@@ -53,12 +53,12 @@ def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: i
     device = memory[0].device
     prev = torch.full((n,), start_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    scores = torch.zeros(n, device=device)
+    scores = torch.zeros(n, device=device, dtype=torch.float64)  # summed as beam search sums
     words, atts = [], []
     for _ in range(max_len):
         logp, state, att = model.step(prev, state, memory)
         word = torch.where(done, torch.full_like(prev, end_id), choose(_ban(logp, banned)))
-        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1))
+        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1).double())
         words.append(word)
         atts.append(att)
         done = done | (word == end_id)  # not in place: SCST backpropagates through torch.where(done, ...)

@@ -319,6 +319,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                 return {"stopped_at_step": state["step"]}
         bar.close()
         if seen == 0:  # the budget ran out before this epoch's first step
+            print(f"optim.max_minutes={cfg.optim.max_minutes} reached after epoch {state['epoch']}", flush=True)
             break
         _stop_if_weights_not_finite(decoder, state["step"], epoch, cfg, out)
         train_secs = time.perf_counter() - t0
@@ -364,7 +365,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
             print(f"early stop: no better {cfg.val_metric} for {state['bad_epochs']} epochs")
             break
-    return _summary(state, out)
+    return _summary(state, out, out_of_time=out_of_time)
 
 
 def _restore_weights(decoder, model_dir: Path) -> None:
@@ -451,9 +452,9 @@ def _check_resume_vocab(c: dict, decoder, vocab: Vocab, vocab_path: str, ckpt: P
                      "out_dir (init_from cannot change the vocabulary either)")
 
 
-def _summary(state: dict, out: Path) -> dict:
+def _summary(state: dict, out: Path, *, out_of_time: bool = False) -> dict:
     return {"best": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-            "out_dir": str(out), "history": state["history"]}
+            "out_dir": str(out), "history": state["history"], "out_of_time": out_of_time}
 
 
 def check_config(cfg: TrainConfig) -> None:
