@@ -201,7 +201,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.precision is not None:
         cfg.precision = a.precision
     summary = train(cfg, resume=a.resume)
-    print_json({k: v for k, v in summary.items() if k != "history"})
+    from .distributed import env_world
+
+    if env_world()[0] == 0:  # under torchrun, rank 0 alone prints
+        print_json({k: v for k, v in summary.items() if k != "history"})
     return 0
 
 

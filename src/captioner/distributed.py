@@ -69,29 +69,67 @@ class Group:
         dist.all_reduce(t)
         return t.tolist()
 
+    def broadcast_numbers(self, values: list[float]) -> list[float]:
+        """Rank 0's numbers on every rank (cheaper than :meth:`broadcast`: called once per step)."""
+        if self.world == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        return t.tolist()
+
+    def broadcast_tensors(self, tensors) -> None:
+        """Overwrite ``tensors`` (e.g. a model's state_dict().values()) in place with rank 0's."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable, small), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        box: list[Any] = [None] * self.world
+        dist.all_gather_object(box, obj)
+        return box
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run by every rank; when it fails on any rank, every rank fails: the first rank
+        that failed raises its own error, the others a ValueError with its message (a RuntimeError
+        for a bug), instead of going on to wait in a collective for a rank that has stopped."""
+        if self.world == 1:
+            return fn()
+        result, failure = None, None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except Exception as e:  # shared below, then raised again here
+            error = e
+            user = isinstance(e, (ValueError, OSError))
+            text = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror
+                    else str(e))
+            failure = (user, text if user else f"{type(e).__name__}: {e}")
+        for rank, failed in enumerate(self.gather(failure)):
+            if failed is None:
+                continue
+            if rank == self.rank:
+                raise error
+            user, text = failed
+            raise (ValueError if user else RuntimeError)(f"{text} (rank {rank} stopped; so does rank {self.rank})")
+        return result
+
     def on_rank0(self, fn: Callable[[], T]) -> T:
         """``fn()`` run by rank 0 only; its result is handed to every rank, and so is its failure:
         the other ranks raise a ValueError with rank 0's message instead of waiting for it forever."""
         if self.world == 1:
             return fn()
-        result, failure = None, None
-        error: BaseException | None = None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except Exception as e:  # shared below, then raised again here
-                error = e
-                user = isinstance(e, (ValueError, OSError))
-                text = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror
-                        else str(e))
-                failure = (user, text if user else f"{type(e).__name__}: {e}")
-        result, failure = self.broadcast((result, failure))
-        if error is not None:
-            raise error
-        if failure is not None:
-            user, text = failure
-            raise (ValueError if user else RuntimeError)(f"{text} (rank 0 stopped; so does rank {self.rank})")
-        return result
+        return self.broadcast(self.agree(fn if self.rank == 0 else lambda: None))
 
 
 def one_node(world: int) -> bool:
@@ -100,10 +138,18 @@ def one_node(world: int) -> bool:
     return local is None or not local.isdigit() or int(local) == world
 
 
+def backend_for(device) -> str:
+    """The process group backend for ranks whose networks run on ``device`` (a torch.device, or None
+    when it is not known yet): gloo on CPUs; on GPUs NCCL for the GPU tensors (DDP's gradients) and
+    gloo for the CPU tensors (the few numbers and objects the commands exchange)."""
+    return "cpu:gloo,cuda:nccl" if device is not None and device.type == "cuda" else "gloo"
+
+
 @contextlib.contextmanager
 def process_group(backend: str = "gloo"):
     """The :class:`Group` of this process: under torchrun (WORLD_SIZE > 1) a process group is set up
-    for the duration (unless one already is); otherwise rank 0 of 1, with no communication."""
+    for the duration (unless one already is); otherwise rank 0 of 1, with no communication.
+    ``backend``: see :func:`backend_for` (a CUDA backend needs ``torch.cuda.set_device`` first)."""
     rank, world = env_world()
     if world == 1:
         yield Group()

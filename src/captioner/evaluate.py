@@ -25,18 +25,27 @@ def evaluate_split(decoder, vocab: Vocab, data: CaptionData, settings: DecodingS
 
     Decoding runs where the decoder's weights are (each batch of features is moved there).
     Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
-    device = module_device(decoder)
     n = len(data.images) if not limit else min(limit, len(data.images))
+    cands = decode_images(decoder, vocab, data, settings, range(n), batch_size=batch_size, precision=precision)
+    refs = {k: data.refs[k] for k in cands}
+    res = compute_metrics(refs, cands, metrics=metrics)
+    return res.scores, cands, dict(res.unavailable)
+
+
+def decode_images(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSettings, positions: range, *,
+                  batch_size: int = 100, precision: str = "fp32") -> dict[str, str]:
+    """The best caption of each image ``data.images[i]`` for i in ``positions`` (a range: a share of
+    the split under torchrun), in that order. Image i draws from the random stream of seed offset i
+    when sampling, whatever share it is in."""
+    device = module_device(decoder)
     cands: dict[str, str] = {}
-    for i in range(0, n, batch_size):
-        feats = data.features(slice(i, min(n, i + batch_size))).to(device)
+    for i in range(positions.start, positions.stop, batch_size):
+        feats = data.features(slice(i, min(positions.stop, i + batch_size))).to(device)
         with autocast(device, precision):
             hyps = settings.decode(decoder, vocab, feats, seed_offset=i)
         for j, h in enumerate(hyps):
             cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
-    refs = {k: data.refs[k] for k in cands}
-    res = compute_metrics(refs, cands, metrics=metrics)
-    return res.scores, cands, dict(res.unavailable)
+    return cands
 
 
 def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str:

@@ -13,15 +13,26 @@ Files in ``out_dir``::
     best/              model directory (config.json + vocab.json + model.safetensors)
     metrics.jsonl      one line per epoch
     curves.png         loss and validation score per epoch
+
+Under ``torchrun --nproc_per_node N -m captioner train`` each of the N processes (ranks) runs
+this same code on the decoder wrapped in DistributedDataParallel. ``optim.batch_size`` stays the
+global batch: every rank builds the same list of batches (the order depends only on the seed and
+the epoch) and takes every N-th caption of each, so the gradient DDP averages is the one a single
+process computes on the whole batch, and ``optim.lr`` means what it means for one process.
+Validation images are decoded in N shares and scored on rank 0, whose score every rank uses; rank
+0's clock decides the time budget; rank 0 alone writes files and prints. A failure on one rank
+(a bad setting, a file it cannot read or write) stops every rank with its message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +45,11 @@ from .config import save_yaml
 from .data.corpus import Corpus
 from .data.text import Vocab
 from .dataset import CaptionData
-from .devices import autocast, check_precision, resolve_device
-from .evaluate import evaluate_split
+from .devices import DeviceError, autocast, check_precision, module_device, resolve_device
+from .distributed import Group, backend_for, env_world, process_group
+from .evaluate import decode_images
 from .inference import DecodingSettings
+from .metrics import compute_metrics
 from .features import FeatureStore
 from .models import build_decoder
 from .scheduled_sampling import ScheduledSamplingConfig, scheduled_sampling_forward
@@ -102,6 +115,454 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torc
     return total, ce
 
 
+# ----------------------------------------------------------------------------- the training loop
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None) -> dict:
+    """Train (or resume) and return a summary; under torchrun, one rank of a DDP run (see the module's
+    docstring). ``stop_after_steps`` is for tests."""
+    with process_group(backend_for(_this_ranks_device(cfg.device))) as group, _warnings_on_rank0_only(group):
+        run = group.agree(lambda: setup(cfg, group, resume))  # config checks, data, model, optimizer, resume state
+        try:
+            start(run)  # the ranks agree on where they start; rank 0 writes config.yaml; init_from's score to beat
+            while run.state["epoch"] < cfg.optim.epochs and not (run.budget.out or run.stopped_early):
+                epoch = run.state["epoch"] + 1
+                stats = train_epoch(run, epoch, stop_after_steps)
+                if stats["stopped_at_step"]:
+                    return {"stopped_at_step": stats["stopped_at_step"]}
+                if stats["seen"] == 0:  # the budget ran out before this epoch's first step
+                    run.say(f"optim.max_minutes={cfg.optim.max_minutes} reached after epoch {run.state['epoch']}")
+                    break
+                _stop_if_weights_not_finite(run.decoder, run.state["step"], epoch, cfg, run.out)
+                scores, cands, val_seconds = validate(run)
+                end_epoch(run, epoch, stats, scores, cands, val_seconds)  # lr, best/, restore_best, last.pt, logs
+            return _summary(run.state, run.out, out_of_time=run.budget.out)
+        finally:
+            run.model = None  # DDP's reducer goes before the process group does
+
+
+@dataclass
+class Run:
+    """What a training run holds between epochs (made by :func:`setup`)."""
+
+    cfg: TrainConfig
+    group: Group  # this rank among the torchrun processes (rank 0 of 1 without torchrun)
+    device: torch.device
+    out: Path
+    vocab: Vocab
+    train_data: CaptionData
+    val_data: CaptionData
+    decoder: torch.nn.Module  # the network itself: validated, checkpointed, saved
+    model: torch.nn.Module  # BatchLoss around the decoder; under torchrun wrapped in DistributedDataParallel
+    opt: torch.optim.Optimizer
+    sched: Any  # ReduceLROnPlateau (used by schedule=plateau)
+    state: dict  # epoch, step, best, best_epoch, bad_epochs, history: what last.pt records besides the weights
+    info: dict  # what best/ records about the training
+    resumed: bool = False
+    budget: "Budget | None" = None  # made by start()
+    steps_run: int = 0  # steps in this process (stop_after_steps)
+
+    @property
+    def scst(self) -> bool:
+        return self.cfg.objective == "scst"
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.cfg.optim.early_stop and self.state["bad_epochs"] >= self.cfg.optim.early_stop)
+
+    def say(self, *args, **kw) -> None:
+        """print, on rank 0 only."""
+        if self.group.rank == 0:
+            print(*args, **kw, flush=True)
+
+
+def setup(cfg: TrainConfig, group: Group, resume: bool) -> Run:
+    """Everything before the first step: config checks, data, model, optimizer and, with ``resume``,
+    the state of ``last.pt``. Every rank runs it (``train`` makes a failure on one stop them all);
+    nothing is written here."""
+    check_config(cfg, group.world)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    ckpt = out / "last.pt"
+    if ckpt.exists() and not resume:
+        raise TrainError(f"{out} already holds a training run (last.pt); use --resume to continue it, "
+                         "or another out_dir")
+    corpus = Corpus.load(cfg.data.corpus)
+    vocab_path = cfg.data.vocab or str(Path(cfg.data.corpus).with_name("vocab.json"))
+    vocab = Vocab.load(vocab_path)
+    store = FeatureStore.open(cfg.data.features)
+    enc = store.meta["encoder"]
+    train_data = CaptionData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
+    val_data = CaptionData(corpus, vocab, store, cfg.data.val_split, cfg.data.max_len)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP copies rank 0's anyway)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    decoder = _build_decoder(cfg, vocab, vocab_path, enc, group)
+    decoder.to(device)
+    if group.rank:  # dropout and sampling draw other numbers on each rank
+        _seed_rank(cfg.seed, group.rank)
+    opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                           weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
+                                                       patience=cfg.optim.lr_patience, threshold=0.0)
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
+    resumed = resume and ckpt.exists()
+    if resumed:
+        state = _load_checkpoint(ckpt, cfg, group, decoder, opt, sched, vocab, vocab_path)
+    info = {"encoder": enc, "decoding": DecodingSettings(beam_size=3, max_len=cfg.data.max_len).to_dict(),
+            "training": {"config": asdict(cfg), "corpus": corpus.name,
+                         "train_images": len(train_data.images), "train_captions": len(train_data)}}
+    model = BatchLoss(decoder, train_data, vocab, cfg, group)
+    run = Run(cfg, group, device, out, vocab, train_data, val_data, decoder, model, opt, sched, state, info,
+              resumed=resumed)
+    if resume and not resumed:
+        run.say(f"--resume: no checkpoint in {out}, starting from scratch")
+    return run
+
+
+def start(run: Run) -> None:
+    """Before the first epoch: every rank must start from the same point; DDP wraps the model; rank 0
+    writes config.yaml (and, on --resume, the logs again); a run from ``init_from`` scores its
+    starting model, the score to beat."""
+    cfg, group, state = run.cfg, run.group, run.state
+    where = group.gather((state["epoch"], state["step"]))
+    group.agree(lambda: _same_start(where, run.out) if group.rank == 0 else None)
+    if group.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run.model = DistributedDataParallel(run.model)
+    group.agree(lambda: _first_writes(run) if group.rank == 0 else None)
+    if run.stopped_early:
+        run.say(f"--resume: {run.out} had already stopped early at epoch {state['epoch']}")
+    elif cfg.init_from and state["epoch"] == 0:
+        # the starting point is the score to beat: stage 2 must not ship something worse than stage 1
+        scores, _, _ = validate(run)
+        state.update(best=scores[cfg.val_metric], best_epoch=0)
+        run.sched.best = scores[cfg.val_metric]
+        group.agree(lambda: _save_best(run, scores, 0) if group.rank == 0 else None)
+        run.say(f"init_from {cfg.init_from}: val {cfg.val_metric} {state['best']:.4f} to beat")
+    if run.scst and not run.stopped_early:
+        run.say(f"scst: CIDEr-D document frequencies from {len(run.train_data.images)} training images' "
+                "references")
+    run.budget = Budget(cfg.optim.max_minutes, group)  # the clock starts with the first epoch
+
+
+def train_epoch(run: Run, epoch: int, stop_after_steps: int | None = None) -> dict:
+    """One pass over the training data, cut short when the time budget is up: the epoch's mean loss
+    and statistics over the captions (images for SCST) it saw, and its duration."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch): on every rank
+    if run.scst:  # images, not captions: each image's samples are scored against all its references
+        order = torch.from_numpy(rng.permutation(len(run.train_data.images)))
+        batches = list(order.split(cfg.scst.images_per_batch))
+    else:
+        batches = run.train_data.batches(cfg.optim.batch_size, rng)
+    ss_prob = 0.0 if run.scst else cfg.scheduled_sampling.prob(epoch)
+    run.model.train()
+    t0 = time.perf_counter()
+    tot, sums, seen = 0.0, {}, 0
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.optim.epochs}", unit="batch",
+               disable=not cfg.progress or run.group.rank != 0, dynamic_ncols=True)
+    for b, idx in enumerate(bar):
+        used = run.budget.check()
+        if run.budget.out:
+            break  # validate what this epoch has learnt so far, then stop
+        if cfg.optim.schedule == "cosine":
+            frac = used if run.budget.seconds else (epoch - 1 + b / len(batches)) / cfg.optim.epochs
+            for g in run.opt.param_groups:
+                g["lr"] = cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        loss, stats = train_step(run, idx.numpy(), ss_prob, epoch)
+        tot += loss * len(idx)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v * len(idx)
+        seen += len(idx)
+        shown = {"reward": f"{sums['reward'] / seen:.3f}"} if run.scst else {"loss": f"{tot / seen:.3f}"}
+        bar.set_postfix(**shown, **{("imgs_s" if run.scst else "caps_s"): f"{seen / (time.perf_counter() - t0):.0f}"})
+        run.steps_run += 1
+        if stop_after_steps is not None and run.steps_run >= stop_after_steps:
+            return {"stopped_at_step": run.state["step"]}
+    bar.close()
+    return {"stopped_at_step": None, "seen": seen, "loss": tot / max(seen, 1),
+            "means": {k: v / max(seen, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t0,
+            "ss_prob": ss_prob}
+
+
+def train_step(run: Run, batch: np.ndarray, ss_prob: float, epoch: int) -> tuple[float, dict[str, float]]:
+    """One optimizer step on ``batch`` (positions of captions; of images for SCST). Each rank computes
+    its share of the loss; the loss and statistics returned are the whole batch's, as one process
+    computes them."""
+    loss, stats = run.model(batch, ss_prob)
+    total, *values = run.group.sum([loss.item(), *stats.values()])
+    _stop_if_not_finite("the loss", total, run.state["step"] + 1, epoch, run.cfg, run.out)  # every rank at once
+    run.opt.zero_grad(set_to_none=True)
+    (loss * run.group.world).backward()  # DDP averages the ranks' gradients: the sum of the shares' gradients
+    if run.cfg.optim.grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(run.decoder.parameters(), run.cfg.optim.grad_clip)
+        _stop_if_not_finite("the gradient norm", norm, run.state["step"] + 1, epoch, run.cfg, run.out)
+    run.opt.step()
+    run.state["step"] += 1
+    return total, dict(zip(stats, values))
+
+
+class BatchLoss(torch.nn.Module):
+    """This rank's part of a batch's training loss: summed over the ranks, the loss one process
+    computes on the whole batch (alone, that loss). One module for every objective, so that
+    DistributedDataParallel sees every pass that makes gradients (SCST and scheduled sampling run
+    the decoder step by step, not through its forward)."""
+
+    def __init__(self, decoder: torch.nn.Module, data: CaptionData, vocab: Vocab, cfg: TrainConfig, group: Group):
+        super().__init__()
+        self.decoder, self.data, self.vocab, self.cfg = decoder, data, vocab, cfg
+        self.rank, self.world = group.rank, group.world
+        self.banned = banned_ids(vocab, False)  # <unk> is never output, in SCST's samples as in deployment
+        # SCST's reward: document frequencies from all the training references, the same on every rank
+        self.cider = (CiderD({im: [list(t) for t in toks] for im, toks in data.ref_tokens.items()})
+                      if cfg.objective == "scst" else None)
+
+    def forward(self, batch: np.ndarray, ss_prob: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, statistics) of this rank's share of ``batch``: every world-th caption from the rank-th
+        (a batch is sorted longest first, and so is each share)."""
+        mine = batch[self.rank::self.world]
+        device, precision = module_device(self.decoder), self.cfg.precision
+        if len(mine) == 0:  # a batch with fewer captions than ranks: none here, but every weight takes part
+            zero = sum(p.sum() for p in self.decoder.parameters() if p.requires_grad) * 0.0
+            return zero, ({"reward": 0.0, "baseline": 0.0} if self.cider else {"ce": 0.0})
+        share = len(mine) / len(batch)
+        if self.cider is not None:
+            images = [self.data.images[i] for i in mine.tolist()]
+            with autocast(device, precision):
+                loss, reward, baseline = scst_loss(self.decoder, self.data.features(mine).to(device), images,
+                                                   self.cider, self.vocab.itos, start_id=self.vocab.start_id,
+                                                   end_id=self.vocab.end_id, cfg=self.cfg.scst, banned=self.banned)
+            return loss * share, {"reward": reward * share, "baseline": baseline * share}
+        feats, tokens, lengths = (t.to(device) for t in self.data.batch(mine))
+        with autocast(device, precision):
+            if ss_prob > 0:
+                out = scheduled_sampling_forward(self.decoder, feats, tokens, lengths, ss_prob)
+            else:
+                out = self.decoder(feats, tokens, lengths)
+            total, ce = caption_loss(out, tokens, lengths)
+        # the cross-entropy is a mean over the batch's words, the regulariser one over its captions: each
+        # share weighs by its part of them (alone both parts are 1 and the loss is the batch's)
+        words = int((self.data.lengths[mine] - 1).sum()) / int((self.data.lengths[batch] - 1).sum())
+        loss = total * share + (ce * (words - share) if words != share else 0.0)
+        return loss, {"ce": ce.item() * words}
+
+
+def validate(run: Run) -> tuple[dict, dict[str, str], float]:
+    """Decode the validation images (under torchrun each rank a share) and score them on rank 0; every
+    rank gets rank 0's scores, which drive the lr, early stopping, the best model and the budget.
+    Returns (scores, caption per image, seconds)."""
+    cfg, group, data = run.cfg, run.group, run.val_data
+    t0 = time.perf_counter()
+    n = len(data.images) if not cfg.data.val_images else min(cfg.data.val_images, len(data.images))
+    settings = DecodingSettings(beam_size=cfg.val_beam, max_len=cfg.data.max_len)
+    share = range(n * group.rank // group.world, n * (group.rank + 1) // group.world)
+    cands = {k: v for part in group.gather(decode_images(run.decoder, run.vocab, data, settings, share))
+             for k, v in part.items()}
+    metrics = ["BLEU-4", "CIDEr-D"] if cfg.val_metric in ("BLEU-4", "CIDEr-D") else [cfg.val_metric]
+    scores = group.on_rank0(lambda: compute_metrics({k: data.refs[k] for k in cands}, cands, metrics=metrics).scores)
+    return scores, cands, time.perf_counter() - t0
+
+
+def end_epoch(run: Run, epoch: int, stats: dict, scores: dict, cands: dict[str, str], val_seconds: float) -> None:
+    """After an epoch's validation: the lr schedule, the best model, restore_best, then last.pt and
+    the logs (rank 0), and the epoch's line."""
+    cfg, state = run.cfg, run.state
+    score = scores[cfg.val_metric]
+    improved = score > state["best"]
+    lr_used = run.opt.param_groups[0]["lr"]
+    if cfg.optim.schedule == "plateau":
+        run.sched.step(score)
+    run.budget.validated(val_seconds)
+    speed_key = "images_per_s" if run.scst else "captions_per_s"
+    row = {"epoch": epoch, "train_loss": stats["loss"], **{f"train_{k}": v for k, v in stats["means"].items()},
+           speed_key: round(stats["seen"] / stats["seconds"], 1),
+           "train_seconds": round(stats["seconds"], 1), "val_seconds": round(val_seconds, 1),
+           "lr": lr_used, "elapsed_seconds": round(run.budget.elapsed(), 1), "cut_short": run.budget.out,
+           **({"scheduled_sampling_prob": stats["ss_prob"]} if stats["ss_prob"] else {}),
+           "val": {k: round(v, 5) for k, v in scores.items()},
+           "example": next(iter(cands.values()))}
+    state["history"].append(row)
+    if improved:
+        state.update(best=score, best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+        if cfg.optim.restore_best and run.opt.param_groups[0]["lr"] < lr_used and _restore_best(run):
+            # the lr just decayed: continue from the best weights at the lower rate (one-run staging)
+            row["restored_epoch"] = state["best_epoch"]
+    state["epoch"] = epoch
+    save_checkpoint(run, scores if improved else None)
+    run.say(f"epoch {epoch}{' (cut short by optim.max_minutes)' if run.budget.out else ''}: loss "
+            f"{row['train_loss']:.3f}{'  reward %.3f' % row['train_reward'] if run.scst else ''}  val "
+            f"{cfg.val_metric} {score:.4f}{' (best)' if improved else ''}  lr {row['lr']:.2e}  {row[speed_key]} "
+            f"{'images' if run.scst else 'captions'}/s"
+            f"{'  (back to epoch %d)' % row['restored_epoch'] if 'restored_epoch' in row else ''}")
+    if run.stopped_early:
+        run.say(f"early stop: no better {cfg.val_metric} for {state['bad_epochs']} epochs")
+
+
+def save_checkpoint(run: Run, best_scores: dict | None) -> None:
+    """Rank 0 writes best/ (when ``best_scores``: this epoch is the best), last.pt and the logs; a failed
+    write stops every rank. last.pt holds every rank's random state, for an exact --resume."""
+    rng = run.group.gather(_rng_state())
+    if run.group.world > 1 and len(set(run.group.gather(_weights_checksum(run.decoder)))) > 1:  # a bug
+        raise RuntimeError(f"the ranks' weights differ after epoch {run.state['epoch']}: they trained apart")
+
+    def write() -> None:
+        if best_scores is not None:
+            _save_best(run, best_scores, run.state["epoch"])
+        _atomic_save({"model": run.decoder.state_dict(), "optimizer": run.opt.state_dict(),
+                      "scheduler": run.sched.state_dict(), "rng": rng[0],
+                      **({"rng_ranks": rng} if len(rng) > 1 else {}),
+                      "state": json.dumps(run.state), "config": json.dumps(asdict(run.cfg)),
+                      "vocab": json.dumps(run.vocab.itos)}, run.out / "last.pt")
+        _write_logs(run.state["history"], run.out, run.cfg.val_metric)
+
+    run.group.agree(write if run.group.rank == 0 else lambda: None)
+
+
+class Budget:
+    """``optim.max_minutes``: the epoch in progress is cut short in time for its validation (a tenth of
+    the budget is kept for it, then 1.2 x the longest validation so far). Rank 0's clock decides for
+    every rank, so all stop at the same step and follow the same cosine."""
+
+    def __init__(self, minutes: float, group: Group):
+        self.seconds = minutes * 60.0  # 0: no budget
+        self.reserve = 0.1 * self.seconds
+        self.group = group
+        self.t_start = time.perf_counter()
+        self.out = False  # the time is up
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def check(self) -> float:
+        """Before each step: sets ``out`` when the time is up; returns the fraction of the training time
+        used (the cosine schedule's progress; 0 without a budget)."""
+        if not self.seconds:
+            return 0.0
+        elapsed, left = self.elapsed(), self.seconds - self.reserve
+        out, used = self.group.broadcast_numbers([float(elapsed > left), elapsed / max(left, 1e-9)])
+        self.out = bool(out)
+        return used
+
+    def validated(self, seconds: float) -> None:
+        self.reserve = max(self.reserve, 1.2 * seconds)
+
+
+# ----------------------------------------------------------------------------- setup and checkpoint details
+
+
+def _this_ranks_device(name: str) -> torch.device | None:
+    """The device this process trains on, to choose the process group's backend (None for a wrong name:
+    setup reports it). Under torchrun a GPU rank makes its GPU the current one, as NCCL needs."""
+    try:
+        device = resolve_device(name)
+    except (DeviceError, ValueError):
+        return None
+    if device.type == "cuda" and env_world()[1] > 1:
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextlib.contextmanager
+def _warnings_on_rank0_only(group: Group):
+    """Ranks other than 0 print nothing but errors (their warnings would repeat rank 0's)."""
+    with warnings.catch_warnings():
+        if group.rank:
+            warnings.simplefilter("ignore")
+        yield
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    """A random stream of its own for a rank other than 0 (rank 0 keeps the single-process one)."""
+    s = np.random.SeedSequence([seed, rank]).generate_state(2)
+    torch.manual_seed(int(s[0]))
+    np.random.seed(int(s[1]))
+    random.seed(int(s[1]))
+
+
+def _build_decoder(cfg: TrainConfig, vocab: Vocab, vocab_path: str, enc: dict, group: Group) -> torch.nn.Module:
+    """Random weights for ``cfg.arch``, or those of ``init_from`` (checked to fit the vocabulary and features)."""
+    if cfg.init_from:  # staged training: start from the weights of a model directory
+        decoder, init_vocab, init_cfg = load_model_dir(cfg.init_from)
+        if init_vocab.itos != vocab.itos:
+            raise TrainError(f"init_from={cfg.init_from}: its vocabulary differs from {vocab_path}")
+        if init_cfg["arch"] != cfg.arch:
+            raise TrainError(f"init_from={cfg.init_from}: a {init_cfg['arch']} model, but this run is {cfg.arch}")
+        for key in ENCODER_KEYS:
+            if init_cfg.get("encoder", {}).get(key) != enc.get(key):
+                raise TrainError(f"init_from={cfg.init_from}: trained on features with encoder {key}="
+                                 f"{init_cfg.get('encoder', {}).get(key)!r}, but {cfg.data.features} has "
+                                 f"{enc.get(key)!r}")
+        return decoder.train()
+    model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
+    decoder = build_decoder(cfg.arch, model_cfg, vocab=vocab)
+    if decoder.word_vector_report is not None and group.rank == 0:
+        print(decoder.word_vector_report.summary(), flush=True)
+    return decoder
+
+
+def _load_checkpoint(ckpt: Path, cfg: TrainConfig, group: Group, decoder, opt, sched, vocab: Vocab,
+                     vocab_path: str) -> dict:
+    """--resume: weights, optimizer, scheduler and this rank's random state from last.pt; returns the state."""
+    c = torch.load(ckpt, map_location="cpu", weights_only=True)
+    changed = _config_changes(json.loads(c["config"]), asdict(cfg)) if "config" in c else []
+    if changed:
+        raise TrainError(f"--resume: {cfg.out_dir} was trained with another config ({'; '.join(changed[:5])}); "
+                         "resume with the same settings (only optim.epochs, progress, threads and device may change)")
+    _check_resume_vocab(c, decoder, vocab, vocab_path, ckpt)
+    decoder.load_state_dict(c["model"])
+    opt.load_state_dict(c["optimizer"])
+    sched.load_state_dict(c["scheduler"])
+    states = c.get("rng_ranks") or [c["rng"]]
+    if group.rank < len(states):  # a rank the run did not have before keeps its own seed
+        _set_rng_state(states[group.rank])
+    return json.loads(c["state"])
+
+
+def _weights_checksum(decoder) -> float:
+    """DDP keeps every rank's weights identical (the same averaged gradients, the same steps)."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in decoder.parameters()))
+
+
+def _same_start(where: list[tuple[int, int]], out: Path) -> None:
+    if len(set(where)) > 1:
+        raise TrainError(f"the ranks would start from different points ((epoch, step) per rank: {where}): they do "
+                         f"not all see the same {out}/last.pt. Put out_dir on a filesystem every node sees")
+
+
+def _first_writes(run: Run) -> None:
+    """Rank 0, before the first epoch: the out_dir, config.yaml, and on --resume the logs (a kill may have
+    come between the checkpoint and the logs)."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    if run.resumed:
+        _write_logs(run.state["history"], run.out, run.cfg.val_metric)
+    if not run.stopped_early:
+        save_yaml(run.cfg, run.out / "config.yaml")
+
+
+def _save_best(run: Run, scores: dict, epoch: int) -> None:
+    save_model_dir(run.out / "best", run.decoder, run.vocab, {**run.info, "metrics": {"val": {
+        "split": run.cfg.data.val_split, "beam": run.cfg.val_beam, "epoch": epoch, **scores}}})
+
+
+def _restore_best(run: Run) -> bool:
+    """Back to best/'s weights: rank 0 reads them, every rank gets them. False when there is no best/."""
+    best = run.out / "best"
+    found = run.group.on_rank0(lambda: best.is_dir() and _restore_weights(run.decoder, best))
+    if found:
+        run.group.broadcast_tensors(run.decoder.state_dict().values())
+    return found
+
+
 def _rng_state() -> dict:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(),
@@ -161,218 +622,12 @@ def plot_curves(history: list[dict], path: Path, metric: str) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None) -> dict:
-    """Train (or resume) and return a summary. ``stop_after_steps`` is for tests."""
-    from tqdm import tqdm
-
-    check_config(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    ckpt = out / "last.pt"
-    if ckpt.exists() and not resume:
-        raise TrainError(f"{out} already holds a training run (last.pt); use --resume to continue it, "
-                         "or another out_dir")
-    corpus = Corpus.load(cfg.data.corpus)
-    vocab_path = cfg.data.vocab or str(Path(cfg.data.corpus).with_name("vocab.json"))
-    vocab = Vocab.load(vocab_path)
-    store = FeatureStore.open(cfg.data.features)
-    enc = store.meta["encoder"]
-    train_data = CaptionData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
-    val_data = CaptionData(corpus, vocab, store, cfg.data.val_split, cfg.data.max_len)
-    out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.init_from:  # staged training: start from the weights of a model directory
-        decoder, init_vocab, init_cfg = load_model_dir(cfg.init_from)
-        if init_vocab.itos != vocab.itos:
-            raise TrainError(f"init_from={cfg.init_from}: its vocabulary differs from {vocab_path}")
-        if init_cfg["arch"] != cfg.arch:
-            raise TrainError(f"init_from={cfg.init_from}: a {init_cfg['arch']} model, but this run is {cfg.arch}")
-        for key in ENCODER_KEYS:
-            if init_cfg.get("encoder", {}).get(key) != enc.get(key):
-                raise TrainError(f"init_from={cfg.init_from}: trained on features with encoder {key}="
-                                 f"{init_cfg.get('encoder', {}).get(key)!r}, but {cfg.data.features} has {enc.get(key)!r}")
-        decoder.train()
-    else:
-        model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
-        decoder = build_decoder(cfg.arch, model_cfg, vocab=vocab)
-        if decoder.word_vector_report is not None:
-            print(decoder.word_vector_report.summary(), flush=True)
-    decoder.to(device)
-    opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                           weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
-                                                       patience=cfg.optim.lr_patience, threshold=0.0)
-    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
-    if resume and ckpt.exists():
-        c = torch.load(ckpt, map_location="cpu", weights_only=True)
-        changed = _config_changes(json.loads(c["config"]), asdict(cfg)) if "config" in c else []
-        if changed:
-            raise TrainError(f"--resume: {out} was trained with another config ({'; '.join(changed[:5])}); resume "
-                             "with the same settings (only optim.epochs, progress, threads and device may change)")
-        _check_resume_vocab(c, decoder, vocab, vocab_path, ckpt)
-        decoder.load_state_dict(c["model"])
-        opt.load_state_dict(c["optimizer"])
-        sched.load_state_dict(c["scheduler"])
-        _set_rng_state(c["rng"])
-        state = json.loads(c["state"])
-        _write_logs(state["history"], out, cfg.val_metric)  # in case a kill came between checkpoint and logs
-        if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
-            print(f"--resume: {out} had already stopped early at epoch {state['epoch']}")
-            return _summary(state, out)
-    elif resume:
-        print(f"--resume: no checkpoint in {out}, starting from scratch")
-    save_yaml(cfg, out / "config.yaml")
-
-    info = {"encoder": enc, "decoding": DecodingSettings(beam_size=3, max_len=cfg.data.max_len).to_dict(),
-            "training": {"config": asdict(cfg), "corpus": corpus.name,
-                         "train_images": len(train_data.images), "train_captions": len(train_data)}}
-    banned = banned_ids(vocab, False)  # <unk> is never output, in validation as in deployment
-    val_decoding = DecodingSettings(beam_size=cfg.val_beam, max_len=cfg.data.max_len)
-    metrics_needed = ["BLEU-4", "CIDEr-D"] if cfg.val_metric in ("BLEU-4", "CIDEr-D") else [cfg.val_metric]
-    if cfg.init_from and state["epoch"] == 0:
-        # the starting point is the score to beat: stage 2 must not ship something worse than stage 1
-        scores, _, _ = evaluate_split(decoder, vocab, val_data, val_decoding, metrics=metrics_needed,
-                                      limit=cfg.data.val_images)
-        state.update(best=scores[cfg.val_metric], best_epoch=0)
-        sched.best = scores[cfg.val_metric]
-        save_model_dir(out / "best", decoder, vocab, {**info, "metrics": {"val": {
-            "split": cfg.data.val_split, "beam": cfg.val_beam, "epoch": 0, **scores}}})
-        print(f"init_from {cfg.init_from}: val {cfg.val_metric} {state['best']:.4f} to beat", flush=True)
-    steps_run = 0
-    scst = cfg.objective == "scst"
-    if scst:
-        cider = CiderD({im: [list(t) for t in toks] for im, toks in train_data.ref_tokens.items()})
-        print(f"scst: CIDEr-D document frequencies from {len(train_data.images)} training images' references",
-              flush=True)
-    t_start = time.perf_counter()
-    budget = cfg.optim.max_minutes * 60.0
-    reserve = 0.1 * budget  # time kept for the last validation; the measured one once there is one
-    out_of_time = False
-
-    def step_loss(idx: torch.Tensor):
-        if scst:
-            images = [train_data.images[i] for i in idx.tolist()]
-            with autocast(device, cfg.precision):
-                loss, reward, baseline = scst_loss(decoder, train_data.features(idx.numpy()).to(device), images,
-                                                   cider, vocab.itos, start_id=vocab.start_id, end_id=vocab.end_id,
-                                                   cfg=cfg.scst, banned=banned)
-            return loss, {"reward": reward, "baseline": baseline}
-        feats, tokens, lengths = (t.to(device) for t in train_data.batch(idx))
-        with autocast(device, cfg.precision):
-            if ss_prob > 0:
-                out_ = scheduled_sampling_forward(decoder, feats, tokens, lengths, ss_prob)
-            else:
-                out_ = decoder(feats, tokens, lengths)
-            loss, ce = caption_loss(out_, tokens, lengths)
-        return loss, {"ce": ce.item()}
-
-    while state["epoch"] < cfg.optim.epochs and not out_of_time:
-        epoch = state["epoch"] + 1
-        rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
-        ss_prob = 0.0 if scst else cfg.scheduled_sampling.prob(epoch)
-        decoder.train()
-        if scst:  # images, not captions: each image's samples are scored against all its references
-            order = torch.from_numpy(rng.permutation(len(train_data.images)))
-            batches = list(order.split(cfg.scst.images_per_batch))
-        else:
-            batches = train_data.batches(cfg.optim.batch_size, rng)
-        t0 = time.perf_counter()
-        tot = 0.0
-        sums: dict[str, float] = {}
-        seen = 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.optim.epochs}", unit="batch", disable=not cfg.progress,
-                   dynamic_ncols=True)
-        for b, idx in enumerate(bar):
-            if budget and time.perf_counter() - t_start > budget - reserve:
-                out_of_time = True  # validate what this epoch has learnt so far, then stop
-                break
-            if cfg.optim.schedule == "cosine":
-                if budget:
-                    frac = (time.perf_counter() - t_start) / max(budget - reserve, 1e-9)
-                else:
-                    frac = (state["epoch"] + b / len(batches)) / cfg.optim.epochs
-                for g in opt.param_groups:
-                    g["lr"] = cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-            loss, stats = step_loss(idx)
-            _stop_if_not_finite("the loss", loss, state["step"] + 1, epoch, cfg, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip)
-                _stop_if_not_finite("the gradient norm", norm, state["step"] + 1, epoch, cfg, out)
-            opt.step()
-            n = len(idx)
-            tot += loss.item() * n
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-            seen += n
-            state["step"] += 1
-            steps_run += 1
-            shown = {"reward": f"{sums['reward'] / seen:.3f}"} if scst else {"loss": f"{tot / seen:.3f}"}
-            bar.set_postfix(**shown, **{("imgs_s" if scst else "caps_s"): f"{seen / (time.perf_counter() - t0):.0f}"})
-            if stop_after_steps is not None and steps_run >= stop_after_steps:
-                return {"stopped_at_step": state["step"]}
-        bar.close()
-        if seen == 0:  # the budget ran out before this epoch's first step
-            print(f"optim.max_minutes={cfg.optim.max_minutes} reached after epoch {state['epoch']}", flush=True)
-            break
-        _stop_if_weights_not_finite(decoder, state["step"], epoch, cfg, out)
-        train_secs = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        scores, cands, _ = evaluate_split(decoder, vocab, val_data, val_decoding, metrics=metrics_needed,
-                                          limit=cfg.data.val_images)
-        score = scores[cfg.val_metric]
-        improved = score > state["best"]
-        lr_used = opt.param_groups[0]["lr"]
-        if cfg.optim.schedule == "plateau":
-            sched.step(score)
-        reserve = max(reserve, 1.2 * (time.perf_counter() - t1))
-        row = {"epoch": epoch, "train_loss": tot / seen, **{f"train_{k}": v / seen for k, v in sums.items()},
-               ("images_per_s" if scst else "captions_per_s"): round(seen / train_secs, 1),
-               "train_seconds": round(train_secs, 1), "val_seconds": round(time.perf_counter() - t1, 1),
-               "lr": lr_used, "elapsed_seconds": round(time.perf_counter() - t_start, 1), "cut_short": out_of_time,
-               **({"scheduled_sampling_prob": ss_prob} if ss_prob else {}),
-               "val": {k: round(v, 5) for k, v in scores.items()},
-               "example": next(iter(cands.values()))}
-        state["history"].append(row)
-        if improved:
-            state.update(best=score, best_epoch=epoch, bad_epochs=0)
-            save_model_dir(out / "best", decoder, vocab,
-                           {**info, "metrics": {"val": {"split": cfg.data.val_split, "beam": cfg.val_beam,
-                                                        "epoch": epoch, **scores}}})
-        else:
-            state["bad_epochs"] += 1
-            if cfg.optim.restore_best and opt.param_groups[0]["lr"] < lr_used and (out / "best").is_dir():
-                # the lr just decayed: continue from the best weights at the lower rate (one-run staging)
-                _restore_weights(decoder, out / "best")
-                row["restored_epoch"] = state["best_epoch"]
-        state["epoch"] = epoch
-        _atomic_save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": _rng_state(), "state": json.dumps(state), "config": json.dumps(asdict(cfg)),
-                      "vocab": json.dumps(vocab.itos)}, ckpt)
-        _write_logs(state["history"], out, cfg.val_metric)
-        speed = f"{row['images_per_s']} images/s" if scst else f"{row['captions_per_s']} captions/s"
-        print(f"epoch {epoch}{' (cut short by optim.max_minutes)' if out_of_time else ''}: loss {row['train_loss']:.3f}"
-              f"{'  reward %.3f' % row['train_reward'] if scst else ''}  val {cfg.val_metric} {score:.4f}"
-              f"{' (best)' if improved else ''}  lr {row['lr']:.2e}  {speed}"
-              f"{'  (back to epoch %d)' % row['restored_epoch'] if 'restored_epoch' in row else ''}",
-              flush=True)
-        if cfg.optim.early_stop and state["bad_epochs"] >= cfg.optim.early_stop:
-            print(f"early stop: no better {cfg.val_metric} for {state['bad_epochs']} epochs")
-            break
-    return _summary(state, out, out_of_time=out_of_time)
-
-
-def _restore_weights(decoder, model_dir: Path) -> None:
+def _restore_weights(decoder, model_dir: Path) -> bool:
     from safetensors.torch import load_file
 
     weights = load_file(str(model_dir / "model.safetensors"))
     decoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    return True
 
 
 ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")
@@ -409,12 +664,14 @@ def _write_logs(history: list[dict], out: Path, metric: str) -> None:
                          "holds them: free some space, then --resume writes them again") from None
 
 
-def _stop_if_not_finite(what: str, value: torch.Tensor, step: int, epoch: int, cfg: "TrainConfig", out: Path) -> None:
+def _stop_if_not_finite(what: str, value: float | torch.Tensor, step: int, epoch: int, cfg: "TrainConfig",
+                        out: Path) -> None:
     """A NaN or infinite loss (or gradient) ends training with an error naming the step: nothing
     after it is saved, so last.pt and best/ stay those of the last good epoch."""
-    if bool(torch.isfinite(value)):
+    value = float(value)
+    if math.isfinite(value):
         return
-    raise TrainError(f"training diverged at step {step} (epoch {epoch}): {what} is {float(value.detach())}. "
+    raise TrainError(f"training diverged at step {step} (epoch {epoch}): {what} is {value}. "
                      f"{_kept(out)} Start again with a lower optim.lr (now {cfg.optim.lr:g})"
                      f"{'' if cfg.optim.grad_clip else ' and gradient clipping on (optim.grad_clip, e.g. 5)'}, "
                      "in another out_dir (or init_from its best/)")
@@ -457,8 +714,9 @@ def _summary(state: dict, out: Path, *, out_of_time: bool = False) -> dict:
             "out_dir": str(out), "history": state["history"], "out_of_time": out_of_time}
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Catch config mistakes before any work is done (not after the first epoch)."""
+def check_config(cfg: TrainConfig, world: int = 1) -> None:
+    """Catch config mistakes before any work is done (not after the first epoch). ``world``: the
+    number of processes under torchrun, which share every batch."""
     from .metrics import METRIC_NAMES, java_available
     from .models import get_architecture
 
@@ -473,6 +731,9 @@ def check_config(cfg: TrainConfig) -> None:
     check_precision(cfg.precision, resolve_device(cfg.device))  # a GPU that is not there, an unknown precision
     if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1:
         raise TrainError("optim.batch_size and optim.epochs must be >= 1")
+    if cfg.optim.batch_size < world and cfg.objective == "xe":
+        raise TrainError(f"optim.batch_size={cfg.optim.batch_size}: the global batch, shared by the {world} "
+                         f"processes torchrun started, so at least {world} (each takes batch_size / {world} captions)")
     if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
         raise TrainError(f"optim.lr={cfg.optim.lr}: must be a finite number > 0 (e.g. 4e-4)")
     if cfg.val_beam < 1 or cfg.data.max_len < 1:
@@ -510,6 +771,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise TrainError(f"scst.baseline={cfg.scst.baseline!r}: use mean (of the other samples) or greedy")
         if not 2 <= cfg.scst.samples <= 100 or not 1 <= cfg.scst.max_len <= 100 or cfg.scst.images_per_batch < 1:
             raise TrainError("scst.samples must be 2..100, scst.max_len 1..100 and scst.images_per_batch >= 1")
+        if cfg.scst.images_per_batch < world:
+            raise TrainError(f"scst.images_per_batch={cfg.scst.images_per_batch}: the global batch, shared by the "
+                             f"{world} processes torchrun started, so at least {world}")
     if cfg.init_from and cfg.model:
         raise TrainError("init_from takes the architecture sizes from that model directory; leave model empty")
     if cfg.init_from:
