@@ -103,7 +103,8 @@ def test_results_stream_batch_by_batch(bundled, photo_paths):
     try:
         it = bundled.iter_captions(photo_paths, batch_size=2, workers=0)
         first = next(it)
-        assert first.ok and calls == [2]  # the first result came after one batch, not after all of them
+        # the first result came after one batch (the encoder may have started the next), not after all
+        assert first.ok and calls in ([2], [2, 2])
         rest = list(it)
         assert len(rest) == 6 and calls == [2, 2, 2, 1]
     finally:

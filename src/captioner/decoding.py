@@ -96,7 +96,9 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     """Batched beam search: all images and all beams advance together in one ``step`` call.
 
     Finished beams keep their score and stay in the beam (they only extend with <end> at no
-    cost), so the search stops when every beam of every image has finished or at ``max_len``.
+    cost). An image leaves the batch when its result can no longer change: all its beams have
+    finished (or, with no length penalty, its ``n_best`` best have); the search stops when every
+    image has left or at ``max_len``.
     The final hypotheses are ranked by ``score / length ** length_penalty`` (length counts
     the <end> token; 0 = raw log-probability). Returns ``n_best`` hypotheses per image.
     """
@@ -113,24 +115,26 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)
     att_hist = None
-    offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B,1)
+    alive = list(range(B))  # the images still searching, in the order of the working rows
+    ended: dict[int, tuple] = {}  # image -> (scores (k,), history (k, T), attention (k, T, P) or None)
     for _ in range(max_len):
-        logp, state, att = model.step(prev, state, memory)  # (B*k, V)
+        n = len(alive)
+        logp, state, att = model.step(prev, state, memory)  # (n*k, V)
         V = logp.shape[-1]
-        logp = _ban(logp, banned).view(B, k, V)
+        logp = _ban(logp, banned).view(n, k, V)
         # a finished beam may only "continue" with <end> at zero cost
         frozen = torch.full_like(logp[0, 0], float("-inf"))
         frozen[end_id] = 0.0
         logp = torch.where(finished.unsqueeze(-1), frozen, logp)
-        cand = (scores.unsqueeze(-1) + logp.double()).view(B, k * V)
-        top_scores, top_idx = cand.topk(k, dim=1)  # (B, k)
+        cand = (scores.unsqueeze(-1) + logp.double()).view(n, k * V)
+        top_scores, top_idx = cand.topk(k, dim=1)  # (n, k)
         beam_idx, word = top_idx // V, top_idx % V
-        flat = (offsets + beam_idx).view(-1)
+        flat = (torch.arange(n, device=device).unsqueeze(1) * k + beam_idx).view(-1)
         state = _select(state, flat)
         history = torch.cat([history.gather(1, beam_idx.unsqueeze(-1).expand(-1, -1, history.shape[2])),
                              word.unsqueeze(-1)], dim=2)
         if att is not None:
-            att = att.view(B, k, -1)
+            att = att.view(n, k, -1)
             step_att = att.gather(1, beam_idx.unsqueeze(-1).expand(-1, -1, att.shape[-1]))
             if att_hist is None:
                 att_hist = step_att.unsqueeze(2)
@@ -140,18 +144,36 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
         finished = finished.gather(1, beam_idx) | (word == end_id)
         scores = top_scores
         prev = word.view(-1)
-        if bool(finished.all()):
-            break
+        # an image is done when all its beams have ended; without a length penalty, already when its
+        # n_best best beams have (the beams are sorted by score, and a beam's score only falls as it
+        # grows, so nothing still running can pass them): the result is the same, sooner
+        done = finished.all(dim=1) if length_penalty else finished[:, :n_best].all(dim=1)
+        if bool(done.any()):
+            # an image whose beams have all ended leaves the batch: the steps left run on fewer rows
+            for i in done.nonzero().flatten().tolist():
+                ended[alive[i]] = (scores[i], history[i], att_hist[i] if att_hist is not None else None)
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            alive = [alive[i] for i in keep.tolist()]
+            rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            memory, state = _select(memory, rows), _select(state, rows)
+            scores, finished, history, prev = scores[keep], finished[keep], history[keep], prev[rows]
+            att_hist = att_hist[keep] if att_hist is not None else None
+    for i, b in enumerate(alive):
+        if b not in ended:  # still searching at max_len
+            ended[b] = (scores[i], history[i], att_hist[i] if att_hist is not None else None)
     results = []
     for b in range(B):
+        b_scores, b_history, b_att = ended[b]
         hyps = []
         for j in range(k):
-            if scores[b, j] == float("-inf"):
+            if b_scores[j] == float("-inf"):
                 continue
-            seq = history[b, j].tolist()
+            seq = b_history[j].tolist()
             n = seq.index(end_id) if end_id in seq else len(seq)
-            s = float(scores[b, j])
-            att = att_hist[b, j, :n] if att_hist is not None and n else None
+            s = float(b_scores[j])
+            att = b_att[j, :n] if b_att is not None and n else None
             hyps.append(Hypothesis(seq[:n], s, _norm(s, n + 1 if n < len(seq) else n, length_penalty),
                                    att, n < len(seq)))
         hyps.sort(key=lambda h: h.norm_score, reverse=True)

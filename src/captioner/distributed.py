@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -20,6 +21,7 @@ T = TypeVar("T")
 # later or run on a slower device; torchrun stops every rank as soon as one fails, so a long wait
 # only happens when a peer is alive but stuck.
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
+STOP_GRACE_SECONDS = 2.0  # a rank that stops because another failed waits this long before it exits
 
 
 def env_world() -> tuple[int, int]:
@@ -121,6 +123,8 @@ class Group:
             if rank == self.rank:
                 raise error
             user, text = failed
+            # torchrun stops every rank as soon as one exits: leave rank `rank` a moment to report its own error
+            time.sleep(STOP_GRACE_SECONDS)
             raise (ValueError if user else RuntimeError)(f"{text} (rank {rank} stopped; so does rank {self.rank})")
         return result
 
@@ -161,6 +165,10 @@ def process_group(backend: str = "gloo"):
         dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
     try:
         yield Group(dist.get_rank(), dist.get_world_size())
-    finally:
+    except BaseException:
+        # no teardown on the way out of a failure: it could wait for ranks that have already left, while
+        # the error is still to be printed; the process is ending and takes the group with it
+        raise
+    else:
         if created:
             dist.destroy_process_group()

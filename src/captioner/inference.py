@@ -290,23 +290,42 @@ class Captioner:
             batches = ([_prepare(src, name, spec, limit, keep_images) for src, name in items[i:i + batch_size]]
                        for i in range(0, len(items), batch_size))
         readable = 0  # readable images so far: the k-th draws from the random stream (seed, seed_offset + k)
-        for batch in batches:
-            good = [p for p in batch if p.error is None]
+        for batch, feats in self._encoded(batches):
             hyps = []
-            if good:
-                import numpy as np
-
-                arrays = np.stack([p.array for p in good])
-                # the encoder runs fastest in small batches that stay in cache (as `features` does);
-                # the decoder gains from large ones
-                feats = torch.cat([self.encoder.encode_arrays(arrays[i:i + ENCODER_BATCH])
-                                   for i in range(0, len(arrays), ENCODER_BATCH)])
+            if feats is not None:
                 hyps = self.decode_features(feats, s, seed_offset=seed_offset + readable)
-                readable += len(good)
+                readable += len(feats)
             it = iter(hyps)
             for p in batch:
                 yield (CaptionResult(p.source, error=p.error) if p.error is not None
                        else self._result(p, next(it), s, return_attention))
+
+    def _encode_batch(self, batch: list[_Prepared]) -> torch.Tensor | None:
+        import numpy as np
+
+        good = [p for p in batch if p.error is None]
+        if not good:
+            return None
+        arrays = np.stack([p.array for p in good])
+        # the encoder runs fastest in small batches that stay in cache (as `features` does);
+        # the decoder gains from large ones
+        return torch.cat([self.encoder.encode_arrays(arrays[i:i + ENCODER_BATCH])
+                          for i in range(0, len(arrays), ENCODER_BATCH)])
+
+    def _encoded(self, batches: Iterable[list[_Prepared]]) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
+        """(batch, its features) with the next batch's encoder running in a thread while the caller decodes
+        this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
+            pending = None
+            for batch in batches:
+                future = pool.submit(self._encode_batch, batch)
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                pending = (batch, future)
+            if pending is not None:
+                yield pending[0], pending[1].result()
 
     def _result(self, p: _Prepared, hyps, s: DecodingSettings, return_attention: bool) -> CaptionResult:
         best = hyps[0]
