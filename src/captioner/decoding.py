@@ -104,10 +104,10 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     """
     k = beam_size
     B = features.shape[0]
-    memory = _expand(model.encode(features), k)
+    memory = model.encode(features)  # one row per image until the first step is taken
     state = model.init_state(memory)
     device = features.device
-    prev = torch.full((B * k,), start_id, dtype=torch.long, device=device)
+    prev = torch.full((B,), start_id, dtype=torch.long, device=device)
     # summed in float64: a caption's score does not depend on how many images share the batch
     # beyond the network's own rounding
     scores = torch.full((B, k), float("-inf"), device=device, dtype=torch.float64)
@@ -117,9 +117,12 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     att_hist = None
     alive = list(range(B))  # the images still searching, in the order of the working rows
     ended: dict[int, tuple] = {}  # image -> (scores (k,), history (k, T), attention (k, T, P) or None)
-    for _ in range(max_len):
+    for t in range(max_len):
         n = len(alive)
         logp, state, att = model.step(prev, state, memory)  # (n*k, V)
+        if t == 0:  # an image's k beams start the same: its first step ran once, and now becomes k rows
+            memory, state, logp = _expand(memory, k), _expand(state, k), logp.repeat_interleave(k, dim=0)
+            att = att.repeat_interleave(k, dim=0) if att is not None else None
         V = logp.shape[-1]
         logp = _ban(logp, banned).view(n, k, V)
         # a finished beam may only "continue" with <end> at zero cost
