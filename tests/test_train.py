@@ -37,6 +37,17 @@ def small_config(data, out_dir, epochs, **optim) -> TrainConfig:
         out_dir=str(out_dir), progress=False, seed=0)
 
 
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two last.pt checkpoints hold the same run: history (timings aside), weights and Adam's moments."""
+    assert _untimed(json.loads(a["state"])) == _untimed(json.loads(b["state"]))  # epochs, best, history
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+
+
 def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
     """Trained on ~320 images for a few epochs, the model must describe held-out images far
     better than (a) the untrained model and (b) a "blind" model that ignores the image and
@@ -123,13 +134,7 @@ def test_sigkill_mid_run_then_resume_ends_in_the_same_state(synthetic, tmp_path)
 
     a = torch.load(reference / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
-    assert _untimed(json.loads(a["state"])) == _untimed(json.loads(b["state"]))  # epochs, best, history
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    for i in sa:
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+    assert_same_training_state(a, b)
     assert a["scheduler"] == b["scheduler"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert (reference / "metrics.jsonl").read_text().count("\n") == epochs
