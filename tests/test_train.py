@@ -207,9 +207,6 @@ def test_restore_best_goes_back_to_the_best_weights_when_the_lr_decays(synthetic
         last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         assert json.loads(last["state"])["best_epoch"] == 0
         best, _, _ = load_model_dir(out / "best")
-        runs[restore] = (rows[-1], all(torch.equal(v, last["model"][k]) for k, v in best.state_dict().items()),
-                         last["optimizer"]["state"])
+        runs[restore] = (rows[-1], all(torch.equal(v, last["model"][k]) for k, v in best.state_dict().items()))
     assert runs[True][0]["restored_epoch"] == 0 and runs[True][1]  # continues from the best weights
-    assert runs[True][2] == {}  # with the optimizer's moments started afresh, as a second stage would
     assert "restored_epoch" not in runs[False][0] and not runs[False][1]  # the trained weights went on
-    assert runs[False][2]  # and so did Adam's moments

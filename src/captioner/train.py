@@ -78,7 +78,7 @@ class OptimConfig:
     lr_decay: float = 0.8  # multiply the lr by this ...
     lr_patience: int = 2  # ... after this many epochs without a better validation score
     early_stop: int = 6  # stop after this many epochs without improvement (0 = never)
-    restore_best: bool = False  # when the lr decays, go back to the best epoch's weights (fresh optimizer moments)
+    restore_best: bool = False  # when the lr decays, go back to the best epoch's weights first
     max_minutes: float = 0.0  # wall-clock budget of this run (0 = none): the epoch in progress is cut short,
     #                           validated and kept if best, leaving time for its validation
     schedule: str = "plateau"  # "plateau": decay on a validation plateau; "cosine": lr follows a cosine from lr
@@ -394,10 +394,7 @@ def end_epoch(run: Run, epoch: int, stats: dict, scores: dict, cands: dict[str, 
     else:
         state["bad_epochs"] += 1
         if cfg.optim.restore_best and run.opt.param_groups[0]["lr"] < lr_used and _restore_best(run):
-            # the lr just decayed: continue from the best weights at the lower rate, with the optimizer's
-            # moments started afresh as a second stage starts them (one-run staging): moments carried over
-            # from the epochs after the best one cost 3 points of val CIDEr-D on Flickr8k (docs/experiments.md)
-            run.opt.state.clear()
+            # the lr just decayed: continue from the best weights at the lower rate (one-run staging)
             row["restored_epoch"] = state["best_epoch"]
     state["epoch"] = epoch
     save_checkpoint(run, scores if improved else None)
