@@ -117,6 +117,10 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     att_hist = None
     alive = list(range(B))  # the images still searching, in the order of the working rows
     ended: dict[int, tuple] = {}  # image -> (scores (k,), history (k, T), attention (k, T, P) or None)
+
+    def settled(i: int) -> tuple:  # working row i's image, as it leaves the search
+        return scores[i], history[i], att_hist[i] if att_hist is not None else None
+
     for t in range(max_len):
         n = len(alive)
         logp, state, att = model.step(prev, state, memory)  # (n*k, V)
@@ -154,7 +158,7 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
         if bool(done.any()):
             # an image whose beams have all ended leaves the batch: the steps left run on fewer rows
             for i in done.nonzero().flatten().tolist():
-                ended[alive[i]] = (scores[i], history[i], att_hist[i] if att_hist is not None else None)
+                ended[alive[i]] = settled(i)
             keep = (~done).nonzero().flatten()
             if keep.numel() == 0:
                 break
@@ -165,7 +169,7 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
             att_hist = att_hist[keep] if att_hist is not None else None
     for i, b in enumerate(alive):
         if b not in ended:  # still searching at max_len
-            ended[b] = (scores[i], history[i], att_hist[i] if att_hist is not None else None)
+            ended[b] = settled(i)
     results = []
     for b in range(B):
         b_scores, b_history, b_att = ended[b]

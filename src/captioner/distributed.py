@@ -163,12 +163,8 @@ def process_group(backend: str = "gloo"):
     created = not dist.is_initialized()
     if created:
         dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
-    try:
-        yield Group(dist.get_rank(), dist.get_world_size())
-    except BaseException:
-        # no teardown on the way out of a failure: it could wait for ranks that have already left, while
-        # the error is still to be printed; the process is ending and takes the group with it
-        raise
-    else:
-        if created:
-            dist.destroy_process_group()
+    # a failure in the block propagates from this yield, skipping the teardown: it could wait for ranks
+    # that have already left while the error is still to be printed; the ending process takes the group
+    yield Group(dist.get_rank(), dist.get_world_size())
+    if created:
+        dist.destroy_process_group()
