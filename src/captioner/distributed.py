@@ -163,8 +163,10 @@ def process_group(backend: str = "gloo"):
     created = not dist.is_initialized()
     if created:
         dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
-    # a failure in the block propagates from this yield, skipping the teardown: it could wait for ranks
-    # that have already left while the error is still to be printed; the ending process takes the group
-    yield Group(dist.get_rank(), dist.get_world_size())
-    if created:
-        dist.destroy_process_group()
+    # torn down on a failure too: a process that ends with the group alive can abort in C++ at exit
+    # ("terminate called without an active exception", SIGABRT instead of its exit status)
+    try:
+        yield Group(dist.get_rank(), dist.get_world_size())
+    finally:
+        if created:
+            dist.destroy_process_group()
