@@ -210,3 +210,55 @@ def test_restore_best_goes_back_to_the_best_weights_when_the_lr_decays(synthetic
         runs[restore] = (rows[-1], all(torch.equal(v, last["model"][k]) for k, v in best.state_dict().items()))
     assert runs[True][0]["restored_epoch"] == 0 and runs[True][1]  # continues from the best weights
     assert "restored_epoch" not in runs[False][0] and not runs[False][1]  # the trained weights went on
+
+
+def test_ema_validates_and_keeps_the_moving_average_and_resumes_exactly(synthetic, tmp_path):
+    """optim.ema: training itself is unchanged (the raw weights match a run without it); best/ holds the
+    average, scored as val says; a run resumed after epoch 1 ends with the same average as one run."""
+    plain = train(small_config(synthetic, tmp_path / "plain", epochs=2))
+    averaged = train(small_config(synthetic, tmp_path / "ema", epochs=2, ema=0.9))
+    a = torch.load(tmp_path / "plain" / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "ema" / "last.pt", map_location="cpu", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    average = {k[len("module."):]: v for k, v in b["ema"].items() if k.startswith("module.")}
+    assert set(average) == set(b["model"])
+    assert any(not torch.equal(average[k], b["model"][k]) for k in average)  # an average, not a copy
+    assert plain["best"] != averaged["best"]
+    best, vocab, cfg = load_model_dir(tmp_path / "ema" / "best")
+    if cfg["metrics"]["val"]["epoch"] == 2:
+        for k, v in best.state_dict().items():
+            assert torch.equal(v, average[k]), k
+    val = CaptionData(Corpus.load(synthetic.corpus), vocab, FeatureStore.open(synthetic.features), "val", 12)
+    scores, _, _ = evaluate_split(best, vocab, val, DecodingSettings(beam_size=1, max_len=12), metrics=["CIDEr-D"])
+    assert scores["CIDEr-D"] == pytest.approx(averaged["best"], abs=1e-6)
+
+    train(small_config(synthetic, tmp_path / "resumed", epochs=1, ema=0.9))
+    train(small_config(synthetic, tmp_path / "resumed", epochs=2, ema=0.9), resume=True)
+    c = torch.load(tmp_path / "resumed" / "last.pt", map_location="cpu", weights_only=True)
+    assert_same_training_state(b, c)
+    for k, v in b["ema"].items():
+        assert torch.equal(v, c["ema"][k]), k
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_with_its_default(synthetic, tmp_path):
+    cfg = small_config(synthetic, tmp_path / "run", epochs=1)
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    old = json.loads(ckpt["config"])
+    del old["optim"]["ema"]  # as written before optim.ema existed
+    ckpt["config"] = json.dumps(old)
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert train(small_config(synthetic, tmp_path / "run", epochs=2), resume=True)["epochs"] == 2
+    with pytest.raises(ValueError, match="optim.ema"):
+        train(small_config(synthetic, tmp_path / "run", epochs=3, ema=0.9), resume=True)
+
+
+def test_decoding_defaults_are_recorded_in_best(synthetic, tmp_path):
+    cfg = small_config(synthetic, tmp_path / "run", epochs=1)
+    cfg.decoding = {"length_penalty": 1.0, "beam_size": 2}
+    train(cfg)
+    _, _, model_cfg = load_model_dir(tmp_path / "run" / "best")
+    assert model_cfg["decoding"]["length_penalty"] == 1.0 and model_cfg["decoding"]["beam_size"] == 2
+    assert model_cfg["decoding"]["max_len"] == 12  # data.max_len unless set
+    assert DecodingSettings.from_model(model_cfg).length_penalty == 1.0

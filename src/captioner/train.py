@@ -27,6 +27,7 @@ Validation images are decoded in N shares and scored on rank 0, whose score ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -83,6 +84,8 @@ class OptimConfig:
     #                           validated and kept if best, leaving time for its validation
     schedule: str = "plateau"  # "plateau": decay on a validation plateau; "cosine": lr follows a cosine from lr
     #                            to 0 over optim.epochs, or over max_minutes when a budget is set
+    ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, updated after each
+    #                   step as avg = ema * avg + (1 - ema) * weights (0.998 averages about the last 500 steps)
 
 
 @dataclass
@@ -93,6 +96,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     val_metric: str = "CIDEr-D"  # or BLEU-4
     val_beam: int = 1
+    decoding: dict[str, Any] = field(default_factory=dict)  # the decoding defaults best/ records (beam 3 unless
+    #   set), e.g. decoding.length_penalty=1.0; validation decodes with them at beam val_beam
     init_from: str = ""  # a model directory to start from (staged training), instead of random weights
     objective: str = "xe"  # "xe": cross-entropy on the references; "scst": self-critical on CIDEr-D (needs init_from)
     scst: ScstConfig = field(default_factory=ScstConfig)
@@ -160,11 +165,18 @@ class Run:
     info: dict  # what best/ records about the training
     resumed: bool = False
     budget: "Budget | None" = None  # made by start()
+    ema: Any = None  # optim.ema > 0: torch.optim.swa_utils.AveragedModel of the decoder (validated, kept as best/)
     steps_run: int = 0  # steps in this process (stop_after_steps)
 
     @property
     def scst(self) -> bool:
         return self.cfg.objective == "scst"
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        """The weights that are validated and saved as best/: the moving average with optim.ema, else the
+        decoder's own."""
+        return self.ema.module if self.ema is not None else self.decoder
 
     @property
     def stopped_early(self) -> bool:
@@ -208,16 +220,17 @@ def setup(cfg: TrainConfig, group: Group, resume: bool) -> Run:
                            weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
                                                        patience=cfg.optim.lr_patience, threshold=0.0)
+    ema = _moving_average(decoder, cfg.optim.ema) if cfg.optim.ema else None
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
     resumed = resume and ckpt.exists()
     if resumed:
-        state = _load_checkpoint(ckpt, cfg, group, decoder, opt, sched, vocab, vocab_path)
-    info = {"encoder": enc, "decoding": DecodingSettings(beam_size=3, max_len=cfg.data.max_len).to_dict(),
+        state = _load_checkpoint(ckpt, cfg, group, decoder, opt, sched, vocab, vocab_path, ema)
+    info = {"encoder": enc, "decoding": _decoding(cfg).to_dict(),
             "training": {"config": asdict(cfg), "corpus": corpus.name,
                          "train_images": len(train_data.images), "train_captions": len(train_data)}}
     model = BatchLoss(decoder, train_data, vocab, cfg, group)
     run = Run(cfg, group, device, out, vocab, train_data, val_data, decoder, model, opt, sched, state, info,
-              resumed=resumed)
+              resumed=resumed, ema=ema)
     if resume and not resumed:
         run.say(f"--resume: no checkpoint in {out}, starting from scratch")
     return run
@@ -305,6 +318,8 @@ def train_step(run: Run, batch: np.ndarray, ss_prob: float, epoch: int) -> tuple
         norm = torch.nn.utils.clip_grad_norm_(run.decoder.parameters(), run.cfg.optim.grad_clip)
         _stop_if_not_finite("the gradient norm", norm, run.state["step"] + 1, epoch, run.cfg, run.out)
     run.opt.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.decoder)
     run.state["step"] += 1
     return total, dict(zip(stats, values))
 
@@ -361,9 +376,9 @@ def validate(run: Run) -> tuple[dict, dict[str, str], float]:
     cfg, group, data = run.cfg, run.group, run.val_data
     t0 = time.perf_counter()
     n = len(data.images) if not cfg.data.val_images else min(cfg.data.val_images, len(data.images))
-    settings = DecodingSettings(beam_size=cfg.val_beam, max_len=cfg.data.max_len)
+    settings = _decoding(cfg).replace(beam_size=cfg.val_beam, n_best=1).checked()
     share = range(n * group.rank // group.world, n * (group.rank + 1) // group.world)
-    cands = {k: v for part in group.gather(decode_images(run.decoder, run.vocab, data, settings, share))
+    cands = {k: v for part in group.gather(decode_images(run.kept, run.vocab, data, settings, share))
              for k, v in part.items()}
     metrics = ["BLEU-4", "CIDEr-D"] if cfg.val_metric in ("BLEU-4", "CIDEr-D") else [cfg.val_metric]
     scores = group.on_rank0(lambda: compute_metrics({k: data.refs[k] for k in cands}, cands, metrics=metrics).scores)
@@ -418,6 +433,7 @@ def save_checkpoint(run: Run, best_scores: dict | None) -> None:
         if best_scores is not None:
             _save_best(run, best_scores, run.state["epoch"])
         _atomic_save({"model": run.decoder.state_dict(), "optimizer": run.opt.state_dict(),
+                      **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
                       "scheduler": run.sched.state_dict(), "rng": rng[0],
                       **({"rng_ranks": rng} if len(rng) > 1 else {}),
                       "state": json.dumps(run.state), "config": json.dumps(asdict(run.cfg)),
@@ -510,10 +526,11 @@ def _build_decoder(cfg: TrainConfig, vocab: Vocab, vocab_path: str, enc: dict, g
 
 
 def _load_checkpoint(ckpt: Path, cfg: TrainConfig, group: Group, decoder, opt, sched, vocab: Vocab,
-                     vocab_path: str) -> dict:
+                     vocab_path: str, ema=None) -> dict:
     """--resume: weights, optimizer, scheduler and this rank's random state from last.pt; returns the state."""
     c = torch.load(ckpt, map_location="cpu", weights_only=True)
-    changed = _config_changes(json.loads(c["config"]), asdict(cfg)) if "config" in c else []
+    # a setting added since the checkpoint was written counts as its default
+    changed = _config_changes(_over(asdict(TrainConfig()), json.loads(c["config"])), asdict(cfg)) if "config" in c else []
     if changed:
         raise TrainError(f"--resume: {cfg.out_dir} was trained with another config ({'; '.join(changed[:5])}); "
                          "resume with the same settings (only optim.epochs, progress, threads and device may change)")
@@ -521,6 +538,8 @@ def _load_checkpoint(ckpt: Path, cfg: TrainConfig, group: Group, decoder, opt, s
     decoder.load_state_dict(c["model"])
     opt.load_state_dict(c["optimizer"])
     sched.load_state_dict(c["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(c["ema"])
     states = c.get("rng_ranks") or [c["rng"]]
     if group.rank < len(states):  # a rank the run did not have before keeps its own seed
         _set_rng_state(states[group.rank])
@@ -550,7 +569,7 @@ def _first_writes(run: Run) -> None:
 
 
 def _save_best(run: Run, scores: dict, epoch: int) -> None:
-    save_model_dir(run.out / "best", run.decoder, run.vocab, {**run.info, "metrics": {"val": {
+    save_model_dir(run.out / "best", run.kept, run.vocab, {**run.info, "metrics": {"val": {
         "split": run.cfg.data.val_split, "beam": run.cfg.val_beam, "epoch": epoch, **scores}}})
 
 
@@ -560,7 +579,19 @@ def _restore_best(run: Run) -> bool:
     found = run.group.on_rank0(lambda: best.is_dir() and _restore_weights(run.decoder, best))
     if found:
         run.group.broadcast_tensors(run.decoder.state_dict().values())
+        if run.ema is not None:  # the average starts again from the best weights
+            run.ema.module.load_state_dict(run.decoder.state_dict())
     return found
+
+
+def _moving_average(decoder: torch.nn.Module, decay: float):
+    """optim.ema: torch's AveragedModel keeping avg = decay * avg + (1 - decay) * weights (buffers too);
+    its first update copies the weights."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.module.eval()
+    return ema
 
 
 def _rng_state() -> dict:
@@ -632,6 +663,14 @@ def _restore_weights(decoder, model_dir: Path) -> bool:
 
 ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")
 RESUMABLE_CHANGES = {"optim.epochs", "optim.max_minutes", "progress", "threads", "device"}
+
+
+def _over(defaults: dict, given: dict) -> dict:
+    """``given`` with the keys it lacks taken from ``defaults`` (nested dicts merged; not ``model``)."""
+    out = dict(defaults)
+    for k, v in given.items():
+        out[k] = _over(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "model" else v
+    return out
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -714,6 +753,11 @@ def _summary(state: dict, out: Path, *, out_of_time: bool = False) -> dict:
             "out_dir": str(out), "history": state["history"], "out_of_time": out_of_time}
 
 
+def _decoding(cfg: TrainConfig) -> DecodingSettings:
+    """The decoding defaults of the trained model: beam 3, captions up to data.max_len words, and ``decoding``."""
+    return DecodingSettings(**{"beam_size": 3, "max_len": cfg.data.max_len, **cfg.decoding}).checked()
+
+
 def check_config(cfg: TrainConfig, world: int = 1) -> None:
     """Catch config mistakes before any work is done (not after the first epoch). ``world``: the
     number of processes under torchrun, which share every batch."""
@@ -754,9 +798,21 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
                          "for no decay set optim.lr_patience to a number larger than optim.epochs")
     if not (math.isfinite(cfg.optim.max_minutes) and 0 <= cfg.optim.max_minutes <= 10_000_000):
         raise TrainError(f"optim.max_minutes={cfg.optim.max_minutes}: must be a number of minutes >= 0 (0 = no budget)")
+    if not (math.isfinite(cfg.optim.ema) and 0 <= cfg.optim.ema < 1):
+        raise TrainError(f"optim.ema={cfg.optim.ema}: must be from 0 (off) to below 1 (e.g. 0.998)")
     if cfg.optim.schedule not in ("plateau", "cosine"):
         raise TrainError(f"optim.schedule={cfg.optim.schedule!r}: use plateau (decay when validation stops "
                          "improving) or cosine (from optim.lr to 0 over the epochs, or over optim.max_minutes)")
+    known = {f.name for f in dataclasses.fields(DecodingSettings)} - {"sample", "num_captions", "temperature", "top_k",
+                                                                       "top_p", "seed"}
+    unknown = sorted(set(cfg.decoding) - known)
+    if unknown:
+        raise TrainError(f"decoding.{unknown[0]}: not a decoding default a model records; use "
+                         f"{', '.join('decoding.' + k for k in sorted(known))}")
+    try:
+        _decoding(cfg)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"decoding: {e}") from None
     ss = cfg.scheduled_sampling
     if not (0 <= ss.max_prob <= 1 and 0 <= ss.increase_prob <= 1 and ss.increase_every >= 1 and ss.start_epoch >= 1):
         raise TrainError("scheduled_sampling: max_prob and increase_prob must be from 0 to 1, increase_every and "
