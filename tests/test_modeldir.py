@@ -416,3 +416,26 @@ def test_caption_never_contains_special_tokens_and_rows_stay_aligned():
         r = cap.caption(Image.new("RGB", (8, 8)), beam_size=beam, return_attention=True)[0]
         assert r.words == ["dog", "dog", "runs"]
         assert [int(np.argmax(row)) for row in r.attention] == [0, 1, 2]  # the steps that said them
+
+
+def test_averaging_model_dirs_gives_the_mean_weights_and_refuses_other_shapes(tmp_path):
+    from captioner.modeldir import average_model_dirs
+
+    vocab = make_vocab()
+    models = [make_decoder(seed) for seed in (0, 1, 2)]
+    paths = [save_model_dir(tmp_path / f"m{i}", m, vocab, CONFIG) for i, m in enumerate(models)]
+    mean, mean_vocab, cfg = average_model_dirs(paths)
+    for k, v in mean.state_dict().items():
+        want = sum(m.state_dict()[k] for m in models) / 3
+        assert torch.allclose(v, want, atol=1e-6), k
+    assert mean_vocab.itos == vocab.itos and "metrics" not in cfg and cfg["averaged_from"] == [str(p) for p in paths]
+    assert cfg["decoding"] == CONFIG["decoding"]
+    bigger = save_model_dir(tmp_path / "big", make_decoder(feature_dim=2 * C), vocab, CONFIG)
+    with pytest.raises(ModelDirError, match="not the same sizes"):
+        average_model_dirs([paths[0], bigger])
+    other = save_model_dir(tmp_path / "other", make_decoder(vocab_size=len(WORDS) + 5),
+                           Vocab.build([WORDS + ["cat"]]), CONFIG)
+    with pytest.raises(ModelDirError, match="vocabulary differs"):
+        average_model_dirs([paths[0], other])
+    with pytest.raises(ModelDirError, match="at least two"):
+        average_model_dirs(paths[:1])

@@ -355,3 +355,28 @@ def _validate_encoder(enc: Any, model: dict, fail) -> None:
                    f"channels, but config.json says grid {grid!r}, channels {enc['channels']!r}")
     if "feature_dim" in model and model["feature_dim"] != spec.channels:
         raise fail(f"model.feature_dim is {model['feature_dim']!r} but encoder {name} gives {spec.channels} channels")
+
+
+def average_model_dirs(paths: list[str | os.PathLike]) -> tuple[Decoder, Vocab, dict]:
+    """The mean of the weights of several model directories ("model soup", Wortsman et al. 2022): models
+    fine-tuned from one starting point average into one model that often decodes better than each.
+    They must share architecture, sizes, vocabulary and encoder; the first one's config is kept."""
+    if len(paths) < 2:
+        raise ModelDirError("averaging needs at least two model directories")
+    first, vocab, cfg = load_model_dir(paths[0])
+    total = {k: v.double() if v.is_floating_point() else v for k, v in first.state_dict().items()}
+    for p in paths[1:]:
+        decoder, other_vocab, other = load_model_dir(p)
+        if other_vocab.itos != vocab.itos:
+            raise ModelDirError(f"{p}: its vocabulary differs from {paths[0]}'s")
+        for key, what in (("arch", "architecture"), ("model", "sizes"), ("encoder", "encoder")):
+            if other.get(key) != cfg.get(key):
+                raise ModelDirError(f"{p}: not the same {what} as {paths[0]}; only models of one architecture, "
+                                    "size, vocabulary and encoder can be averaged")
+        for k, v in decoder.state_dict().items():
+            if v.is_floating_point():
+                total[k] += v.double()
+    first.load_state_dict({k: (v / len(paths)).float() if v.is_floating_point() else v for k, v in total.items()})
+    cfg.pop("metrics", None)  # the average has not been scored
+    cfg["averaged_from"] = [str(p) for p in paths]
+    return first, vocab, cfg
