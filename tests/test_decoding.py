@@ -485,3 +485,50 @@ def test_sample_runs_in_eval_mode_and_restores_the_mode():
     model.eval()
     b = sample(model, feats, start_id=START, end_id=END, max_len=8, num_samples=2, seed=3)
     assert [[h.tokens for h in g] for g in a] == [[h.tokens for h in g] for g in b]
+
+
+# ---------------------------------------------------------------------------------------
+# no_repeat_ngram
+
+
+def _repeats(tokens: list[int], size: int) -> bool:
+    grams = [tuple(tokens[i:i + size]) for i in range(len(tokens) - size + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_exhaustive_beam_with_no_repeat_ngram_is_the_ranking_of_the_captions_without_repeats(size):
+    """Nothing pruned but the blocked words: the n-best list is the brute-force ranking of exactly the
+    captions that repeat no n-gram, with the model's own scores."""
+    max_len = 4
+    truth = [t for t in brute_force(max_len, 0.5) if not _repeats(t[2], size)]
+    everything = brute_force(max_len, 0.5)
+    assert len(truth) < len(everything)  # the blocking removes some
+    hyps = beam_search(TableDecoder(), torch.zeros(1, 1, 1), start_id=START, end_id=END,
+                       beam_size=len(everything) + 10, max_len=max_len, length_penalty=0.5,
+                       n_best=len(everything) + 10, no_repeat_ngram=size)[0]
+    assert sorted(tuple(h.tokens) for h in hyps) == sorted(tuple(t[2]) for t in truth)
+    assert [h.tokens for h in hyps[:12]] == [t[2] for t in truth[:12]]
+    by_tokens = {tuple(t[2]): t for t in truth}
+    for h in hyps:
+        assert h.score == pytest.approx(by_tokens[tuple(h.tokens)][1], abs=1e-5)
+
+
+def test_no_repeat_ngram_in_greedy_and_beam_one_is_greedy():
+    repeated_before = 0
+    for seed in range(6):
+        model, feats = make_sat(seed)
+        plain = greedy_search(model, feats, start_id=START, end_id=END, max_len=10)
+        repeated_before += sum(_repeats(h.tokens, 2) for h in plain)
+        greedy = greedy_search(model, feats, start_id=START, end_id=END, max_len=10, no_repeat_ngram=2)
+        beam1 = decode(model, feats, start_id=START, end_id=END, beam_size=1, max_len=10, no_repeat_ngram=2)
+        beam_one = beam_search(model, feats, start_id=START, end_id=END, beam_size=1, max_len=10, no_repeat_ngram=2)
+        beam3 = beam_search(model, feats, start_id=START, end_id=END, beam_size=3, max_len=10, n_best=3,
+                            no_repeat_ngram=2)
+        for i, (g, d, b, b3) in enumerate(zip(greedy, beam1, beam_one, beam3)):
+            assert not _repeats(g.tokens, 2) and all(not _repeats(h.tokens, 2) for h in b3)
+            assert g.tokens == d[0].tokens == b[0].tokens
+            assert g.score == pytest.approx(b[0].score, abs=1e-5)
+            # the scores stay the model's own log-probabilities of the words chosen
+            assert g.score == pytest.approx(sat_sequence_score(model, feats[i:i + 1], g.tokens, g.finished), abs=1e-4)
+    assert repeated_before > 0  # these random models do repeat themselves without the option

@@ -139,6 +139,14 @@ def test_decoding_settings_defaults_overrides_and_refusals(bundled):
     with pytest.raises(ValueError, match="top-p"):
         s.replace(sample=True, top_p=0.0)
     assert DecodingSettings(**s.to_dict()) == s
+    # a model's beam-search defaults (length penalty, no-repeat n-grams) give way when sampling ...
+    beamy = DecodingSettings(length_penalty=1.0, no_repeat_ngram=2)
+    drawn = beamy.replace(sample=True, num_captions=2)
+    assert (drawn.length_penalty, drawn.no_repeat_ngram, drawn.num_captions) == (0.0, 0, 2)
+    with pytest.raises(ValueError, match="no-repeat n-grams"):  # ... but asked for explicitly, they are refused
+        beamy.replace(sample=True, no_repeat_ngram=3)
+    with pytest.raises(ValueError, match="no-repeat n-gram size -1"):
+        s.replace(no_repeat_ngram=-1)
 
 
 def test_the_same_settings_decode_the_same_way_everywhere(bundled, photo_paths):

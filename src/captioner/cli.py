@@ -237,7 +237,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
     model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision)
     settings = model.decoding_settings(  # checked (bounds, sampling vs beam options) before any image is read
         beam_size=a.beam, n_best=a.n_best, max_len=a.max_len, length_penalty=a.length_penalty,
-        allow_unk=a.allow_unk or None, sample=a.sample or None, num_captions=a.num_captions,
+        no_repeat_ngram=a.no_repeat_ngram, allow_unk=a.allow_unk or None, sample=a.sample or None, num_captions=a.num_captions,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     if a.attention and not model.decoder.has_attention:
         raise ValueError(f"--attention: the model {a.model} ({model.config['arch']}) has no attention over image "
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=_positive, default=None, help="longest caption in words (default: the model's)")
     s.add_argument("--length-penalty", type=_nonneg_float, default=None,
                    help="rank beam hypotheses by score / length**P (default: the model's, 0 = raw log-probability)")
+    s.add_argument("--no-repeat-ngram", type=_nonneg_int, default=None, metavar="N",
+                   help="never repeat an N-word sequence within a caption (default: the model's; 0 = off)")
     g = s.add_argument_group("sampling (instead of beam search)")
     g.add_argument("--sample", action="store_true", help="draw captions from the model's distribution")
     g.add_argument("--num-captions", type=_positive, default=None, help="captions to draw per image (default 1)")

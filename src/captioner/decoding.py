@@ -43,8 +43,29 @@ def _ban(logp: torch.Tensor, banned: tuple[int, ...]) -> torch.Tensor:
     return logp
 
 
+def _block_repeats(logp: torch.Tensor, history: list[list[int]], size: int) -> torch.Tensor:
+    """``no_repeat_ngram``: each row's log-probabilities with -inf for the words that would complete an
+    n-gram of ``size`` words its caption already holds ("on a skateboard on a skateboard")."""
+    if not size:
+        return logp
+    rows, words = [], []
+    for row, seq in enumerate(history):
+        if len(seq) < size:
+            continue
+        prefix = tuple(seq[len(seq) - size + 1:])
+        for i in range(len(seq) - size + 1):
+            if tuple(seq[i:i + size - 1]) == prefix:
+                rows.append(row)
+                words.append(seq[i + size - 1])
+    if not rows:
+        return logp
+    logp = logp.clone()
+    logp[rows, words] = float("-inf")
+    return logp
+
+
 def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: int, max_len: int,
-             banned: tuple[int, ...] = ()):
+             banned: tuple[int, ...] = (), no_repeat_ngram: int = 0):
     """Run ``n`` captions one word at a time, ``choose(log_probs) -> words`` picking each word.
 
     Returns words (n, T), the summed log-probabilities of the chosen words (n,) and the
@@ -57,7 +78,10 @@ def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: i
     words, atts = [], []
     for _ in range(max_len):
         logp, state, att = model.step(prev, state, memory)
-        word = torch.where(done, torch.full_like(prev, end_id), choose(_ban(logp, banned)))
+        allowed = _ban(logp, banned)
+        if no_repeat_ngram and words:
+            allowed = _block_repeats(allowed, torch.stack(words, 1).tolist(), no_repeat_ngram)
+        word = torch.where(done, torch.full_like(prev, end_id), choose(allowed))
         scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1).double())
         words.append(word)
         atts.append(att)
@@ -79,20 +103,23 @@ def _hypothesis(seq: list[int], score: float, atts: list, row: int, end_id: int,
 
 @torch.inference_mode()
 def greedy_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
-                  max_len: int = 30, length_penalty: float = 0.0, banned: tuple[int, ...] = ()) -> list[Hypothesis]:
+                  max_len: int = 30, length_penalty: float = 0.0, banned: tuple[int, ...] = (),
+                  no_repeat_ngram: int = 0) -> list[Hypothesis]:
     """Most probable word at every step. features (B, P, C) -> one hypothesis per image.
 
-    ``banned`` word ids are never chosen (scores stay the model's own log-probabilities)."""
+    ``banned`` word ids are never chosen, nor (``no_repeat_ngram`` = n > 0) a word that would repeat
+    an n-gram of the caption; scores stay the model's own log-probabilities."""
     B = features.shape[0]
     words, scores, atts = _rollout(model, model.encode(features), B, lambda logp: logp.argmax(dim=-1),
-                                   start_id=start_id, end_id=end_id, max_len=max_len, banned=banned)
+                                   start_id=start_id, end_id=end_id, max_len=max_len, banned=banned,
+                                   no_repeat_ngram=no_repeat_ngram)
     return [_hypothesis(words[b].tolist(), float(scores[b]), atts, b, end_id, length_penalty) for b in range(B)]
 
 
 @torch.inference_mode()
 def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
                 beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
-                n_best: int = 1, banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
+                n_best: int = 1, banned: tuple[int, ...] = (), no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
     """Batched beam search: all images and all beams advance together in one ``step`` call.
 
     Finished beams keep their score and stay in the beam (they only extend with <end> at no
@@ -100,7 +127,8 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     finished (or, with no length penalty, its ``n_best`` best have); the search stops when every
     image has left or at ``max_len``.
     The final hypotheses are ranked by ``score / length ** length_penalty`` (length counts
-    the <end> token; 0 = raw log-probability). Returns ``n_best`` hypotheses per image.
+    the <end> token; 0 = raw log-probability). ``no_repeat_ngram`` = n > 0: no beam repeats an n-gram.
+    Returns ``n_best`` hypotheses per image.
     """
     k = beam_size
     B = features.shape[0]
@@ -128,7 +156,10 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
             memory, state, logp = _expand(memory, k), _expand(state, k), logp.repeat_interleave(k, dim=0)
             att = att.repeat_interleave(k, dim=0) if att is not None else None
         V = logp.shape[-1]
-        logp = _ban(logp, banned).view(n, k, V)
+        logp = _ban(logp, banned)
+        if no_repeat_ngram and t:
+            logp = _block_repeats(logp, history.reshape(n * k, -1).tolist(), no_repeat_ngram)
+        logp = logp.view(n, k, V)
         # a finished beam may only "continue" with <end> at zero cost
         frozen = torch.full_like(logp[0, 0], float("-inf"))
         frozen[end_id] = 0.0
@@ -254,10 +285,12 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
 @_eval_mode
 def decode(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, beam_size: int = 1,
            max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1,
-           banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
+           banned: tuple[int, ...] = (), no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
     """Greedy when beam_size == 1 (exactly the beam-1 result), beam search otherwise."""
     if beam_size == 1:
-        return [[h] for h in greedy_search(model, features, start_id=start_id, end_id=end_id,
-                                           max_len=max_len, length_penalty=length_penalty, banned=banned)]
+        return [[h] for h in greedy_search(model, features, start_id=start_id, end_id=end_id, max_len=max_len,
+                                           length_penalty=length_penalty, banned=banned,
+                                           no_repeat_ngram=no_repeat_ngram)]
     return beam_search(model, features, start_id=start_id, end_id=end_id, beam_size=beam_size,
-                       max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned=banned)
+                       max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned=banned,
+                       no_repeat_ngram=no_repeat_ngram)

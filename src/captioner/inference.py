@@ -41,6 +41,7 @@ class DecodingSettings:
     max_len: int = 30
     length_penalty: float = 0.0
     n_best: int = 1
+    no_repeat_ngram: int = 0  # n > 0: a beam never repeats an n-gram of its caption (Hugging Face's no_repeat_ngram_size)
     allow_unk: bool = False  # False: <unk> is never output (banned, like <pad> and <start>)
     sample: bool = False
     num_captions: int = 1
@@ -60,9 +61,11 @@ class DecodingSettings:
         """A copy with the given fields changed; ``None`` means "keep the default"."""
         kept = {k: v for k, v in changes.items() if v is not None}
         new = dataclasses.replace(self, **kept)
-        if new.sample and any(k in kept for k in ("beam_size", "n_best", "length_penalty")):
-            raise ValueError("beam size, n-best and length penalty choose how a beam search ranks captions; when "
-                             "sampling ask for several captions with num_captions (--num-captions)")
+        if new.sample and any(k in kept for k in ("beam_size", "n_best", "length_penalty", "no_repeat_ngram")):
+            raise ValueError("beam size, n-best, length penalty and no-repeat n-grams choose how a beam search ranks "
+                             "captions; when sampling ask for several captions with num_captions (--num-captions)")
+        if new.sample:  # the model's beam-search defaults do not apply to sampling
+            new = dataclasses.replace(new, n_best=1, length_penalty=0.0, no_repeat_ngram=0)
         if not new.sample and isinstance(new.n_best, int) and new.n_best > new.beam_size:
             new = dataclasses.replace(new, beam_size=new.n_best)  # an n-best list needs at least n beams
         return new.checked()
@@ -82,6 +85,11 @@ class DecodingSettings:
                                        ("top-p", self.top_p, 1e-6, 1.0)):
             if not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"{name} {value}: must be from {low} to {high}")
+        if isinstance(self.no_repeat_ngram, bool) or not isinstance(self.no_repeat_ngram, int) or \
+                not 0 <= self.no_repeat_ngram <= MAX_CAPTION_WORDS:
+            raise ValueError(f"no-repeat n-gram size {self.no_repeat_ngram}: must be from 0 (off) to {MAX_CAPTION_WORDS}")
+        if self.sample and self.no_repeat_ngram:
+            raise ValueError("no_repeat_ngram applies to beam search (and greedy), not to sampling")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top-k {self.top_k}: must be >= 0 (0 = no limit)")
         if self.sample and (self.n_best > 1 or self.length_penalty):
@@ -108,7 +116,7 @@ class DecodingSettings:
                           top_p=self.top_p, num_samples=self.num_captions, seed=self.seed, seed_offset=seed_offset,
                           **common)
         return decode(decoder, features.float(), beam_size=self.beam_size, n_best=self.n_best,
-                      length_penalty=self.length_penalty, **common)
+                      length_penalty=self.length_penalty, no_repeat_ngram=self.no_repeat_ngram, **common)
 
 
 @dataclass
