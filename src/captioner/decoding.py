@@ -43,24 +43,23 @@ def _ban(logp: torch.Tensor, banned: tuple[int, ...]) -> torch.Tensor:
     return logp
 
 
-def _block_repeats(logp: torch.Tensor, history: list[list[int]], size: int) -> torch.Tensor:
+def _block_repeats(logp: torch.Tensor, history: torch.Tensor, size: int) -> torch.Tensor:
     """``no_repeat_ngram``: each row's log-probabilities with -inf for the words that would complete an
-    n-gram of ``size`` words its caption already holds ("on a skateboard on a skateboard")."""
-    if not size:
+    n-gram of ``size`` words its caption (a row of ``history``, (R, T) word ids) already holds
+    ("on a skateboard on a skateboard")."""
+    T = history.shape[1]
+    if not size or T < size:
         return logp
-    rows, words = [], []
-    for row, seq in enumerate(history):
-        if len(seq) < size:
-            continue
-        prefix = tuple(seq[len(seq) - size + 1:])
-        for i in range(len(seq) - size + 1):
-            if tuple(seq[i:i + size - 1]) == prefix:
-                rows.append(row)
-                words.append(seq[i + size - 1])
-    if not rows:
+    # every earlier window of size-1 words that equals the caption's last size-1 words bans the word after it
+    earlier = history[:, :T - size + 1]
+    match = torch.ones_like(earlier, dtype=torch.bool)
+    for j in range(size - 1):
+        match &= history[:, j:T - size + 1 + j] == history[:, T - size + 1 + j:T - size + 2 + j]
+    rows, at = match.nonzero(as_tuple=True)
+    if rows.numel() == 0:
         return logp
     logp = logp.clone()
-    logp[rows, words] = float("-inf")
+    logp[rows, history[rows, at + size - 1]] = float("-inf")
     return logp
 
 
@@ -80,7 +79,7 @@ def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: i
         logp, state, att = model.step(prev, state, memory)
         allowed = _ban(logp, banned)
         if no_repeat_ngram and words:
-            allowed = _block_repeats(allowed, torch.stack(words, 1).tolist(), no_repeat_ngram)
+            allowed = _block_repeats(allowed, torch.stack(words, 1), no_repeat_ngram)
         word = torch.where(done, torch.full_like(prev, end_id), choose(allowed))
         scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1).double())
         words.append(word)
@@ -158,7 +157,7 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
         V = logp.shape[-1]
         logp = _ban(logp, banned)
         if no_repeat_ngram and t:
-            logp = _block_repeats(logp, history.reshape(n * k, -1).tolist(), no_repeat_ngram)
+            logp = _block_repeats(logp, history.reshape(n * k, -1), no_repeat_ngram)
         logp = logp.view(n, k, V)
         # a finished beam may only "continue" with <end> at zero cost
         frozen = torch.full_like(logp[0, 0], float("-inf"))
