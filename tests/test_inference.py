@@ -60,8 +60,11 @@ def test_n_best_is_sorted_distinct_and_carries_the_beams_scores(bundled, photo_p
         assert scores == sorted(scores, reverse=True)
         assert len({c.caption for c in r.n_best}) == 5  # distinct
         assert r.n_best[0].caption == r.caption and r.n_best[0].score == r.score
-        for c in r.n_best:  # each score is the model's own log-probability of that caption (+ <end>)
-            assert c.score == pytest.approx(_teacher_forced_logprob(bundled, c.caption.split(), f[None]), abs=2e-3)
+        lp = bundled.settings.length_penalty  # the bundled model ranks by score / length ** 1.0
+        for c in r.n_best:  # each score is the model's own log-probability of that caption (+ <end>), normalised
+            words = c.caption.split()
+            want = _teacher_forced_logprob(bundled, words, f[None]) / (len(words) + 1) ** lp
+            assert c.score == pytest.approx(want, abs=2e-3)
 
 
 def test_results_are_typed_and_errors_stay_in_their_result(bundled, photo_paths, tmp_path):

@@ -417,7 +417,7 @@ def test_captioner_serve_runs_uvicorn_on_loopback_and_stops_on_ctrl_c():
                 time.sleep(0.1)
         assert health.status_code == 200
         r = httpx.post(url + "v1/captions", files={"images": ("chelsea.png", example("chelsea.png"))}, timeout=30)
-        assert r.status_code == 200 and r.json()["results"][0]["caption"] == "a white dog is playing with a toy"
+        assert r.status_code == 200 and r.json()["results"][0]["caption"] == "a small white dog is playing with a toy"
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -107,15 +107,16 @@ def test_page_captions_a_photo_and_overlays_each_words_attention(browser, sat_ur
     page = _page(browser, viewport={"width": 1100, "height": 760})
     _upload(page, sat_url, EXAMPLES / "chelsea.png")
     words = page.locator(".chip").all_inner_texts()
-    assert " ".join(words) == "a white dog is playing with a toy"  # the bundled model's caption (README)
+    assert " ".join(words) == "a small white dog is playing with a toy"  # the bundled model's caption (README)
     n_best = page.locator("#nbest li").all_inner_texts()
-    assert len(n_best) == 3 and n_best[0].startswith("a white dog is playing with a toy")
+    assert len(n_best) == 3 and n_best[0].startswith("a small white dog is playing with a toy")
+    dog_chip, toy_chip = f".chip >> nth={words.index('dog')}", f".chip >> nth={words.index('toy')}"
     assert "chelsea.png" in page.inner_text("#status")
 
     photo = _pixels(page)
     assert photo.shape[:2] == (300, 451)  # the photo itself, at its size
-    page.hover(".chip >> nth=2")  # "dog"
-    assert page.get_attribute(".chip >> nth=2", "class") == "chip active"
+    page.hover(dog_chip)
+    assert page.get_attribute(dog_chip, "class") == "chip active"
     dog = _pixels(page)
     changed = np.abs(dog - photo).max(axis=-1) > 8
     assert changed.mean() > 0.5, "the overlay should tint most of the photo (jet colours at 50 %)"
@@ -124,15 +125,15 @@ def test_page_captions_a_photo_and_overlays_each_words_attention(browser, sat_ur
     if os.environ.get("CAPTIONER_SERVE_SCREENSHOT"):
         shutil.copy(tmp_path / "serve-page.png", os.environ["CAPTIONER_SERVE_SCREENSHOT"])
 
-    page.hover(".chip >> nth=7")  # "toy": another map
+    page.hover(toy_chip)  # another map
     toy = _pixels(page)
     assert np.abs(toy - dog).mean() > 2, "each word has its own map"
     page.hover("h1")  # away from the words: the photo alone again
     assert np.array_equal(_pixels(page), photo)
-    page.click(".chip >> nth=2")  # clicked (tapped): the map stays when the pointer leaves
+    page.click(dog_chip)  # clicked (tapped): the map stays when the pointer leaves
     page.hover("h1")
     assert np.array_equal(_pixels(page), dog)
-    page.click(".chip >> nth=2")  # clicked again: the photo alone
+    page.click(dog_chip)  # clicked again: the photo alone
     page.hover("h1")
     assert np.array_equal(_pixels(page), photo)
     assert page.errors == []
