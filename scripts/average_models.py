@@ -22,10 +22,10 @@ def main() -> int:
     a = ap.parse_args()
     try:
         decoder, vocab, cfg = average_model_dirs(a.model_dirs)
-    except ModelDirError as e:
+        save_model_dir(a.out, decoder, vocab, cfg)
+    except (ModelDirError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_model_dir(a.out, decoder, vocab, cfg)
     print(f"averaged {len(a.model_dirs)} models into {a.out}")
     return 0
 

@@ -164,7 +164,10 @@ def test_3a_infinite_lr_and_negative_grad_clip_are_refused(synthetic, tmp_path, 
                              ("optim.grad_clip=-1", "optim.grad_clip=-1.0: must be a finite number >= 0"),
                              ("optim.ema=1", "optim.ema=1.0: must be from 0 (off) to below 1"),
                              ("decoding.beam=3", "decoding.beam: not a decoding default a model records"),
-                             ("decoding.length_penalty=-1", "decoding: length penalty -1: must be from 0.0 to 10.0")):
+                             ("decoding.length_penalty=-1", "decoding: length penalty -1: must be from 0.0 to 10.0"),
+                             ("decoding.length_penalty=true", "decoding: length penalty True: must be from"),
+                             ("decoding.n_best=3", "decoding.n_best: not a decoding default a model records"),
+                             ("val_beam=60", "val_beam=60: beam size 60: must be from 1 to 50")):
         status, _, err = call(capsys, *train_args(synthetic, tmp_path / "run", setting))
         assert status == 2 and err.startswith(f"error: {message}") and no_traceback(err)
         assert not (tmp_path / "run").exists()

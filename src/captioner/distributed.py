@@ -163,10 +163,13 @@ def process_group(backend: str = "gloo"):
     created = not dist.is_initialized()
     if created:
         dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
-    # torn down on a failure too: a process that ends with the group alive can abort in C++ at exit
-    # ("terminate called without an active exception", SIGABRT instead of its exit status)
+    # torn down on a failure too, with gloo: a process that ends with the group alive can abort in C++ at
+    # exit ("terminate called without an active exception", SIGABRT instead of its exit status). Not with
+    # NCCL, whose teardown can wait for ranks that are not tearing down (they may still be running)
+    ok = False
     try:
         yield Group(dist.get_rank(), dist.get_world_size())
+        ok = True
     finally:
-        if created:
+        if created and (ok or "nccl" not in backend):
             dist.destroy_process_group()

@@ -83,8 +83,10 @@ class DecodingSettings:
         for name, value, low, high in (("length penalty", self.length_penalty, 0.0, 10.0),
                                        ("temperature", self.temperature, 0.01, 100.0),
                                        ("top-p", self.top_p, 1e-6, 1.0)):
-            if not isinstance(value, (int, float)) or not low <= value <= high:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"{name} {value}: must be from {low} to {high}")
+        if not isinstance(self.allow_unk, bool) or not isinstance(self.sample, bool):
+            raise ValueError(f"allow_unk {self.allow_unk!r} and sample {self.sample!r}: must be true or false")
         if isinstance(self.no_repeat_ngram, bool) or not isinstance(self.no_repeat_ngram, int) or \
                 not 0 <= self.no_repeat_ngram <= MAX_CAPTION_WORDS:
             raise ValueError(f"no-repeat n-gram size {self.no_repeat_ngram}: must be from 0 (off) to {MAX_CAPTION_WORDS}")

@@ -2,7 +2,8 @@
 
 One epoch = every training caption once, in length buckets (captions of similar length
 batched together, longest first inside a batch, so no step is spent on padding).
-Every epoch ends with greedy decoding of the validation images, scored with the COCO
+Every epoch ends with decoding of the validation images (greedy unless ``val_beam``, with the
+``decoding`` defaults; the moving average of the weights with ``optim.ema``), scored with the COCO
 metrics; that score drives lr decay, early stopping and the choice of the best model.
 
 Files in ``out_dir``::
@@ -55,7 +56,7 @@ from .features import FeatureStore
 from .models import build_decoder
 from .scheduled_sampling import ScheduledSamplingConfig, scheduled_sampling_forward
 from .scst import CiderD, ScstConfig, scst_loss
-from .modeldir import banned_ids, load_model_dir, save_model_dir
+from .modeldir import MAX_CAPTION_WORDS, banned_ids, load_model_dir, save_model_dir
 
 
 @dataclass
@@ -375,6 +376,8 @@ def validate(run: Run) -> tuple[dict, dict[str, str], float]:
     Returns (scores, caption per image, seconds)."""
     cfg, group, data = run.cfg, run.group, run.val_data
     t0 = time.perf_counter()
+    if run.ema is not None:  # batch norm's running statistics come from each rank's share: rank 0's for all
+        group.broadcast_tensors(list(run.ema.module.buffers()))
     n = len(data.images) if not cfg.data.val_images else min(cfg.data.val_images, len(data.images))
     settings = _decoding(cfg).replace(beam_size=cfg.val_beam, n_best=1).checked()
     share = range(n * group.rank // group.world, n * (group.rank + 1) // group.world)
@@ -754,8 +757,10 @@ def _summary(state: dict, out: Path, *, out_of_time: bool = False) -> dict:
 
 
 def _decoding(cfg: TrainConfig) -> DecodingSettings:
-    """The decoding defaults of the trained model: beam 3, captions up to data.max_len words, and ``decoding``."""
-    return DecodingSettings(**{"beam_size": 3, "max_len": cfg.data.max_len, **cfg.decoding}).checked()
+    """The decoding defaults of the trained model: beam 3, captions up to data.max_len words (at most the
+    longest a model may decode), and ``decoding``."""
+    return DecodingSettings(**{"beam_size": 3, "max_len": min(cfg.data.max_len, MAX_CAPTION_WORDS),
+                               **cfg.decoding}).checked()
 
 
 def check_config(cfg: TrainConfig, world: int = 1) -> None:
@@ -804,7 +809,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         raise TrainError(f"optim.schedule={cfg.optim.schedule!r}: use plateau (decay when validation stops "
                          "improving) or cosine (from optim.lr to 0 over the epochs, or over optim.max_minutes)")
     known = {f.name for f in dataclasses.fields(DecodingSettings)} - {"sample", "num_captions", "temperature", "top_k",
-                                                                       "top_p", "seed"}
+                                                                       "top_p", "seed", "n_best"}
     unknown = sorted(set(cfg.decoding) - known)
     if unknown:
         raise TrainError(f"decoding.{unknown[0]}: not a decoding default a model records; use "
@@ -813,6 +818,10 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         _decoding(cfg)
     except (TypeError, ValueError) as e:
         raise TrainError(f"decoding: {e}") from None
+    try:
+        _decoding(cfg).replace(beam_size=cfg.val_beam, n_best=1)
+    except ValueError as e:
+        raise TrainError(f"val_beam={cfg.val_beam}: {e}") from None
     ss = cfg.scheduled_sampling
     if not (0 <= ss.max_prob <= 1 and 0 <= ss.increase_prob <= 1 and ss.increase_every >= 1 and ss.start_epoch >= 1):
         raise TrainError("scheduled_sampling: max_prob and increase_prob must be from 0 to 1, increase_every and "
