@@ -237,8 +237,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
     model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision)
     settings = model.decoding_settings(  # checked (bounds, sampling vs beam options) before any image is read
         beam_size=a.beam, n_best=a.n_best, max_len=a.max_len, length_penalty=a.length_penalty,
-        no_repeat_ngram=a.no_repeat_ngram, allow_unk=a.allow_unk or None, sample=a.sample or None, num_captions=a.num_captions,
-        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+        no_repeat_ngram=a.no_repeat_ngram, allow_unk=a.allow_unk or None, sample=a.sample or None,
+        num_captions=a.num_captions, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     if a.attention and not model.decoder.has_attention:
         raise ValueError(f"--attention: the model {a.model} ({model.config['arch']}) has no attention over image "
                          "regions, so there is no map to draw; use an attention model (sat, bahdanau-gru, "

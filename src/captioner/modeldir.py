@@ -139,7 +139,8 @@ _SIZE_BOUNDS = {  # integer size fields of any architecture's config, by name: i
 }
 _DIM_BOUNDS = (1, 65_536)  # *_dim, *_size
 _COUNT_BOUNDS = (1, 1_024)  # layers, heads
-_DECODING_BOUNDS = {"beam_size": (1, MAX_BEAM), "max_len": (1, MAX_CAPTION_WORDS), "n_best": (1, MAX_N_BEST)}
+_DECODING_BOUNDS = {"beam_size": (1, MAX_BEAM), "max_len": (1, MAX_CAPTION_WORDS), "n_best": (1, MAX_N_BEST),
+                    "no_repeat_ngram": (0, MAX_CAPTION_WORDS)}
 _IMAGE_SIZE_BOUNDS = (32, 2_048)  # encoder input side in pixels
 
 
@@ -277,10 +278,6 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     for key, value in (cfg.get("decoding") or {}).items():
         if key in _DECODING_BOUNDS:
             _check_bounds(f"decoding.{key}", value, _DECODING_BOUNDS[key], fail)
-        elif key == "no_repeat_ngram":
-            if not _is_int(value) or not 0 <= value <= MAX_CAPTION_WORDS:
-                raise fail(f"decoding.no_repeat_ngram must be a whole number from 0 (off) to {MAX_CAPTION_WORDS}, "
-                           f"got {value!r}")
         elif key == "length_penalty":
             if not _is_number(value) or not 0.0 <= value <= 10.0:
                 raise fail(f"decoding.length_penalty must be a number from 0 to 10, got {value!r}")

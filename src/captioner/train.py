@@ -379,7 +379,7 @@ def validate(run: Run) -> tuple[dict, dict[str, str], float]:
     if run.ema is not None:  # batch norm's running statistics come from each rank's share: rank 0's for all
         group.broadcast_tensors(list(run.ema.module.buffers()))
     n = len(data.images) if not cfg.data.val_images else min(cfg.data.val_images, len(data.images))
-    settings = _decoding(cfg).replace(beam_size=cfg.val_beam, n_best=1).checked()
+    settings = _val_decoding(cfg)
     share = range(n * group.rank // group.world, n * (group.rank + 1) // group.world)
     cands = {k: v for part in group.gather(decode_images(run.kept, run.vocab, data, settings, share))
              for k, v in part.items()}
@@ -763,6 +763,11 @@ def _decoding(cfg: TrainConfig) -> DecodingSettings:
                                **cfg.decoding}).checked()
 
 
+def _val_decoding(cfg: TrainConfig) -> DecodingSettings:
+    """How validation decodes: the model's decoding defaults at beam ``val_beam``."""
+    return _decoding(cfg).replace(beam_size=cfg.val_beam, n_best=1)
+
+
 def check_config(cfg: TrainConfig, world: int = 1) -> None:
     """Catch config mistakes before any work is done (not after the first epoch). ``world``: the
     number of processes under torchrun, which share every batch."""
@@ -819,7 +824,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
     except (TypeError, ValueError) as e:
         raise TrainError(f"decoding: {e}") from None
     try:
-        _decoding(cfg).replace(beam_size=cfg.val_beam, n_best=1)
+        _val_decoding(cfg)
     except ValueError as e:
         raise TrainError(f"val_beam={cfg.val_beam}: {e}") from None
     ss = cfg.scheduled_sampling
