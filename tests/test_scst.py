@@ -98,6 +98,27 @@ def test_a_time_budget_cuts_the_run_short_and_keeps_the_best(synthetic, tmp_path
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 3e-3  # the cosine ran towards 0 over the budget
 
 
+def test_a_resumed_run_spends_what_is_left_of_its_budget(synthetic, tmp_path):
+    """--resume continues the clock from the checkpoint: optim.max_minutes and its cosine cover the whole
+    run, so an interrupted five-minute run does not get five more minutes and its lr does not jump back."""
+    out = tmp_path / "resumed"
+
+    def run(epochs, minutes, resume):
+        summary = train(small_config(synthetic, out, epochs=epochs, max_minutes=minutes, schedule="cosine"),
+                        resume=resume)
+        return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    first, _ = run(1, 10.0, False)
+    assert first["epochs"] == 1 and not first["out_of_time"]
+    second, rows = run(2, 10.0, True)
+    assert second["epochs"] == 2 and len(rows) == 2
+    assert rows[1]["elapsed_seconds"] >= rows[0]["elapsed_seconds"] + rows[1]["train_seconds"]  # the clock went on
+    assert rows[1]["lr"] < rows[0]["lr"]  # and the cosine with it
+    # a budget already spent by the first two epochs: the resumed run trains no further step
+    third, rows = run(1000, 0.9 * rows[1]["elapsed_seconds"] / 60, True)
+    assert third["out_of_time"] and third["epochs"] == 2 and len(rows) == 2
+
+
 @pytest.mark.parametrize("override, message", [("max_minutes", "optim.max_minutes"), ("schedule", "optim.schedule")])
 def test_budget_and_schedule_are_validated(synthetic, tmp_path, override, message):
     cfg = small_config(synthetic, tmp_path / "bad", epochs=1)

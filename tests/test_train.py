@@ -105,7 +105,8 @@ TIMING = ("captions_per_s", "train_seconds", "val_seconds", "elapsed_seconds")
 
 def _untimed(state: dict) -> dict:
     """The checkpointed state without wall-clock figures (those differ between any two runs)."""
-    return {**state, "history": [{k: v for k, v in h.items() if k not in TIMING} for h in state["history"]]}
+    return {**{k: v for k, v in state.items() if k != "clock"},
+            "history": [{k: v for k, v in h.items() if k not in TIMING} for h in state["history"]]}
 
 
 def test_sigkill_mid_run_then_resume_ends_in_the_same_state(synthetic, tmp_path):

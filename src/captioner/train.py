@@ -81,7 +81,7 @@ class OptimConfig:
     lr_patience: int = 2  # ... after this many epochs without a better validation score
     early_stop: int = 6  # stop after this many epochs without improvement (0 = never)
     restore_best: bool = False  # when the lr decays, go back to the best epoch's weights first
-    max_minutes: float = 0.0  # wall-clock budget of this run (0 = none): the epoch in progress is cut short,
+    max_minutes: float = 0.0  # wall-clock budget of the run, --resume included (0 = none): the epoch in progress is cut short,
     #                           validated and kept if best, leaving time for its validation
     schedule: str = "plateau"  # "plateau": decay on a validation plateau; "cosine": lr follows a cosine from lr
     #                            to 0 over optim.epochs, or over max_minutes when a budget is set
@@ -261,7 +261,11 @@ def start(run: Run) -> None:
     if run.scst and not run.stopped_early:
         run.say(f"scst: CIDEr-D document frequencies from {len(run.train_data.images)} training images' "
                 "references")
-    run.budget = Budget(cfg.optim.max_minutes, group)  # the clock starts with the first epoch
+    # the clock starts with the first epoch; on --resume it goes on from the checkpoint's time, so a budget
+    # and its cosine cover the whole run, not each process
+    clock = state.get("clock", {})
+    run.budget = Budget(cfg.optim.max_minutes, group, spent=clock.get("seconds", 0.0),
+                        longest_val=clock.get("longest_val", 0.0))
 
 
 def train_epoch(run: Run, epoch: int, stop_after_steps: int | None = None) -> dict:
@@ -415,6 +419,7 @@ def end_epoch(run: Run, epoch: int, stats: dict, scores: dict, cands: dict[str, 
             # the lr just decayed: continue from the best weights at the lower rate (one-run staging)
             row["restored_epoch"] = state["best_epoch"]
     state["epoch"] = epoch
+    state["clock"] = run.budget.to_state()  # --resume continues the clock
     save_checkpoint(run, scores if improved else None)
     run.say(f"epoch {epoch}{' (cut short by optim.max_minutes)' if run.budget.out else ''}: loss "
             f"{row['train_loss']:.3f}{'  reward %.3f' % row['train_reward'] if run.scst else ''}  val "
@@ -449,14 +454,19 @@ def save_checkpoint(run: Run, best_scores: dict | None) -> None:
 class Budget:
     """``optim.max_minutes``: the epoch in progress is cut short in time for its validation (a tenth of
     the budget is kept for it, then 1.2 x the longest validation so far). Rank 0's clock decides for
-    every rank, so all stop at the same step and follow the same cosine."""
+    every rank, so all stop at the same step and follow the same cosine. On --resume the clock goes on
+    from the checkpoint's ``spent`` seconds."""
 
-    def __init__(self, minutes: float, group: Group):
+    def __init__(self, minutes: float, group: Group, *, spent: float = 0.0, longest_val: float = 0.0):
         self.seconds = minutes * 60.0  # 0: no budget
-        self.reserve = 0.1 * self.seconds
+        self.longest_val = longest_val
         self.group = group
-        self.t_start = time.perf_counter()
+        self.t_start = time.perf_counter() - spent
         self.out = False  # the time is up
+
+    @property
+    def reserve(self) -> float:
+        return max(0.1 * self.seconds, 1.2 * self.longest_val)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -472,7 +482,10 @@ class Budget:
         return used
 
     def validated(self, seconds: float) -> None:
-        self.reserve = max(self.reserve, 1.2 * seconds)
+        self.longest_val = max(self.longest_val, seconds)
+
+    def to_state(self) -> dict:
+        return {"seconds": self.elapsed(), "longest_val": self.longest_val}
 
 
 # ----------------------------------------------------------------------------- setup and checkpoint details
