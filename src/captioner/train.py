@@ -81,8 +81,8 @@ class OptimConfig:
     lr_patience: int = 2  # ... after this many epochs without a better validation score
     early_stop: int = 6  # stop after this many epochs without improvement (0 = never)
     restore_best: bool = False  # when the lr decays, go back to the best epoch's weights first
-    max_minutes: float = 0.0  # wall-clock budget of the run, --resume included (0 = none): the epoch in progress is cut short,
-    #                           validated and kept if best, leaving time for its validation
+    max_minutes: float = 0.0  # wall-clock budget of the run, --resume included (0 = none): the epoch in
+    #                           progress is cut short, validated and kept if best, leaving time for its validation
     schedule: str = "plateau"  # "plateau": decay on a validation plateau; "cosine": lr follows a cosine from lr
     #                            to 0 over optim.epochs, or over max_minutes when a budget is set
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, updated after each
