@@ -2,7 +2,8 @@
 
 Both train Show, Attend and Tell (`sat`, embed/hidden/attention 512, dropout 0.5, batch 64, Adam,
 gradient clipping 5) on the cached Flickr8k features, in the same process, one after the other,
-on the same threads; the script prints ONE JSON object.
+on the same threads, whose OpenMP wait policy is the one `captioner train` sets (`omp_wait_policy`
+in the output); the script prints ONE JSON object.
 
 (a) ours: ``captioner.train.train`` itself (length-bucketed batches read from the feature store's
     memory map, the grid's attention projection computed once per caption, no padding work).
@@ -30,11 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from captioner.cli import set_wait_policy
+
+set_wait_policy("train")  # before torch is imported: OpenMP's threads wait as under `captioner train`
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 E = H = A = 512
 BATCH = 64
@@ -170,6 +175,7 @@ def main() -> None:
             "reference_loop": reference_loop(data, a.steps, len(vocab))}
     res = {"bench": "train_speed", "arch": "sat", "steps": a.steps, "batch": BATCH, "threads": torch.get_num_threads(),
            "load_average_before": round(load, 2), "torch": torch.__version__,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)"),
            "matmul_2048_gflop_per_s": round(ceiling, 1)}
     for name, (secs, caps, words) in runs.items():
         res[name] = {"captions_per_s": round(caps / secs, 1), "words_per_caption": round(words / caps, 2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,34 @@ def test_caption_cli_attention_figure_needs_an_attention_model(photos, tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout)["caption"] is not None
     res = Captioner.from_pretrained(tmp_path / "merge").caption(str(photos[0]), return_attention=True)
     assert res[0].ok and res[0].attention is None  # no fake maps
+
+
+@pytest.mark.parametrize("command, preset, expected", [
+    ("evaluate", None, "PASSIVE"), ("caption", None, "PASSIVE"), ("train", None, "unset"),
+    ("evaluate", "ACTIVE", "ACTIVE"), ("train", "PASSIVE", "PASSIVE"),
+])
+def test_openmp_threads_sleep_except_in_training_unless_the_user_chose(command, preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os; from captioner.cli import set_wait_policy; set_wait_policy(%r); import torch; "
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))" % command)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [expected]
+
+
+def test_training_on_a_busy_machine_says_how_to_share_it(monkeypatch, capsys):
+    from captioner import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    cli._warn_if_busy()
+    assert "load average 1.9 on 2 cores" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 1.0, 1.0))
+    cli._warn_if_busy()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    cli._warn_if_busy()
+    assert capsys.readouterr().err == ""

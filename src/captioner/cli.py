@@ -200,9 +200,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg.device = a.device
     if a.precision is not None:
         cfg.precision = a.precision
-    summary = train(cfg, resume=a.resume)
     from .distributed import env_world
 
+    if env_world()[0] == 0 and env_world()[1] == 1:
+        _warn_if_busy()
+    summary = train(cfg, resume=a.resume)
     if env_world()[0] == 0:  # under torchrun, rank 0 alone prints
         print_json({k: v for k, v in summary.items() if k != "history"})
     return 0
@@ -491,13 +493,29 @@ def _os_error_message(e: OSError) -> str:
     return f"{where}{e.strerror or e}{hint}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that wait by spinning collapse when another process shares the cores (features
-    # went from 2.9 to 5.8 images/s with it off, on 2 busy cores); set before torch is imported, and
-    # only if the user has not chosen
-    if "torch" not in sys.modules:
+def set_wait_policy(command: str) -> None:
+    """How OpenMP's idle threads wait, set before torch is imported unless the user has chosen
+    (OMP_WAIT_POLICY). Spinning collapses when another process shares the cores (features went from
+    2.9 to 5.8 images/s with it off, on 2 busy cores), so every command sleeps (PASSIVE) but
+    ``train``: a training job is the long one that has the machine to itself, and spinning makes it
+    1.2x faster then (bench/README.md); :func:`cmd_train` warns when the machine is already busy."""
+    if "torch" not in sys.modules and command != "train":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _warn_if_busy() -> None:
+    """Spinning threads lose many times over to another busy process (two spinning jobs on 2 cores:
+    24x slower each); say so when training starts on a machine that is already loaded."""
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    if os.environ.get("OMP_WAIT_POLICY") is None and load >= 0.75 * cores:
+        print(f"note: this machine is busy (load average {load:.1f} on {cores} cores). Training's threads spin while "
+              "they wait, which is fastest alone but slows every job sharing the cores many times over; for jobs "
+              "at the same time, start each with OMP_WAIT_POLICY=PASSIVE", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_wait_policy(args.command)
     debug = bool(os.environ.get("CAPTIONER_DEBUG"))
     try:
         status = args.func(args)
