@@ -1,7 +1,7 @@
 """Copy a trained model directory into the package as a bundled model (float16 weights),
 recording its test metrics and how it was made in config.json.
 
-    python scripts/bundle_model.py runs/flickr8k-sat-stage2/best runs/flickr8k-sat-stage2/test/metrics.json \
+    python scripts/bundle_model.py runs/flickr8k-sat-scst/best runs/flickr8k-sat-scst/test/metrics.json \
         [--name flickr8k-sat] [--note "how it was made"] [--timings timings.json]
 """
 

@@ -30,7 +30,7 @@ from captioner.data.images import ImageError, load_image
 from captioner.data.text import SPECIALS, Vocab, tokenize
 from captioner.models.sat import SATConfig, SATDecoder
 from captioner.modeldir import ModelDirError, load_model_dir, save_model_dir
-from captioner.train import TrainConfig
+from captioner.train import TrainConfig, stage_configs
 
 from .watchdog import hang_guard
 
@@ -373,6 +373,13 @@ def test_config_loader(work, content, overrides):
     event("valid config")
     assert isinstance(cfg, TrainConfig)
     assert isinstance(cfg.optim.lr, float) and isinstance(cfg.optim.epochs, int) and isinstance(cfg.model, dict)
+    try:  # the later stages (``then``) are read when training starts: a bad one is a message too
+        stages = stage_configs(cfg)
+    except ValueError as e:
+        assert str(e), "an empty message"
+        event("bad stage")
+        return
+    assert len(stages) == 1 + len(cfg.then) and all(isinstance(s.optim.lr, float) for s in stages)
 
 
 # ----------------------------------------------------------------------------- images

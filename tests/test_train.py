@@ -263,3 +263,32 @@ def test_decoding_defaults_are_recorded_in_best(synthetic, tmp_path):
     assert model_cfg["decoding"]["length_penalty"] == 1.0 and model_cfg["decoding"]["beam_size"] == 2
     assert model_cfg["decoding"]["max_len"] == 12  # data.max_len unless set
     assert DecodingSettings.from_model(model_cfg).length_penalty == 1.0
+
+
+def test_label_smoothing_spreads_the_target_and_reports_the_plain_cross_entropy(synthetic, tmp_path):
+    from types import SimpleNamespace
+
+    from captioner.train import caption_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 10)  # 3 captions, 4 steps, 10 words
+    tokens = torch.randint(0, 10, (3, 6))
+    lengths = torch.tensor([5, 3, 2])  # real targets: 4, 2 and 1 words
+    out = SimpleNamespace(logits=logits, extra_loss=torch.tensor(0.5))
+    mask = torch.arange(4)[None] < (lengths - 1)[:, None]
+    logp = logits[mask].log_softmax(-1)
+    nll = -logp.gather(1, tokens[:, 1:5][mask][:, None]).squeeze(1).mean()
+    uniform = -logp.mean()  # the cross-entropy against a uniform target
+    total, ce = caption_loss(out, tokens, lengths, label_smoothing=0.2)
+    assert total.item() == pytest.approx(0.8 * nll.item() + 0.2 * uniform.item() + 0.5, rel=1e-5)
+    assert ce.item() == pytest.approx(nll.item(), rel=1e-5)
+    assert caption_loss(out, tokens, lengths)[0].item() == pytest.approx(nll.item() + 0.5, rel=1e-5)
+
+    cfg = small_config(synthetic, tmp_path / "run", epochs=1)
+    cfg.label_smoothing = 1.0
+    with pytest.raises(ValueError, match="label_smoothing=1.0"):
+        train(cfg)
+    cfg.label_smoothing = 0.1
+    assert train(cfg)["best"] > 0
+    _, _, recorded = load_model_dir(tmp_path / "run" / "best")
+    assert recorded["training"]["config"]["label_smoothing"] == 0.1

@@ -77,7 +77,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; known: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -128,15 +128,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of config keys")
         merged = to_dict(cfg)
-        _deep_update(merged, data)
+        deep_update(merged, data)
         cfg = from_dict(cls, merged, where=str(p))
     return apply_overrides(cfg, overrides or [])
 
 
-def _deep_update(base: dict, new: dict) -> None:
+def deep_update(base: dict, new: dict) -> None:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+            deep_update(base[k], v)
         else:
             base[k] = v
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import save_yaml
+from .config import deep_update, from_dict, save_yaml
 from .data.corpus import Corpus
 from .data.text import Vocab
 from .dataset import CaptionData
@@ -101,6 +101,7 @@ class TrainConfig:
     #   set), e.g. decoding.length_penalty=1.0; validation decodes with them at beam val_beam
     init_from: str = ""  # a model directory to start from (staged training), instead of random weights
     objective: str = "xe"  # "xe": cross-entropy on the references; "scst": self-critical on CIDEr-D (needs init_from)
+    label_smoothing: float = 0.0  # xe: this much of each target word's probability spread over the vocabulary
     scst: ScstConfig = field(default_factory=ScstConfig)
     scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)  # xe only
     seed: int = 0
@@ -109,15 +110,24 @@ class TrainConfig:
     progress: bool = True
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (a GPU when there is one); `captioner train --device`
     precision: str = "fp32"  # or bf16: forward and loss under bfloat16 autocast
+    then: list[dict[str, Any]] = field(default_factory=list)  # later stages of the same run, each from the best/
+    #   of the one before, e.g. [{name: scst, objective: scst, optim: {lr: 2.0e-5, epochs: 3}}] (stage_configs)
 
 
-def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on real target words only (mask from lengths), plus the model's regulariser."""
+def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, cross-entropy): the cross-entropy on real target words only (mask from lengths), with
+    ``label_smoothing`` of the target's probability spread evenly over the vocabulary (Szegedy et al.
+    2016), plus the model's regulariser; the second value is the plain cross-entropy."""
     T = out.logits.shape[1]
     targets = tokens[:, 1:T + 1]
     mask = torch.arange(T, device=lengths.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
-    ce = F.cross_entropy(out.logits[mask], targets[mask])
+    logits, targets = out.logits[mask], targets[mask]
+    ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     total = ce + (out.extra_loss if out.extra_loss is not None else 0.0)
+    if label_smoothing:
+        with torch.no_grad():
+            ce = F.cross_entropy(logits, targets)
     return total, ce
 
 
@@ -126,7 +136,68 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torc
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None) -> dict:
     """Train (or resume) and return a summary; under torchrun, one rank of a DDP run (see the module's
-    docstring). ``stop_after_steps`` is for tests."""
+    docstring). With ``cfg.then``, the stages one after the other (:func:`stage_configs`); ``--resume``
+    skips the finished ones. ``stop_after_steps`` is for tests."""
+    stages = stage_configs(cfg)
+    if len(stages) == 1:
+        return _train_stage(cfg, resume, stop_after_steps)
+    world = env_world()[1]
+    for k, stage in enumerate(stages):  # every stage's mistakes before the first one trains
+        try:
+            check_config(stage, world, init_from_exists=k == 0)
+        except TrainError as e:
+            raise (TrainError(f"then[{k - 1}] ({cfg.then[k - 1]['name']}): {e}") if k else e) from None
+        if not resume and (Path(stage.out_dir) / "last.pt").exists():
+            raise TrainError(f"{stage.out_dir} already holds a training run (last.pt), and stage {k + 1} of this "
+                             "run would write there; use --resume to continue the run, or another out_dir")
+    done = []
+    for k, stage in enumerate(stages):
+        if env_world()[0] == 0:
+            print(f"stage {k + 1} of {len(stages)}: {stage.out_dir}"
+                  + (f" (from {stage.init_from})" if stage.init_from else ""), flush=True)
+        summary = _train_stage(stage, resume, stop_after_steps)
+        if "stopped_at_step" in summary:
+            return summary
+        done.append({key: summary[key] for key in ("out_dir", "best", "best_epoch", "epochs", "out_of_time")})
+    return {**summary, "stages": done}
+
+
+STAGE_KEEPS = ("arch", "data", "threads", "device", "precision", "progress")  # what a stage takes from the run
+STAGE_SETS = ("init_from", "out_dir", "model", "then")  # what the chain decides, not the stage
+
+
+def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """The stages of a run: ``cfg`` itself (without ``then``), then one per entry of ``cfg.then``, each
+    trained from the best/ of the stage before it, into ``{out_dir}-{name}``. A stage takes the run's
+    arch, data and machine settings (threads, device, precision, progress, each overridable in the
+    entry); every other setting is its default unless the entry sets it, exactly as if the stage
+    were its own config file with ``init_from`` pointing at the previous stage."""
+    stages = [dataclasses.replace(cfg, then=[])]
+    names = set()
+    for i, entry in enumerate(cfg.then):
+        where = f"then[{i}]"
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise TrainError(f"{where}: a stage needs a name (letters, digits, - _ .), e.g. `- name: scst`; "
+                             f"it trains into out_dir-name ({cfg.out_dir}-scst)")
+        if name in names:
+            raise TrainError(f"{where}: a second stage named {name!r}; each stage needs its own name (its out_dir)")
+        names.add(name)
+        given = {k: v for k, v in entry.items() if k != "name"}
+        fixed = sorted(set(given) & set(STAGE_SETS))
+        if fixed:
+            raise TrainError(f"{where} ({name}).{fixed[0]}: set by the run, not a stage: a stage starts from the "
+                             "best/ of the one before (with its sizes) and trains into out_dir-name")
+        base = asdict(stages[0])
+        merged = {k: base[k] for k in STAGE_KEEPS}
+        deep_update(merged, given)
+        merged.update(init_from=str(Path(stages[-1].out_dir) / "best"), out_dir=f"{cfg.out_dir}-{name}")
+        stages.append(from_dict(TrainConfig, merged, where=f"{where} ({name})"))
+    return stages
+
+
+def _train_stage(cfg: TrainConfig, resume: bool, stop_after_steps: int | None) -> dict:
+    """One training run: ``out_dir`` from ``init_from`` or random weights."""
     with process_group(backend_for(_this_ranks_device(cfg.device))) as group, _warnings_on_rank0_only(group):
         run = group.agree(lambda: setup(cfg, group, resume))  # config checks, data, model, optimizer, resume state
         try:
@@ -366,7 +437,7 @@ class BatchLoss(torch.nn.Module):
                 out = scheduled_sampling_forward(self.decoder, feats, tokens, lengths, ss_prob)
             else:
                 out = self.decoder(feats, tokens, lengths)
-            total, ce = caption_loss(out, tokens, lengths)
+            total, ce = caption_loss(out, tokens, lengths, self.cfg.label_smoothing)
         # the cross-entropy is a mean over the batch's words, the regulariser one over its captions: each
         # share weighs by its part of them (alone both parts are 1 and the loss is the batch's)
         words = int((self.data.lengths[mine] - 1).sum()) / int((self.data.lengths[batch] - 1).sum())
@@ -781,9 +852,10 @@ def _val_decoding(cfg: TrainConfig) -> DecodingSettings:
     return _decoding(cfg).replace(beam_size=cfg.val_beam, n_best=1)
 
 
-def check_config(cfg: TrainConfig, world: int = 1) -> None:
+def check_config(cfg: TrainConfig, world: int = 1, *, init_from_exists: bool = True) -> None:
     """Catch config mistakes before any work is done (not after the first epoch). ``world``: the
-    number of processes under torchrun, which share every batch."""
+    number of processes under torchrun, which share every batch; ``init_from_exists=False`` for a
+    later stage, whose starting model the stage before it will write."""
     from .metrics import METRIC_NAMES, java_available
     from .models import get_architecture
 
@@ -821,6 +893,8 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
                          "for no decay set optim.lr_patience to a number larger than optim.epochs")
     if not (math.isfinite(cfg.optim.max_minutes) and 0 <= cfg.optim.max_minutes <= 10_000_000):
         raise TrainError(f"optim.max_minutes={cfg.optim.max_minutes}: must be a number of minutes >= 0 (0 = no budget)")
+    if not (math.isfinite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1):
+        raise TrainError(f"label_smoothing={cfg.label_smoothing}: must be from 0 (off) to below 1 (e.g. 0.1)")
     if not (math.isfinite(cfg.optim.ema) and 0 <= cfg.optim.ema < 1):
         raise TrainError(f"optim.ema={cfg.optim.ema}: must be from 0 (off) to below 1 (e.g. 0.998)")
     if cfg.optim.schedule not in ("plateau", "cosine"):
@@ -857,9 +931,11 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         if cfg.scst.images_per_batch < world:
             raise TrainError(f"scst.images_per_batch={cfg.scst.images_per_batch}: the global batch, shared by the "
                              f"{world} processes torchrun started, so at least {world}")
+    if cfg.objective == "scst" and cfg.label_smoothing:
+        raise TrainError("label_smoothing smooths the cross-entropy's targets (objective=xe); SCST has none")
     if cfg.init_from and cfg.model:
         raise TrainError("init_from takes the architecture sizes from that model directory; leave model empty")
-    if cfg.init_from:
+    if cfg.init_from and init_from_exists:
         from .modeldir import resolve_model_path
 
         resolve_model_path(cfg.init_from)  # a clear error for a wrong path, before any work
