@@ -28,6 +28,7 @@ Validation images are decoded in N shares and scored on rank 0, whose score ever
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -173,6 +174,7 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
     entry); every other setting is its default unless the entry sets it, exactly as if the stage
     were its own config file with ``init_from`` pointing at the previous stage."""
     stages = [dataclasses.replace(cfg, then=[])]
+    kept = {k: v for k, v in asdict(stages[0]).items() if k in STAGE_KEEPS}
     names = set()
     for i, entry in enumerate(cfg.then):
         where = f"then[{i}]"
@@ -188,8 +190,7 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
         if fixed:
             raise TrainError(f"{where} ({name}).{fixed[0]}: set by the run, not a stage: a stage starts from the "
                              "best/ of the one before (with its sizes) and trains into out_dir-name")
-        base = asdict(stages[0])
-        merged = {k: base[k] for k in STAGE_KEEPS}
+        merged = copy.deepcopy(kept)
         deep_update(merged, given)
         merged.update(init_from=str(Path(stages[-1].out_dir) / "best"), out_dir=f"{cfg.out_dir}-{name}")
         stages.append(from_dict(TrainConfig, merged, where=f"{where} ({name})"))
