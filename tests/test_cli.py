@@ -59,6 +59,15 @@ def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
     assert with_java or "METEOR" in metrics["unavailable"]
     md = (ev / "metrics.md").read_text()
     assert "| beam |" in md and md in printed
+    assert metrics["decoding"] == {"length_penalty": 0.0, "no_repeat_ngram": 0}  # the model's defaults
+
+    # decoding settings to compare on val: no word twice in a caption
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "best"), "--corpus", str(synthetic.corpus),
+                 "--features", str(feats), "--beam", "2", "--out", str(ev), "--length-penalty", "1.5",
+                 "--no-repeat-ngram", "1"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["decoding"] == {"length_penalty": 1.5, "no_repeat_ngram": 1}
+    captions = json.loads((ev / "captions.json").read_text())["2"].values()
+    assert captions and all(len(set(c.split())) == len(c.split()) for c in captions)
 
 
 def test_evaluate_rejects_bad_beam_list():

@@ -214,7 +214,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit or 0,
-                         allow_unk=a.allow_unk, device=a.device, precision=a.precision)
+                         allow_unk=a.allow_unk, device=a.device, precision=a.precision,
+                         length_penalty=a.length_penalty, no_repeat_ngram=a.no_repeat_ngram)
     print(res["markdown"])
     for k, s in res["seconds"].items():
         print(f"beam {k}: {s} s")
@@ -325,6 +326,14 @@ def _device_options(s: argparse.ArgumentParser, default: str | None = "cpu", whe
                    help="bf16: bfloat16 autocast, for GPUs with bfloat16 units (default fp32)")
 
 
+def _decoding_options(s: argparse.ArgumentParser) -> None:
+    """How beam search ranks and filters captions; by default the model's own settings."""
+    s.add_argument("--length-penalty", type=_nonneg_float, default=None,
+                   help="rank beam hypotheses by score / length**P (default: the model's, 0 = raw log-probability)")
+    s.add_argument("--no-repeat-ngram", type=_nonneg_int, default=None, metavar="N",
+                   help="never repeat an N-word sequence within a caption (default: the model's; 0 = off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -389,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, captions.json")
     s.add_argument("--allow-unk", action="store_true", help="let captions contain <unk> (default: never, "
                    "as in `captioner caption`)")
+    _decoding_options(s)
     _device_options(s)
     s.set_defaults(func=cmd_evaluate)
 
@@ -403,10 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=_positive, default=64_000_000, help="decompression-bomb limit")
     s.add_argument("--allow-unk", action="store_true", help="let captions contain <unk> (unknown word)")
     s.add_argument("--max-len", type=_positive, default=None, help="longest caption in words (default: the model's)")
-    s.add_argument("--length-penalty", type=_nonneg_float, default=None,
-                   help="rank beam hypotheses by score / length**P (default: the model's, 0 = raw log-probability)")
-    s.add_argument("--no-repeat-ngram", type=_nonneg_int, default=None, metavar="N",
-                   help="never repeat an N-word sequence within a caption (default: the model's; 0 = off)")
+    _decoding_options(s)
     g = s.add_argument_group("sampling (instead of beam search)")
     g.add_argument("--sample", action="store_true", help="draw captions from the model's distribution")
     g.add_argument("--num-captions", type=_positive, default=None, help="captions to draw per image (default 1)")

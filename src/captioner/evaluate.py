@@ -62,10 +62,11 @@ def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str
 def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test", beams: Sequence[int] = (1, 3, 5),
                    out: str | None = None, max_len: int | None = None, limit: int = 0,
                    metrics: Sequence[str] | None = None, allow_unk: bool = False, device: str = "cpu",
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", length_penalty: float | None = None,
+                   no_repeat_ngram: int | None = None) -> dict:
     """Decode ``split`` at each beam size as `captioner caption` does (<unk> never output unless
-    ``allow_unk``) and score it. ``device`` (cpu, cuda, auto) and ``precision`` (fp32, bf16): where
-    and how the decoder runs."""
+    ``allow_unk``; the model's length penalty and n-gram blocking unless given) and score it.
+    ``device`` (cpu, cuda, auto) and ``precision`` (fp32, bf16): where and how the decoder runs."""
     dev = resolve_device(device)
     check_precision(precision, dev)
     decoder, vocab, cfg = load_model_dir(model)
@@ -79,8 +80,11 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                              "encoder settings")
     data = CaptionData(Corpus.load(corpus), vocab, store, split, 10_000)
     # decoded as `captioner caption` decodes with this model, at each beam size
-    base = DecodingSettings.from_model(cfg).replace(max_len=max_len, allow_unk=allow_unk)
-    result = {"model": str(model), "split": split, "unk_allowed": allow_unk, "images": min(limit, len(data.images)) if limit else len(data.images),
+    base = DecodingSettings.from_model(cfg).replace(max_len=max_len, allow_unk=allow_unk, length_penalty=length_penalty,
+                                                    no_repeat_ngram=no_repeat_ngram).checked()
+    result = {"model": str(model), "split": split, "unk_allowed": allow_unk,
+              "images": min(limit, len(data.images)) if limit else len(data.images),
+              "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram": base.no_repeat_ngram},
               "beams": {}, "seconds": {}, "captions": {}}
     for k in beams:
         t0 = time.perf_counter()
