@@ -160,3 +160,17 @@ def test_rank_0s_clock_stops_both_ranks_and_a_failure_on_one_stops_both(syntheti
     assert rows[-1]["elapsed_seconds"] <= 0.15 * 60 * 1.5  # validation time was kept in reserve
     lrs = [r["lr"] for r in rows]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 3e-3
+
+
+def test_stages_under_torchrun_one_process_group_each(synthetic, tmp_path):
+    """A run with `then` under torchrun: each stage sets up and tears down its process group in turn, and
+    the second stage starts from the first one's best/ on both ranks."""
+    y = tmp_path / "stages.yaml"
+    y.write_text("then:\n  - {name: more, optim: {lr: 1.0e-3, batch_size: 32, epochs: 1}, seed: 1}\n")
+    code, out, err = finish(torchrun_train(*train_args(tmp_path / "run", synthetic, "optim.epochs=1"),
+                                           "--config", str(y)))
+    assert code == 0, err[-3000:]
+    assert "stage 2 of 2" in out and out.count("stage 2 of 2") == 1  # rank 0 alone prints
+    state = json.loads(checkpoint(tmp_path / "run-more")["state"])
+    assert state["epoch"] == 1 and len(checkpoint(tmp_path / "run-more")["rng_ranks"]) == 2
+    assert json.loads(out[out.rindex("\n{"):])["out_dir"] == str(tmp_path / "run-more")
