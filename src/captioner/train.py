@@ -15,6 +15,9 @@ Files in ``out_dir``::
     metrics.jsonl      one line per epoch
     curves.png         loss and validation score per epoch
 
+With ``then`` (a list of later stages), each stage is such a run of its own, into ``out_dir-name``,
+starting from the best/ of the stage before it (:func:`stage_configs`).
+
 Under ``torchrun --nproc_per_node N -m captioner train`` each of the N processes (ranks) runs
 this same code on the decoder wrapped in DistributedDataParallel. ``optim.batch_size`` stays the
 global batch: every rank builds the same list of batches (the order depends only on the seed and
