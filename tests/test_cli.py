@@ -60,6 +60,9 @@ def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
     md = (ev / "metrics.md").read_text()
     assert "| beam |" in md and md in printed
     assert metrics["decoding"] == {"length_penalty": 0.0, "no_repeat_ngram": 0}  # the model's defaults
+    repeats = [c for c in json.loads((ev / "captions.json").read_text())["2"].values()
+               if len(set(c.split())) < len(c.split())]
+    assert repeats  # "a red circle above a blue square": "a" twice
 
     # decoding settings to compare on val: no word twice in a caption
     assert main(["evaluate", "--model", str(tmp_path / "run" / "best"), "--corpus", str(synthetic.corpus),

@@ -351,7 +351,7 @@ def test_model_dir_loader(work, model_seed, which, data):
 
 CONFIG_YAML = Path(__file__).resolve().parents[1].joinpath("configs", "flickr8k-sat.yaml").read_text()
 override_keys = st.sampled_from(["optim.lr", "optim.epochs", "model.hidden_dim", "data.corpus", "seed", "threads",
-                                 "optim", "val_metric", "progress", "nope", "optim.nope", "data.max_len.x", ""])
+                                 "optim", "val_metric", "progress", "nope", "optim.nope", "data.max_len.x", "then", ""])
 override_values = st.one_of(st.sampled_from(["1e-3", "inf", "nan", "-1", "[1, 2]", "{a: 1}", "true", "null", "",
                                              "'3'", "0x10", "!!python/object:os.system", "&a [*a]", "1e999"]),
                             st.text(max_size=10))

@@ -12,7 +12,7 @@ import torch
 
 from captioner.config import load_config
 from captioner.modeldir import load_model_dir
-from captioner.train import TrainConfig, stage_configs, train
+from captioner.train import OptimConfig, TrainConfig, stage_configs, train
 
 from .test_train import _cli_args, small_config
 
@@ -32,10 +32,9 @@ def test_a_stage_is_the_run_it_would_be_on_its_own(synthetic, tmp_path):
     assert [s["out_dir"] for s in summary["stages"]] == [str(tmp_path / "run"), str(tmp_path / "run-fine")]
     assert (tmp_path / "run-fine" / "best").is_dir()
 
-    # the same second stage by hand: its own config, init_from stage 1's best/
-    alone = stage_configs(cfg)[1]
-    assert alone.init_from == str(tmp_path / "run" / "best") and alone.seed == 1 and alone.model == {}
-    alone.out_dir = str(tmp_path / "by-hand")
+    # the same second stage by hand: a config of its own, init_from stage 1's best/
+    alone = TrainConfig(arch="sat", data=cfg.data, optim=OptimConfig(lr=1e-3, batch_size=32, epochs=1), seed=1,
+                        init_from=str(tmp_path / "run" / "best"), out_dir=str(tmp_path / "by-hand"), progress=False)
     by_hand = train(alone)
     assert by_hand["best"] == summary["best"] and by_hand["best_epoch"] == summary["best_epoch"]
     chained, cfg_chained = _weights(tmp_path / "run-fine" / "best")
@@ -68,6 +67,9 @@ def test_a_stage_keeps_arch_and_data_and_defaults_the_rest(tmp_path):
     ([{"name": "a", "out_dir": "x"}], "out_dir: set by the run"),
     ([{"name": "a", "init_from": "x"}], "init_from: set by the run"),
     ([{"name": "a", "model": {"hidden_dim": 8}}], "model: set by the run"),
+    ([{"name": "a", "arch": "transformer"}], "arch: set by the run"),
+    ([{"name": "a", "device": "cuda"}], "device: set by the run"),
+    ([{"name": "a", "data": {"features": "nowhere"}}], r"then\[0\] \(a\): data.features=nowhere: not found"),
     ([{"name": "a", "optim": {"lrr": 1}}], "unknown key"),
     ([{"name": "a", "seed": "x"}], "expected int"),
 ])
@@ -110,3 +112,29 @@ def test_the_command_runs_every_stage_and_resume_skips_the_finished_ones(synthet
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert (tmp_path / "run-fine" / "last.pt").read_bytes() == before  # nothing trained again
     assert json.loads(resumed.stdout[resumed.stdout.rindex("\n{"):])["best"] == summary["best"]
+
+
+def test_a_later_stage_refuses_to_resume_from_a_best_that_changed_under_it(synthetic, tmp_path):
+    cfg = small_config(synthetic, tmp_path / "run", epochs=1)
+    cfg.then = [dict(STAGE2)]
+    train(cfg)
+    started = json.loads((tmp_path / "run-fine" / "started_from.json").read_text())
+    assert started["init_from"] == str(tmp_path / "run" / "best")
+    longer = small_config(synthetic, tmp_path / "run", epochs=3)  # stage 1 trains on and finds a better best/
+    longer.then = [dict(STAGE2)]
+    with pytest.raises(ValueError, match="started from an earlier"):
+        train(longer, resume=True)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
+
+
+def test_stage_directories_sit_beside_the_runs_directory(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("then:\n  # - name: scst\n")  # every stage commented out: none
+    assert load_config(TrainConfig, y).then == []
+    y.write_text("then: {name: scst}\n")
+    with pytest.raises(ValueError, match="then: expected a list"):
+        load_config(TrainConfig, y)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run") + "/", then=[{"name": "s"}])
+    assert [s.out_dir for s in stage_configs(cfg)] == [str(tmp_path / "run") + "/", str(tmp_path / "run-s")]
+    with pytest.raises(ValueError, match="needs an out_dir with a name"):
+        stage_configs(TrainConfig(out_dir=".", then=[{"name": "s"}]))

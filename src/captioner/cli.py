@@ -202,7 +202,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg.precision = a.precision
     from .distributed import env_world
 
-    if env_world()[0] == 0 and env_world()[1] == 1:
+    if env_world() == (0, 1):
         _warn_if_busy()
     summary = train(cfg, resume=a.resume)
     if env_world()[0] == 0:  # under torchrun, rank 0 alone prints
@@ -513,7 +513,10 @@ def set_wait_policy(command: str) -> None:
 def _warn_if_busy() -> None:
     """Spinning threads lose many times over to another busy process (two spinning jobs on 2 cores:
     24x slower each); say so when training starts on a machine that is already loaded."""
-    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    try:
+        cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average on this system: nothing to say
+        return
     if os.environ.get("OMP_WAIT_POLICY") is None and load >= 0.75 * cores:
         print(f"note: this machine is busy (load average {load:.1f} on {cores} cores). Training's threads spin while "
               "they wait, which is fastest alone but slows every job sharing the cores many times over; for jobs "

@@ -45,8 +45,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
+        if value is None:  # a YAML key with every item commented out
+            value = []
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)
         items = [_coerce(v, inner, where) for v in value]
         return items if origin is list else tuple(items)

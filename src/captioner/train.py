@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from .config import deep_update, from_dict, save_yaml
 from .data.corpus import Corpus
-from .data.text import Vocab
+from .data.text import Vocab, write_text_atomic
 from .dataset import CaptionData
 from .devices import DeviceError, autocast, check_precision, module_device, resolve_device
 from .distributed import Group, backend_for, env_world, process_group
@@ -122,16 +123,12 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, cross-entropy): the cross-entropy on real target words only (mask from lengths), with
     ``label_smoothing`` of the target's probability spread evenly over the vocabulary (Szegedy et al.
-    2016), plus the model's regulariser; the second value is the plain cross-entropy."""
+    2016), plus the model's regulariser."""
     T = out.logits.shape[1]
     targets = tokens[:, 1:T + 1]
     mask = torch.arange(T, device=lengths.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
-    logits, targets = out.logits[mask], targets[mask]
-    ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(out.logits[mask], targets[mask], label_smoothing=label_smoothing)
     total = ce + (out.extra_loss if out.extra_loss is not None else 0.0)
-    if label_smoothing:
-        with torch.no_grad():
-            ce = F.cross_entropy(logits, targets)
     return total, ce
 
 
@@ -145,20 +142,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     stages = stage_configs(cfg)
     if len(stages) == 1:
         return _train_stage(cfg, resume, stop_after_steps)
-    world = env_world()[1]
+    rank, world = env_world()
     for k, stage in enumerate(stages):  # every stage's mistakes before the first one trains
         try:
             check_config(stage, world, init_from_exists=k == 0)
-        except TrainError as e:
+            if stage.data != stages[0].data:  # a stage on other data: its files must be there
+                _check_data_paths(stage.data)
+        except ValueError as e:
             raise (TrainError(f"then[{k - 1}] ({cfg.then[k - 1]['name']}): {e}") if k else e) from None
         if not resume and (Path(stage.out_dir) / "last.pt").exists():
             raise TrainError(f"{stage.out_dir} already holds a training run (last.pt), and stage {k + 1} of this "
                              "run would write there; use --resume to continue the run, or another out_dir")
     done = []
     for k, stage in enumerate(stages):
-        if env_world()[0] == 0:
+        if rank == 0:
             print(f"stage {k + 1} of {len(stages)}: {stage.out_dir}"
                   + (f" (from {stage.init_from})" if stage.init_from else ""), flush=True)
+        if k:
+            _same_start_model(stage, rank)
         summary = _train_stage(stage, resume, stop_after_steps)
         if "stopped_at_step" in summary:
             return summary
@@ -167,17 +168,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
 
 
 STAGE_KEEPS = ("arch", "data", "threads", "device", "precision", "progress")  # what a stage takes from the run
-STAGE_SETS = ("init_from", "out_dir", "model", "then")  # what the chain decides, not the stage
+STAGE_SETS = ("init_from", "out_dir", "model", "then", "arch", "threads", "device", "precision", "progress")
 
 
 def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
     """The stages of a run: ``cfg`` itself (without ``then``), then one per entry of ``cfg.then``, each
     trained from the best/ of the stage before it, into ``{out_dir}-{name}``. A stage takes the run's
-    arch, data and machine settings (threads, device, precision, progress, each overridable in the
-    entry); every other setting is its default unless the entry sets it, exactly as if the stage
-    were its own config file with ``init_from`` pointing at the previous stage."""
+    arch, data (an entry may change it) and machine settings (threads, device, precision, progress);
+    every other setting is its default unless the entry sets it, exactly as if the stage were its own
+    config file with ``init_from`` pointing at the previous stage."""
     stages = [dataclasses.replace(cfg, then=[])]
     kept = {k: v for k, v in asdict(stages[0]).items() if k in STAGE_KEEPS}
+    out = Path(cfg.out_dir)
+    if cfg.then and out.name in ("", ".", ".."):
+        raise TrainError(f"out_dir={cfg.out_dir!r}: a run with stages (then) needs an out_dir with a name, e.g. "
+                         "runs/sat; its later stages go beside it, into runs/sat-<name>")
     names = set()
     for i, entry in enumerate(cfg.then):
         where = f"then[{i}]"
@@ -192,12 +197,36 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
         fixed = sorted(set(given) & set(STAGE_SETS))
         if fixed:
             raise TrainError(f"{where} ({name}).{fixed[0]}: set by the run, not a stage: a stage starts from the "
-                             "best/ of the one before (with its sizes) and trains into out_dir-name")
+                             "best/ of the one before (its architecture and sizes), trains into out_dir-name, "
+                             "and runs where the run runs")
         merged = copy.deepcopy(kept)
         deep_update(merged, given)
-        merged.update(init_from=str(Path(stages[-1].out_dir) / "best"), out_dir=f"{cfg.out_dir}-{name}")
+        merged.update(init_from=str(Path(stages[-1].out_dir) / "best"), out_dir=str(out.with_name(f"{out.name}-{name}")))
         stages.append(from_dict(TrainConfig, merged, where=f"{where} ({name})"))
     return stages
+
+
+def _check_data_paths(data: DataConfig) -> None:
+    for what, path, ok in (("data.corpus", data.corpus, Path.is_file), ("data.features", data.features, Path.is_dir),
+                           ("data.vocab", data.vocab, Path.is_file)):
+        if path and not ok(Path(path)):
+            raise TrainError(f"{what}={path}: not found")
+
+
+def _same_start_model(stage: TrainConfig, rank: int) -> None:
+    """A later stage records which best/ it started from (a hash of its weights); resumed after the stage
+    before it trained on (``--resume optim.epochs=30``) and wrote a new best/, it would go on from the
+    old one, so that is refused."""
+    record = Path(stage.out_dir) / "started_from.json"
+    digest = hashlib.sha256((Path(stage.init_from) / "model.safetensors").read_bytes()).hexdigest()
+    if record.exists() and (Path(stage.out_dir) / "last.pt").exists():
+        if json.loads(record.read_text()).get("sha256") != digest:
+            raise TrainError(f"{stage.out_dir} started from an earlier {stage.init_from} than the one there now "
+                             "(the stage before it has trained on since and found a better model): remove "
+                             f"{stage.out_dir} to train this stage again from the new one")
+    elif rank == 0:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(record, json.dumps({"init_from": stage.init_from, "sha256": digest}))
 
 
 def _train_stage(cfg: TrainConfig, resume: bool, stop_after_steps: int | None) -> dict:
