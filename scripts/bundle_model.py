@@ -31,7 +31,7 @@ def main() -> None:
     test = json.loads(Path(a.test_metrics).read_text())
     model.config.setdefault("metrics", {})["test"] = {
         "split": test["split"], "images": test["images"], "toolkit": "pycocoevalcap 1.2",
-        "beams": test["beams"], "unk_allowed": test.get("unk_allowed", False),
+        "beams": test["beams"], "unk_allowed": test.get("unk_allowed", False), "decoding": test.get("decoding"),
         # reasons name paths of the machine that evaluated; keep only which metrics are missing
         "unavailable": {name: "not computed when this model was evaluated" for name in test.get("unavailable", {})},
     }
