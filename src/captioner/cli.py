@@ -202,9 +202,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg.precision = a.precision
     from .distributed import env_world
 
-    if env_world() == (0, 1):
-        _warn_if_busy()
-    summary = train(cfg, resume=a.resume)
+    summary = train(cfg, resume=a.resume, on_start=_warn_if_busy if env_world() == (0, 1) else None)
     if env_world()[0] == 0:  # under torchrun, rank 0 alone prints
         print_json({k: v for k, v in summary.items() if k != "history"})
     return 0

@@ -42,7 +42,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -135,13 +135,15 @@ def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor,
 # ----------------------------------------------------------------------------- the training loop
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None,
+          on_start: Callable[[], None] | None = None) -> dict:
     """Train (or resume) and return a summary; under torchrun, one rank of a DDP run (see the module's
     docstring). With ``cfg.then``, the stages one after the other (:func:`stage_configs`); ``--resume``
-    skips the finished ones. ``stop_after_steps`` is for tests."""
+    skips the finished ones. ``on_start`` runs on rank 0 once the settings and data have passed their
+    checks, before the first step. ``stop_after_steps`` is for tests."""
     stages = stage_configs(cfg)
     if len(stages) == 1:
-        return _train_stage(cfg, resume, stop_after_steps)
+        return _train_stage(cfg, resume, stop_after_steps, on_start)
     rank, world = env_world()
     for k, stage in enumerate(stages):  # every stage's mistakes before the first one trains
         try:
@@ -160,7 +162,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                   + (f" (from {stage.init_from})" if stage.init_from else ""), flush=True)
         if k:
             _same_start_model(stage, rank)
-        summary = _train_stage(stage, resume, stop_after_steps)
+        summary = _train_stage(stage, resume, stop_after_steps, on_start if k == 0 else None)
         if "stopped_at_step" in summary:
             return summary
         done.append({key: summary[key] for key in ("out_dir", "best", "best_epoch", "epochs", "out_of_time")})
@@ -229,10 +231,13 @@ def _same_start_model(stage: TrainConfig, rank: int) -> None:
         write_text_atomic(record, json.dumps({"init_from": stage.init_from, "sha256": digest}))
 
 
-def _train_stage(cfg: TrainConfig, resume: bool, stop_after_steps: int | None) -> dict:
+def _train_stage(cfg: TrainConfig, resume: bool, stop_after_steps: int | None,
+                 on_start: Callable[[], None] | None = None) -> dict:
     """One training run: ``out_dir`` from ``init_from`` or random weights."""
     with process_group(backend_for(_this_ranks_device(cfg.device))) as group, _warnings_on_rank0_only(group):
         run = group.agree(lambda: setup(cfg, group, resume))  # config checks, data, model, optimizer, resume state
+        if on_start is not None and group.rank == 0:
+            on_start()
         try:
             start(run)  # the ranks agree on where they start; rank 0 writes config.yaml; init_from's score to beat
             while run.state["epoch"] < cfg.optim.epochs and not (run.budget.out or run.stopped_early):
