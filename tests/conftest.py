@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# the suite runs commands in subprocesses beside itself on 2 cores: OpenMP threads that spin while they wait
+# would slow every process sharing the cores (set before any test module imports torch; `captioner train`
+# would otherwise spin, and note a busy machine on stderr before the messages tests read there)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @dataclass
@@ -39,8 +45,6 @@ def synthetic(tmp_path_factory) -> SyntheticData:
 # Hypothesis (tests/test_fuzz.py): a fixed number of examples per property, derandomized so that a CI
 # run is reproducible; no deadline (timing is not what these tests check). CAPTIONER_FUZZ_EXAMPLES=2000
 # runs a deeper search locally.
-import os  # noqa: E402
-
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("CAPTIONER_FUZZ_EXAMPLES", "200"))

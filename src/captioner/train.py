@@ -156,16 +156,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             raise TrainError(f"{stage.out_dir} already holds a training run (last.pt), and stage {k + 1} of this "
                              "run would write there; use --resume to continue the run, or another out_dir")
     done = []
-    for k, stage in enumerate(stages):
-        if rank == 0:
-            print(f"stage {k + 1} of {len(stages)}: {stage.out_dir}"
-                  + (f" (from {stage.init_from})" if stage.init_from else ""), flush=True)
-        if k:
-            _same_start_model(stage, rank)
-        summary = _train_stage(stage, resume, stop_after_steps, on_start if k == 0 else None)
-        if "stopped_at_step" in summary:
-            return summary
-        done.append({key: summary[key] for key in ("out_dir", "best", "best_epoch", "epochs", "out_of_time")})
+    # under torchrun one process group for all the stages: set up again after a teardown, a group would
+    # meet in the same keys of torchrun's store as the last one, and a rank could read the old addresses
+    with process_group(backend_for(_this_ranks_device(cfg.device))):
+        for k, stage in enumerate(stages):
+            if rank == 0:
+                print(f"stage {k + 1} of {len(stages)}: {stage.out_dir}"
+                      + (f" (from {stage.init_from})" if stage.init_from else ""), flush=True)
+            if k:
+                _same_start_model(stage, rank)
+            summary = _train_stage(stage, resume, stop_after_steps, on_start if k == 0 else None)
+            if "stopped_at_step" in summary:
+                return summary
+            done.append({key: summary[key] for key in ("out_dir", "best", "best_epoch", "epochs", "out_of_time")})
     return {**summary, "stages": done}
 
 
