@@ -206,7 +206,8 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
                              "and runs where the run runs")
         merged = copy.deepcopy(kept)
         deep_update(merged, given)
-        merged.update(init_from=str(Path(stages[-1].out_dir) / "best"), out_dir=str(out.with_name(f"{out.name}-{name}")))
+        merged.update(init_from=str(Path(stages[-1].out_dir) / "best"),
+                      out_dir=str(out.with_name(f"{out.name}-{name}")))
         stages.append(from_dict(TrainConfig, merged, where=f"{where} ({name})"))
     return stages
 
