@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     done = []
     # under torchrun one process group for all the stages: set up again after a teardown, a group would
     # meet in the same keys of torchrun's store as the last one, and a rank could read the old addresses
-    with process_group(backend_for(_this_ranks_device(cfg.device))):
+    with _process_group(cfg):
         for k, stage in enumerate(stages):
             if rank == 0:
                 print(f"stage {k + 1} of {len(stages)}: {stage.out_dir}"
@@ -238,7 +238,7 @@ def _same_start_model(stage: TrainConfig, rank: int) -> None:
 def _train_stage(cfg: TrainConfig, resume: bool, stop_after_steps: int | None,
                  on_start: Callable[[], None] | None = None) -> dict:
     """One training run: ``out_dir`` from ``init_from`` or random weights."""
-    with process_group(backend_for(_this_ranks_device(cfg.device))) as group, _warnings_on_rank0_only(group):
+    with _process_group(cfg) as group, _warnings_on_rank0_only(group):
         run = group.agree(lambda: setup(cfg, group, resume))  # config checks, data, model, optimizer, resume state
         if on_start is not None and group.rank == 0:
             on_start()
@@ -602,6 +602,11 @@ class Budget:
 
 
 # ----------------------------------------------------------------------------- setup and checkpoint details
+
+
+def _process_group(cfg: TrainConfig):
+    """This process's place among torchrun's ranks (one of one without torchrun), on cfg.device's backend."""
+    return process_group(backend_for(_this_ranks_device(cfg.device)))
 
 
 def _this_ranks_device(name: str) -> torch.device | None:
