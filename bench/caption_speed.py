@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# as the CLI does (captioner.cli.main): OpenMP threads that do not spin, set before torch loads
+# as the CLI does (captioner.cli.main.main): OpenMP threads that do not spin, set before torch loads
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -48,9 +48,9 @@ def main() -> None:
     ap.add_argument("--flickr8k", default="../shared/datasets/flickr8k")
     ap.add_argument("--n", type=int, default=500)
     a = ap.parse_args()
-    from captioner.decoding import decode
-    from captioner.inference import Captioner, _as_list, _PrepareDataset
-    from captioner.modeldir import banned_ids
+    from captioner.decoding.search import decode
+    from captioner.inference.captioner import Captioner, _as_list, _PrepareDataset
+    from captioner.inference.modeldir import banned_ids
 
     root = Path(a.flickr8k)
     data = json.loads((root / "dataset_flickr8k.json").read_text())

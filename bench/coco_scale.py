@@ -88,8 +88,8 @@ def encoder_costs(n: int, flickr8k: Path, tmp: Path, reps: int = 5) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from captioner.data.images import load_image
-    from captioner.encoders import ImageEncoder, get_encoder_spec, image_to_array
-    from captioner.features import extract_features
+    from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
+    from captioner.encoders.features import extract_features
 
     folder, names, what = photos(n, flickr8k, tmp)
     for name in names:  # warm the page cache
@@ -140,9 +140,9 @@ def encoder_costs(n: int, flickr8k: Path, tmp: Path, reps: int = 5) -> dict:
 def trainer_memory(tmp: Path) -> dict:
     from captioner.data.corpus import Corpus
     from captioner.data.text import Vocab
-    from captioner.dataset import CaptionData
-    from captioner.features import DONE, FORMAT, VERSION, FeatureStore, fingerprint
-    from captioner.encoders import get_encoder_spec
+    from captioner.data.captions import CaptionData
+    from captioner.encoders.features import DONE, FORMAT, VERSION, FeatureStore, fingerprint
+    from captioner.encoders.network import get_encoder_spec
 
     rng = random.Random(0)
     words = [f"w{i}" for i in range(10_000)]

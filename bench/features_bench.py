@@ -1,4 +1,4 @@
-"""Feature-extraction throughput: a plain tutorial-style loop vs ``captioner.features.extract_features``.
+"""Feature-extraction throughput: a plain tutorial-style loop vs ``captioner.encoders.features.extract_features``.
 
 Both encode the first N images (sorted names) of Flickr8k with EfficientNet-Lite0 at 224 px,
 in the same process, after a warm-up, and the script prints ONE JSON object on stdout.
@@ -38,7 +38,7 @@ REF_BATCH = 32
 
 def reference_loop(paths: list[Path]) -> np.ndarray:
     """What a tutorial writes: decode, resize, normalise, batch, forward; no workers, no fusion."""
-    from captioner.encoders import get_encoder_spec
+    from captioner.encoders.network import get_encoder_spec
 
     net = get_encoder_spec(ENCODER).build().eval()  # plain EfficientNet-Lite0 trunk with ImageNet weights
     out = []
@@ -56,7 +56,7 @@ def reference_loop(paths: list[Path]) -> np.ndarray:
 
 
 def ours(root: Path, names: list[str], out_dir: Path) -> dict:
-    from captioner.features import extract_features
+    from captioner.encoders.features import extract_features
 
     return extract_features(root, names, out_dir, encoder=ENCODER, progress=False)
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=REF_BATCH, help="images used for the warm-up of each method")
     a = ap.parse_args(argv)
 
-    from captioner.features import extract_features
+    from captioner.encoders.features import extract_features
 
     root = a.flickr8k / "Flicker8k_Dataset"
     if not root.is_dir():
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_feats, ref_s = timed(reference_loop, paths)
         summary, our_s = timed(ours, root, names, tmp / "store")
 
-        from captioner.features import FeatureStore
+        from captioner.encoders.features import FeatureStore
 
         store = FeatureStore.open(tmp / "store")
         ok = store.status == 1
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "img_per_s": round(n / ref_s, 2),
         },
         "extract_features": {
-            "what": "captioner.features.extract_features, default settings, into a temp dir",
+            "what": "captioner.encoders.features.extract_features, default settings, into a temp dir",
             "batch_size": defaults["batch_size"],
             "workers": defaults["workers"],
             "seconds": round(our_s, 2),

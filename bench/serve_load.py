@@ -35,7 +35,7 @@ PHOTOS = ["chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg"]
 
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+    cmd = [sys.executable, "-m", "captioner", "serve", "--host", "127.0.0.1", "--port", "0",
            "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()

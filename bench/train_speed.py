@@ -5,7 +5,7 @@ gradient clipping 5) on the cached Flickr8k features, in the same process, one a
 on the same threads, whose OpenMP wait policy is the one `captioner train` sets (`omp_wait_policy`
 in the output); the script prints ONE JSON object.
 
-(a) ours: ``captioner.train.train`` itself (length-bucketed batches read from the feature store's
+(a) ours: ``captioner.training.loop.train`` itself (length-bucketed batches read from the feature store's
     memory map, the grid's attention projection computed once per caption, no padding work).
     Timed as the difference between a run of ``--steps`` + 10 steps and a run of 10 steps, so
     start-up (loading the corpus, building the model) is not counted.
@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from captioner.cli import set_wait_policy
+from captioner.cli.main import set_wait_policy
 
 set_wait_policy("train")  # before torch is imported: OpenMP's threads wait as under `captioner train`
 
@@ -124,8 +124,8 @@ def reference_loop(data, steps: int, V: int) -> tuple[float, int, int]:
 
 
 def ours(corpus: str, features: str, steps: int, data) -> tuple[float, int, int]:
-    """Seconds, captions and predicted words of ``steps`` steps of ``captioner.train.train``."""
-    from captioner.train import DataConfig, OptimConfig, TrainConfig, train
+    """Seconds, captions and predicted words of ``steps`` steps of ``captioner.training.loop.train``."""
+    from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
 
     def run(n: int) -> float:
         with tempfile.TemporaryDirectory() as d:
@@ -163,8 +163,8 @@ def main() -> None:
     a = ap.parse_args()
     from captioner.data.corpus import Corpus
     from captioner.data.text import Vocab
-    from captioner.dataset import CaptionData
-    from captioner.features import FeatureStore
+    from captioner.data.captions import CaptionData
+    from captioner.encoders.features import FeatureStore
 
     load = os.getloadavg()[0]
     vocab = Vocab.load(Path(a.corpus).with_name("vocab.json"))

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from captioner.data.corpus import Corpus
-from captioner.evaluate import evaluate_model
-from captioner.inference import Captioner
+from captioner.evaluation.evaluate import evaluate_model
+from captioner.inference.captioner import Captioner
 
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from captioner.modeldir import ModelDirError, average_model_dirs, save_model_dir
+from captioner.inference.modeldir import ModelDirError, average_model_dirs, save_model_dir
 
 
 def main() -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from captioner.inference import Captioner
-from captioner.modeldir import PRETRAINED_DIR
+from captioner.inference.captioner import Captioner
+from captioner.inference.modeldir import PRETRAINED_DIR
 
 
 def main() -> None:

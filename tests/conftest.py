@@ -26,7 +26,7 @@ def prepare_synthetic(root: Path, n_images: int = 400, seed: int = 0) -> Synthet
     from captioner.data.corpus import all_tokens, read_folder
     from captioner.data.synthetic import make_shapes_dataset
     from captioner.data.text import Vocab
-    from captioner.features import extract_features
+    from captioner.encoders.features import extract_features
 
     csv = make_shapes_dataset(root / "shapes", n_images, seed=seed)
     corpus = read_folder(root / "shapes" / "images", csv)

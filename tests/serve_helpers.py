@@ -36,7 +36,7 @@ def merge_model_dir(path: Path) -> Path:
 
     from captioner.data.text import Vocab
     from captioner.models import build_decoder
-    from captioner.modeldir import save_model_dir
+    from captioner.inference.modeldir import save_model_dir
 
     vocab = Vocab.build([["a", "dog", "runs", "on", "grass"]], min_freq=1)
     torch.manual_seed(0)

@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from captioner.cli import main
+from captioner.cli.main import main
 from captioner.data.corpus import Corpus
-from captioner.metrics import compute_metrics
+from captioner.evaluation.metrics import compute_metrics
 from captioner.models import available_architectures
 
 # Sizes small enough for a 6-epoch run in seconds; the optimiser settings are the trainer's

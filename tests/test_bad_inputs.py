@@ -21,21 +21,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from captioner.cli import main, print_json
+from captioner.cli.main import main, print_json
 from captioner.data.corpus import Corpus
 from captioner.data.synthetic import make_shapes_dataset
 from captioner.data.text import Vocab
-from captioner.encoders import get_encoder_spec
+from captioner.encoders.network import get_encoder_spec
 from captioner.models.sat import SATConfig, SATDecoder
-from captioner.modeldir import save_model_dir
-from captioner.train import DataConfig, OptimConfig, TrainConfig, TrainError, train
+from captioner.inference.modeldir import save_model_dir
+from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, TrainError, train
 
 WORDS = ["a", "red", "blue", "circle", "square", "above", "below"]
 TINY = {"embed_dim": 16, "hidden_dim": 16, "attention_dim": 16, "dropout": 0.0}
 
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True, **kw)
 
 
 def call(capsys, *args: str) -> tuple[int, str, str]:
@@ -175,7 +175,7 @@ def test_3a_infinite_lr_and_negative_grad_clip_are_refused(synthetic, tmp_path, 
 
 def test_3b_a_non_finite_loss_stops_training_at_that_step_and_keeps_the_last_good_epoch(synthetic, tmp_path,
                                                                                       monkeypatch):
-    import captioner.train as train_module
+    import captioner.training.loop as train_module
 
     real_loss = train_module.caption_loss
     calls = {"n": 0}
@@ -252,7 +252,7 @@ def test_4a_a_damaged_model_config_is_a_clear_error_before_anything_is_allocated
                                                                                   monkeypatch, change, message):
     import shutil
 
-    import captioner.modeldir as modeldir
+    import captioner.inference.modeldir as modeldir
 
     bad = tmp_path / "bad-model"
     shutil.copytree(model_dir, bad)
@@ -342,7 +342,7 @@ def test_5b_output_closed_early_stops_quietly_like_head(model_dir, picture):
     """`captioner caption ... | head -1`: exit 141 (128 + SIGPIPE) and nothing on stderr."""
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # a small pipe: the output below cannot all fit
-    proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "caption", *[str(picture)] * 24, "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "captioner", "caption", *[str(picture)] * 24, "--model",
                              str(model_dir), "--json", "--n-best", "2"], stdout=write_end, stderr=subprocess.PIPE)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as reader:
@@ -397,7 +397,7 @@ def test_5d_prepare_into_a_prepared_folder_refuses_unless_overwrite(synthetic, t
 
 
 def test_an_unexpected_error_is_one_line_with_exit_3_and_the_traceback_on_request(monkeypatch, capsys):
-    import captioner.cli as cli
+    import captioner.cli.main as cli
 
     def bug(_args):
         raise KeyError("oops")
@@ -427,7 +427,7 @@ def test_features_on_a_full_disk_is_a_clear_error_before_any_image_is_encoded(tm
     blocks are reserved first (checked by hand on a real full tmpfs; here the reservation is refused)."""
     import errno
 
-    import captioner.encoders as encoders
+    import captioner.encoders.network as encoders
 
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")

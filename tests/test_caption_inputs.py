@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.cli import main
+from captioner.cli.main import main
 from captioner.data.images import expand_image_args
-from captioner.inference import Captioner
-from captioner.modeldir import MAX_BEAM
+from captioner.inference.captioner import Captioner
+from captioner.inference.modeldir import MAX_BEAM
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.cli import main
-from captioner.metrics import java_available
-from captioner.inference import Captioner
-from captioner.modeldir import PRETRAINED_DIR
+from captioner.cli.main import main
+from captioner.evaluation.metrics import java_available
+from captioner.inference.captioner import Captioner
+from captioner.inference.modeldir import PRETRAINED_DIR
 
 BUNDLED = PRETRAINED_DIR / "flickr8k-sat"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True)
 
 
 def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
     assert summary["complete"] and summary["computed"] == report["images_per_split"]["test"]
 
     # a model trained for one epoch is enough to check the evaluate command's outputs
-    from captioner.train import DataConfig, OptimConfig, TrainConfig, train
+    from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
 
     train(TrainConfig(model={"embed_dim": 32, "hidden_dim": 32, "attention_dim": 32},
                       data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),
@@ -208,7 +208,7 @@ def test_caption_cli_attention_figure_needs_an_attention_model(photos, tmp_path)
 
     from captioner.data.text import Vocab
     from captioner.models import build_decoder
-    from captioner.modeldir import save_model_dir
+    from captioner.inference.modeldir import save_model_dir
 
     vocab = Vocab.build([["a", "dog"]], min_freq=1)
     torch.manual_seed(0)
@@ -233,7 +233,7 @@ def test_openmp_threads_sleep_except_in_training_unless_the_user_chose(command, 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("import os; from captioner.cli import set_wait_policy; set_wait_policy(%r); import torch; "
+    code = ("import os; from captioner.cli.main import set_wait_policy; set_wait_policy(%r); import torch; "
             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))" % command)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
@@ -241,7 +241,7 @@ def test_openmp_threads_sleep_except_in_training_unless_the_user_chose(command, 
 
 
 def test_training_on_a_busy_machine_says_how_to_share_it(monkeypatch, capsys):
-    from captioner import cli
+    from captioner.cli import main as cli
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)

@@ -1,4 +1,4 @@
-"""Tests for captioner.decoding: greedy, batched beam search, n-best lists, length penalty, sampling.
+"""Tests for captioner.decoding.search: greedy, batched beam search, n-best lists, length penalty, sampling.
 
 Two kinds of model are used:
 
@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 
-from captioner.decoding import Hypothesis, beam_search, decode, greedy_search, sample
+from captioner.decoding.search import Hypothesis, beam_search, decode, greedy_search, sample
 from captioner.models.base import Decoder
 from captioner.models.sat import SATConfig, SATDecoder
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.decoding import beam_search, greedy_search, sample
-from captioner.devices import DeviceError, autocast, check_precision, module_device, resolve_device
+from captioner.decoding.search import beam_search, greedy_search, sample
+from captioner.runtime.devices import DeviceError, autocast, check_precision, module_device, resolve_device
 from captioner.models import available_architectures, build_decoder
-from captioner.train import caption_loss
+from captioner.training.loop import caption_loss
 
 from .models.test_contract import SMALL
 from .models.test_sat import random_captions
@@ -126,7 +126,7 @@ def test_precision():
 def test_the_image_encoder_creates_tensors_on_its_device():
     import numpy as np
 
-    from captioner.encoders import ImageEncoder, get_encoder_spec
+    from captioner.encoders.network import ImageEncoder, get_encoder_spec
 
     enc = ImageEncoder(get_encoder_spec("efficientnet-lite0", image_size=64), device="auto")
     assert enc.device == resolve_device("auto")
@@ -154,7 +154,7 @@ def test_the_image_encoder_creates_tensors_on_its_device():
 def test_commands_refuse_a_gpu_that_is_not_there(command, tmp_path, capsys):
     from PIL import Image
 
-    from captioner.cli import main
+    from captioner.cli.main import main
 
     Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
     args = [a.format(d=tmp_path) for a in command]
@@ -173,7 +173,7 @@ def test_features_on_auto_device_and_in_bf16(tmp_path):
     import numpy as np
 
     from captioner.data.synthetic import make_shapes_dataset
-    from captioner.features import FeatureStore, FeatureStoreError, extract_features
+    from captioner.encoders.features import FeatureStore, FeatureStoreError, extract_features
 
     make_shapes_dataset(tmp_path / "shapes", 4, size=64, seed=1)
     root = tmp_path / "shapes" / "images"
@@ -200,7 +200,7 @@ def test_features_on_auto_device_and_in_bf16(tmp_path):
 def test_captioner_on_auto_device_and_in_bf16():
     from PIL import Image
 
-    from captioner.inference import Captioner
+    from captioner.inference.captioner import Captioner
 
     img = Image.open(Path(__file__).parents[1] / "examples" / "chelsea.png")
     model = Captioner.from_pretrained("flickr8k-sat", device="auto")
@@ -214,7 +214,7 @@ def test_captioner_on_auto_device_and_in_bf16():
 
 
 def test_training_on_auto_device_in_bf16(synthetic, tmp_path):
-    from captioner.train import DataConfig, OptimConfig, TrainConfig, train
+    from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
 
     cfg = TrainConfig(arch="sat", model=dict(embed_dim=16, hidden_dim=16, attention_dim=16),
                       data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),
@@ -226,7 +226,7 @@ def test_training_on_auto_device_in_bf16(synthetic, tmp_path):
 def test_resume_may_change_the_device_but_not_the_precision():
     from dataclasses import asdict
 
-    from captioner.train import TrainConfig, _config_changes
+    from captioner.training.loop import TrainConfig, _config_changes
 
     before = asdict(TrainConfig(device="cuda"))
     assert _config_changes(before, asdict(TrainConfig(device="cpu"))) == []

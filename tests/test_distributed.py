@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.distributed import Group, env_world, process_group
-from captioner.features import DONE, FeatureStore, FeatureStoreError, extract_features
+from captioner.runtime.distributed import Group, env_world, process_group
+from captioner.encoders.features import DONE, FeatureStore, FeatureStoreError, extract_features
 
 N_IMAGES = 40
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

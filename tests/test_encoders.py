@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.encoders import (
+from captioner.encoders.network import (
     ImageEncoder,
     available_encoders,
     get_encoder_spec,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from captioner.data.synthetic import make_shapes_dataset
-from captioner.features import DONE, FAILED, TODO, FeatureStore, FeatureStoreError, extract_features
+from captioner.encoders.features import DONE, FAILED, TODO, FeatureStore, FeatureStoreError, extract_features
 
 N_IMAGES = 40
 BATCH = 4
@@ -81,7 +81,7 @@ def test_store_opens_zero_copy(shapes, reference):
 def test_store_matches_the_encoder(shapes, reference):
     from PIL import Image
 
-    from captioner.encoders import ImageEncoder
+    from captioner.encoders.network import ImageEncoder
 
     image_dir, names = shapes
     store = FeatureStore.open(reference[0])
@@ -120,8 +120,8 @@ def test_open_errors(tmp_path, reference):
 _CHILD = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(int(sys.argv[4]))
-    from captioner import encoders
-    from captioner.features import extract_features
+    from captioner.encoders import network as encoders
+    from captioner.encoders.features import extract_features
 
     # Slow every batch down (the values are untouched) so the kill surely lands mid-run.
     _encode = encoders.ImageEncoder.encode_arrays

@@ -29,8 +29,8 @@ from captioner.data.corpus import KNOWN_SPLITS, Corpus, CorpusError, read_corpus
 from captioner.data.images import ImageError, load_image
 from captioner.data.text import SPECIALS, Vocab, tokenize
 from captioner.models.sat import SATConfig, SATDecoder
-from captioner.modeldir import ModelDirError, load_model_dir, save_model_dir
-from captioner.train import TrainConfig, stage_configs
+from captioner.inference.modeldir import ModelDirError, load_model_dir, save_model_dir
+from captioner.training.loop import TrainConfig, stage_configs
 
 from .watchdog import hang_guard
 
@@ -314,7 +314,7 @@ def model_seed(work) -> Path:
 @given(which=st.sampled_from(["config.json", "config.json", "config.json", "vocab.json", "model.safetensors"]),
        data=st.data())
 def test_model_dir_loader(work, model_seed, which, data):
-    import captioner.modeldir as modeldir
+    import captioner.inference.modeldir as modeldir
 
     d = work / "model"
     d.mkdir(exist_ok=True)
@@ -443,7 +443,7 @@ def store_seed(work) -> Path:
 
 @given(which=st.sampled_from(["meta.json", "index.json", "features.npy", "status.npy"]), data=st.data())
 def test_feature_store_opener(work, store_seed, which, data):
-    from captioner.features import FeatureStore, FeatureStoreError
+    from captioner.encoders.features import FeatureStore, FeatureStoreError
 
     d = work / "store"
     d.mkdir(exist_ok=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.inference import Captioner, CaptionResult, DecodingSettings
+from captioner.inference.captioner import Captioner, CaptionResult, DecodingSettings
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,8 @@ def test_bytes_and_file_sources_are_named(bundled, photo_paths):
 
 def test_batched_beam_search_equals_per_image_with_the_bundled_model(bundled, photo_paths):
     """Issue 8: the batched search gives each image the caption and score it gets alone (within 1e-5)."""
-    from captioner.decoding import decode
-    from captioner.modeldir import banned_ids
+    from captioner.decoding.search import decode
+    from captioner.inference.modeldir import banned_ids
 
     arrays = np.stack([bundled.encoder.preprocess([Image.open(p).convert("RGB")])[0] for p in photo_paths])
     feats = bundled.encoder.encode_arrays(arrays)

@@ -1,4 +1,4 @@
-"""Tests for captioner.metrics: agreement with pycocoevalcap, the no-Java fallback, edge cases."""
+"""Tests for captioner.evaluation.metrics: agreement with pycocoevalcap, the no-Java fallback, edge cases."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from captioner import metrics as M
-from captioner.metrics import (
+from captioner.evaluation import metrics as M
+from captioner.evaluation.metrics import (
     METRIC_NAMES,
     MetricsResult,
     compute_metrics,
@@ -242,7 +242,7 @@ def test_without_java_computes_pure_python_metrics(
     fresh_warnings: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert java_available(NO_JAVA)[0] is False
-    with caplog.at_level(logging.WARNING, logger="captioner.metrics"):
+    with caplog.at_level(logging.WARNING, logger="captioner.evaluation.metrics"):
         result = compute_metrics(REFERENCES, CANDIDATES, java=NO_JAVA)
         compute_metrics(REFERENCES, CANDIDATES, java=NO_JAVA)
     assert set(result.scores) == set(PURE_PYTHON_METRICS)

@@ -1,4 +1,4 @@
-"""Tests for captioner.modeldir: model directory round trips, safe loading, errors, and the
+"""Tests for captioner.inference.modeldir: model directory round trips, safe loading, errors, and the
 Captioner pipeline on real images (random tiny decoder + the packaged EfficientNet-Lite0)."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from captioner.data.text import Vocab
-from captioner.decoding import decode
-from captioner.encoders import get_encoder_spec
+from captioner.decoding.search import decode
+from captioner.encoders.network import get_encoder_spec
 from captioner.models.base import Decoder
 from captioner.models.sat import SATConfig, SATDecoder
-from captioner.inference import Captioner
-from captioner.modeldir import ModelDirError, load_model_dir, save_model_dir
+from captioner.inference.captioner import Captioner
+from captioner.inference.modeldir import ModelDirError, load_model_dir, save_model_dir
 
 WORDS = ["a", "dog", "runs", "on", "the", "grass", "man", "red"]
 P, C = 4, 8
@@ -419,7 +419,7 @@ def test_caption_never_contains_special_tokens_and_rows_stay_aligned():
 
 
 def test_averaging_model_dirs_gives_the_mean_weights_and_refuses_other_shapes(tmp_path):
-    from captioner.modeldir import average_model_dirs
+    from captioner.inference.modeldir import average_model_dirs
 
     vocab = make_vocab()
     models = [make_decoder(seed) for seed in (0, 1, 2)]

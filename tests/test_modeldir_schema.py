@@ -12,7 +12,7 @@ from torch import nn
 
 from captioner.models import base
 from captioner.models.base import Decoder, register_architecture
-from captioner.modeldir import MAX_MODEL_BYTES, ModelDirError, estimate_parameters, validate_model_config
+from captioner.inference.modeldir import MAX_MODEL_BYTES, ModelDirError, estimate_parameters, validate_model_config
 
 
 @dataclasses.dataclass

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from captioner.inference import Captioner
-from captioner.serve import ServeConfig, create_app
+from captioner.inference.captioner import Captioner
+from captioner.serving.app import ServeConfig, create_app
 
 from .serve_helpers import ROOT, example, merge_model_dir, png_bytes
 
@@ -124,7 +124,7 @@ def test_health_models_page_and_openapi(model):
             a = c.get(f"/static/{asset}")
             assert a.status_code == 200 and len(a.text) > 500
         # no CDN, no outside resource: the page works offline
-        web = Path(__file__).resolve().parents[1] / "src" / "captioner" / "web"
+        web = Path(__file__).resolve().parents[1] / "src" / "captioner" / "serving" / "web"
         for f in web.iterdir():
             assert "http://" not in f.read_text() and "https://" not in f.read_text(), f
         spec = c.get("/openapi.json").json()
@@ -401,7 +401,7 @@ def _env() -> dict:
 
 
 def test_captioner_serve_runs_uvicorn_on_loopback_and_stops_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--port", "0", "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--port", "0", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         line = proc.stdout.readline()
@@ -438,7 +438,7 @@ def test_captioner_serve_runs_uvicorn_on_loopback_and_stops_on_ctrl_c():
     (["--max-images", "20", "--max-queue", "10"], "could never be taken"),
 ])
 def test_serve_refuses_bad_settings_with_status_2(args, message, capsys):
-    from captioner.cli import main
+    from captioner.cli.main import main
 
     assert main(["serve", "--port", "0", *args]) == 2
     err = capsys.readouterr().err
@@ -448,7 +448,7 @@ def test_serve_refuses_bad_settings_with_status_2(args, message, capsys):
 def test_serve_refuses_a_port_in_use_with_status_2(capsys):
     import socket
 
-    from captioner.cli import main
+    from captioner.cli.main import main
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

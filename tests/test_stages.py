@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from captioner.config import load_config
-from captioner.modeldir import load_model_dir
-from captioner.train import OptimConfig, TrainConfig, stage_configs, train
+from captioner.inference.modeldir import load_model_dir
+from captioner.training.loop import OptimConfig, TrainConfig, stage_configs, train
 
 from .test_train import _cli_args, small_config
 

@@ -16,14 +16,14 @@ import torch
 
 from captioner.config import ConfigError, apply_overrides, load_config
 from captioner.data.corpus import Corpus
-from captioner.features import FeatureStore
-from captioner.metrics import compute_metrics
-from captioner.modeldir import load_model_dir
+from captioner.encoders.features import FeatureStore
+from captioner.evaluation.metrics import compute_metrics
+from captioner.inference.modeldir import load_model_dir
 from captioner.models import build_decoder
-from captioner.dataset import CaptionData
-from captioner.evaluate import evaluate_split
-from captioner.inference import DecodingSettings
-from captioner.train import DataConfig, OptimConfig, TrainConfig, train
+from captioner.data.captions import CaptionData
+from captioner.evaluation.evaluate import evaluate_split
+from captioner.inference.captioner import DecodingSettings
+from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
 
 BEAM3 = DecodingSettings(beam_size=3, max_len=12)
 SMALL = {"embed_dim": 48, "hidden_dim": 96, "attention_dim": 48, "dropout": 0.1}
@@ -89,7 +89,7 @@ def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
 
 
 def _cli_args(out_dir: Path, data, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "captioner.cli", "train", f"out_dir={out_dir}",
+    return [sys.executable, "-m", "captioner", "train", f"out_dir={out_dir}",
             f"data.corpus={data.corpus}", f"data.features={data.features}", "data.max_len=12",
             f"optim.epochs={epochs}", "optim.lr=3e-3", "optim.batch_size=32", "optim.early_stop=0",
             "progress=false", *[f"model.{k}={v}" for k, v in SMALL.items()]]
@@ -268,7 +268,7 @@ def test_decoding_defaults_are_recorded_in_best(synthetic, tmp_path):
 def test_label_smoothing_spreads_the_targets_probability_over_the_vocabulary(synthetic, tmp_path):
     from types import SimpleNamespace
 
-    from captioner.train import caption_loss
+    from captioner.training.loop import caption_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 10)  # 3 captions, 4 steps, 10 words

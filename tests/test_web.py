@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioner.inference import Captioner
-from captioner.serve import ServeConfig, bind_socket, create_app
+from captioner.inference.captioner import Captioner
+from captioner.serving.app import ServeConfig, bind_socket, create_app
 
 from .serve_helpers import EXAMPLES, merge_model_dir
 

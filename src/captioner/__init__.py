@@ -10,7 +10,7 @@ __all__ = ["Captioner", "__version__"]
 
 def __getattr__(name: str):
     if name == "Captioner":  # imported lazily: `captioner --help` should not wait for torch
-        from .inference import Captioner
+        from captioner.inference.captioner import Captioner
 
         return Captioner
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")

@@ -4,7 +4,7 @@
 import os
 import sys
 
-from .cli import main
+from captioner.cli.main import main
 
 
 def _exit(status: int) -> None:

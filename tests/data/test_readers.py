@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.cli import main
+from captioner.cli.main import main
 from captioner.data.corpus import Corpus
 from captioner.data.readers import detect_format, read_coco, read_corpus, read_karpathy
 from captioner.data.text import tokenize

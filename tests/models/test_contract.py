@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from captioner.data.text import Vocab
-from captioner.decoding import beam_search, decode, greedy_search
-from captioner.decoding import _expand, _select
+from captioner.decoding.search import beam_search, decode, greedy_search
+from captioner.decoding.search import _expand, _select
 from captioner.models import available_architectures, build_decoder
-from captioner.modeldir import load_model_dir, save_model_dir
+from captioner.inference.modeldir import load_model_dir, save_model_dir
 
 from .test_sat import random_captions
 

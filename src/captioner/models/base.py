@@ -7,7 +7,7 @@ A decoder turns a grid of image features into words, one step at a time:
     log_probs, state, attention = decoder.step(prev_tokens, state, memory)
 
 ``memory`` and ``state`` are tuples of tensors whose first dimension is the batch, so the
-decoding engine (:mod:`captioner.decoding`) can expand them for beam search and reorder
+decoding engine (:mod:`captioner.decoding.search`) can expand them for beam search and reorder
 them without knowing the architecture. ``forward`` is the teacher-forced pass for training.
 
 Every architecture's config extends :class:`DecoderConfig` (vocabulary size, feature size,

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiHeadAttention
-from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+from captioner.models.attention import MultiHeadAttention
+from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
 
 
 @dataclass

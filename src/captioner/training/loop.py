@@ -48,20 +48,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import deep_update, from_dict, save_yaml
-from .data.corpus import Corpus
-from .data.text import Vocab, write_text_atomic
-from .dataset import CaptionData
-from .devices import DeviceError, autocast, check_precision, module_device, resolve_device
-from .distributed import Group, backend_for, env_world, process_group
-from .evaluate import decode_images
-from .inference import DecodingSettings
-from .metrics import compute_metrics
-from .features import FeatureStore
-from .models import build_decoder
-from .scheduled_sampling import ScheduledSamplingConfig, scheduled_sampling_forward
-from .scst import CiderD, ScstConfig, scst_loss
-from .modeldir import MAX_CAPTION_WORDS, banned_ids, load_model_dir, save_model_dir
+from captioner.config import deep_update, from_dict, save_yaml
+from captioner.data.corpus import Corpus
+from captioner.data.text import Vocab, write_text_atomic
+from captioner.data.captions import CaptionData
+from captioner.runtime.devices import DeviceError, autocast, check_precision, module_device, resolve_device
+from captioner.runtime.distributed import Group, backend_for, env_world, process_group
+from captioner.evaluation.evaluate import decode_images
+from captioner.inference.captioner import DecodingSettings
+from captioner.evaluation.metrics import compute_metrics
+from captioner.encoders.features import FeatureStore
+from captioner.models import build_decoder
+from captioner.training.scheduled_sampling import ScheduledSamplingConfig, scheduled_sampling_forward
+from captioner.training.scst import CiderD, ScstConfig, scst_loss
+from captioner.inference.modeldir import MAX_CAPTION_WORDS, banned_ids, load_model_dir, save_model_dir
 
 
 @dataclass
@@ -903,8 +903,8 @@ def check_config(cfg: TrainConfig, world: int = 1, *, init_from_exists: bool = T
     """Catch config mistakes before any work is done (not after the first epoch). ``world``: the
     number of processes under torchrun, which share every batch; ``init_from_exists=False`` for a
     later stage, whose starting model the stage before it will write."""
-    from .metrics import METRIC_NAMES, java_available
-    from .models import get_architecture
+    from captioner.evaluation.metrics import METRIC_NAMES, java_available
+    from captioner.models import get_architecture
 
     if not cfg.data.corpus or not cfg.data.features:
         raise TrainError("set data.corpus (corpus.json from `captioner prepare`) and data.features "
@@ -983,7 +983,7 @@ def check_config(cfg: TrainConfig, world: int = 1, *, init_from_exists: bool = T
     if cfg.init_from and cfg.model:
         raise TrainError("init_from takes the architecture sizes from that model directory; leave model empty")
     if cfg.init_from and init_from_exists:
-        from .modeldir import resolve_model_path
+        from captioner.inference.modeldir import resolve_model_path
 
         resolve_model_path(cfg.init_from)  # a clear error for a wrong path, before any work
 

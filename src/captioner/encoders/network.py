@@ -222,11 +222,11 @@ class ImageEncoder:
     """A frozen backbone in inference mode: uint8 images in, ``(B, H*W, C)`` float32 features out.
 
     ``device`` is where the network runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the features come
-    back on it); ``precision="bf16"`` runs it under bfloat16 autocast (:mod:`captioner.devices`)."""
+    back on it); ``precision="bf16"`` runs it under bfloat16 autocast (:mod:`captioner.runtime.devices`)."""
 
     def __init__(self, spec: EncoderSpec | str, *, fuse: bool = True, device: str | torch.device = "cpu",
                  precision: str = "fp32"):
-        from .devices import check_precision, resolve_device
+        from captioner.runtime.devices import check_precision, resolve_device
 
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
@@ -246,7 +246,7 @@ class ImageEncoder:
     @torch.inference_mode()
     def encode_arrays(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, S, S, 3)`` -> float32 ``(B, H*W, C)`` on the encoder's device."""
-        from .devices import autocast
+        from captioner.runtime.devices import autocast
 
         x = torch.as_tensor(batch, device=self.device).permute(0, 3, 1, 2).float()  # (B,3,S,S), channels_last
         x = ((x - self._mean) * self._inv_std).contiguous(memory_format=torch.channels_last)

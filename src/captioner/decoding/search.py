@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.base import Decoder
+from captioner.models.base import Decoder
 
 
 @dataclass

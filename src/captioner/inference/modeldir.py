@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.text import Vocab
-from .models import build_decoder
-from .models.base import Decoder
+from captioner.data.text import Vocab
+from captioner.models import build_decoder
+from captioner.models.base import Decoder
 
 FORMAT = "captioner-model"
 VERSION = 1
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).parent.parent / "pretrained"
 DEFAULT_MODEL = "flickr8k-sat"
 
 
@@ -209,7 +209,7 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     import dataclasses as dc
     import typing
 
-    from .models import get_architecture
+    from captioner.models import get_architecture
 
     def fail(problem: str) -> ModelDirError:
         return ModelDirError(f"{where}: {problem}")
@@ -328,7 +328,7 @@ def estimate_parameters(arch: str, model: dict, fail=ModelDirError) -> int:
 
 
 def _validate_encoder(enc: Any, model: dict, fail) -> None:
-    from .encoders import RESIZE_POLICIES, available_encoders, get_encoder_spec
+    from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
 
     if not isinstance(enc, dict):
         raise fail(f"'encoder' must be an object, got {type(enc).__name__}")

@@ -25,10 +25,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .data.text import Vocab
-from .modeldir import (DEFAULT_MODEL, MAX_BEAM, MAX_CAPTION_WORDS, MAX_N_BEST, MAX_SAMPLES, ModelDirError,
+from captioner.data.text import Vocab
+from captioner.inference.modeldir import (DEFAULT_MODEL, MAX_BEAM, MAX_CAPTION_WORDS, MAX_N_BEST, MAX_SAMPLES, ModelDirError,
                        banned_ids, load_model_dir, save_model_dir)
-from .models.base import Decoder
+from captioner.models.base import Decoder
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class DecodingSettings:
     def decode(self, decoder: Decoder, vocab: Vocab, features: torch.Tensor, *, seed_offset: int = 0):
         """Hypotheses per image (features (B, P, C)): the n best of a beam search, or
         ``num_captions`` samples (image b drawing from the stream of ``(seed, seed_offset + b)``)."""
-        from .decoding import decode, sample
+        from captioner.decoding.search import decode, sample
 
         common = dict(start_id=vocab.start_id, end_id=vocab.end_id, max_len=self.max_len,
                       banned=banned_ids(vocab, self.allow_unk))
@@ -175,8 +175,8 @@ class _Prepared:
 
 
 def _prepare(src: Any, source: str, spec, max_pixels: int | None, keep_image: bool) -> _Prepared:
-    from .data.images import ImageError, load_image
-    from .encoders import image_to_array
+    from captioner.data.images import ImageError, load_image
+    from captioner.encoders.network import image_to_array
 
     try:
         img = load_image(src, max_pixels=max_pixels, name=source)
@@ -211,7 +211,7 @@ class Captioner:
 
     def __init__(self, decoder: Decoder, vocab: Vocab, config: dict, *, device: str | torch.device = "cpu",
                  precision: str = "fp32"):
-        from .devices import check_precision, resolve_device
+        from captioner.runtime.devices import check_precision, resolve_device
 
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
@@ -226,7 +226,7 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                         precision: str = "fp32") -> "Captioner":
-        from .devices import check_precision, resolve_device
+        from captioner.runtime.devices import check_precision, resolve_device
 
         check_precision(precision, resolve_device(device))  # before loading anything
         return cls(*load_model_dir(name_or_path), device=device, precision=precision)
@@ -238,7 +238,7 @@ class Captioner:
     @property
     def encoder(self):
         if self._encoder is None:
-            from .encoders import ImageEncoder, get_encoder_spec
+            from captioner.encoders.network import ImageEncoder, get_encoder_spec
 
             e = self.config.get("encoder")
             if not e:
@@ -255,7 +255,7 @@ class Captioner:
     def decode_features(self, features: torch.Tensor, settings: DecodingSettings | None = None, *,
                         seed_offset: int = 0, **overrides: Any):
         """Hypotheses per image for a batch of encoder features (B, P, C)."""
-        from .devices import autocast
+        from captioner.runtime.devices import autocast
 
         s = self.decoding_settings(settings, **overrides)
         with autocast(self.device, self.precision):
@@ -279,7 +279,7 @@ class Captioner:
         batch) while the network runs; bytes and PIL images in this process. ``max_pixels`` (default
         :data:`captioner.data.images.DEFAULT_MAX_PIXELS`) refuses larger images before decoding them.
         With a seed, the k-th readable image draws from the stream ``(seed, seed_offset + k)``."""
-        from .data.images import DEFAULT_MAX_PIXELS
+        from captioner.data.images import DEFAULT_MAX_PIXELS
 
         s = self.decoding_settings(settings, **overrides)
         if batch_size < 1:

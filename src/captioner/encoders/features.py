@@ -66,8 +66,8 @@ class _DecodeDataset:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from .data.images import try_load_image
-        from .encoders import image_to_array
+        from captioner.data.images import try_load_image
+        from captioner.encoders.network import image_to_array
 
         row = self.rows[i]
         name = self.names[row]
@@ -107,8 +107,8 @@ def extract_features(
     Under torchrun (WORLD_SIZE > 1, one node) each process encodes every WORLD_SIZE-th image into the
     same store, which ends up exactly as a single-process run leaves it.
     """
-    from .devices import check_precision, resolve_device
-    from .distributed import env_world, one_node, process_group
+    from captioner.runtime.devices import check_precision, resolve_device
+    from captioner.runtime.distributed import env_world, one_node, process_group
 
     dev = resolve_device(device)  # a GPU that is not there: an error before any file is touched
     check_precision(precision, dev)
@@ -134,8 +134,8 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
     import torch
     from tqdm import tqdm
 
-    from .data.images import DEFAULT_MAX_PIXELS
-    from .encoders import ImageEncoder, get_encoder_spec
+    from captioner.data.images import DEFAULT_MAX_PIXELS
+    from captioner.encoders.network import ImageEncoder, get_encoder_spec
 
     root, out = Path(image_root), Path(out_dir)
     names = list(images)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .decoding import _rollout as rollout
+from captioner.decoding.search import _rollout as rollout
 
 
 @dataclass

@@ -89,9 +89,9 @@ def print_json(obj, **kw) -> None:
 # ----------------------------------------------------------------------------- prepare
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from .data.corpus import CorpusError
-    from .data.readers import read_corpus
-    from .data.text import Vocab, length_report, write_json_atomic
+    from captioner.data.corpus import CorpusError
+    from captioner.data.readers import read_corpus
+    from captioner.data.text import Vocab, length_report, write_json_atomic
 
     kwargs = {"strict": a.strict, "dedupe": a.dedupe}
     fmt = a.format
@@ -141,7 +141,7 @@ PREPARE_OUTPUTS = ("corpus.json", "vocab.json", "report.json")
 
 def check_prepare_out(out: Path, overwrite: bool) -> None:
     """``prepare`` never replaces a prepared corpus silently."""
-    from .data.corpus import CorpusError
+    from captioner.data.corpus import CorpusError
 
     if out.exists() and not out.is_dir():
         raise CorpusError(f"--out {out}: exists and is not a folder; give a folder for corpus.json, vocab.json "
@@ -155,9 +155,9 @@ def check_prepare_out(out: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- features
 
 def cmd_features(a: argparse.Namespace) -> int:
-    from .data.corpus import Corpus
-    from .features import FeatureStoreError, extract_features
-    from .data.images import list_images
+    from captioner.data.corpus import Corpus
+    from captioner.encoders.features import FeatureStoreError, extract_features
+    from captioner.data.images import list_images
 
     if a.corpus:
         corpus = Corpus.load(a.corpus)
@@ -179,7 +179,7 @@ def cmd_features(a: argparse.Namespace) -> int:
                                batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
                                overwrite=a.overwrite, progress=not a.quiet, device=a.device,
                                precision=a.precision)
-    from .distributed import env_world
+    from captioner.runtime.distributed import env_world
 
     if env_world()[0] == 0:  # under torchrun, one summary (rank 0's holds the totals of all ranks)
         print_json(summary)
@@ -192,15 +192,15 @@ def cmd_features(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train / evaluate
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import TrainConfig, train
+    from captioner.config import load_config
+    from captioner.training.loop import TrainConfig, train
 
     cfg = load_config(TrainConfig, a.config, a.overrides)
     if a.device is not None:  # the command line wins over the config file
         cfg.device = a.device
     if a.precision is not None:
         cfg.precision = a.precision
-    from .distributed import env_world
+    from captioner.runtime.distributed import env_world
 
     summary = train(cfg, resume=a.resume, on_start=_warn_if_busy if env_world() == (0, 1) else None)
     if env_world()[0] == 0:  # under torchrun, rank 0 alone prints
@@ -209,7 +209,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_model
+    from captioner.evaluation.evaluate import evaluate_model
 
     res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit or 0,
                          allow_unk=a.allow_unk, device=a.device, precision=a.precision,
@@ -225,14 +225,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_caption(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .data.images import expand_image_args
-    from .inference import Captioner
+    from captioner.data.images import expand_image_args
+    from captioner.inference.captioner import Captioner
 
     images = expand_image_args(a.images)
     if not images:
         raise ValueError(f"no images to caption in {' '.join(a.images)}")
     if a.attention:
-        from .viz import figure_format
+        from captioner.viz import figure_format
 
         figure_format(a.attention)  # an unsupported figure format is a bad command, before any work
     model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision)
@@ -254,7 +254,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
     for k, r in enumerate(results):
         bar.update(1)
         if r.ok and a.attention:
-            from .viz import attention_figure
+            from captioner.viz import attention_figure
 
             target = Path(a.attention)
             if len(images) > 1:
@@ -295,7 +295,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- serve
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .serve import ServeConfig, serve
+    from captioner.serving.app import ServeConfig, serve
 
     cfg = ServeConfig(max_upload_bytes=round(a.max_upload_mb * 2**20),
                       max_request_bytes=round(a.max_request_mb * 2**20), max_images=a.max_images, max_pixels=a.max_pixels, max_beam=a.max_beam, max_len=a.max_len,
@@ -308,7 +308,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- synth
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from .data.synthetic import make_shapes_dataset
+    from captioner.data.synthetic import make_shapes_dataset
 
     path = make_shapes_dataset(a.out, a.n, size=a.size, seed=a.seed)
     print(f"wrote {a.n} images and {path}")
@@ -333,7 +333,7 @@ def _decoding_options(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from captioner import __version__
 
     p = argparse.ArgumentParser(prog="captioner", description="Image captioning that works offline on a CPU.")
     p.add_argument("--version", action="version", version=f"captioner {__version__}")

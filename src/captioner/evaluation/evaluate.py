@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .data.corpus import Corpus
-from .data.text import Vocab, write_text_atomic
-from .dataset import CaptionData
-from .devices import autocast, check_precision, module_device, resolve_device
-from .features import FeatureStore
-from .metrics import METRIC_NAMES, compute_metrics
-from .inference import DecodingSettings
-from .modeldir import load_model_dir
+from captioner.data.corpus import Corpus
+from captioner.data.text import Vocab, write_text_atomic
+from captioner.data.captions import CaptionData
+from captioner.runtime.devices import autocast, check_precision, module_device, resolve_device
+from captioner.encoders.features import FeatureStore
+from captioner.evaluation.metrics import METRIC_NAMES, compute_metrics
+from captioner.inference.captioner import DecodingSettings
+from captioner.inference.modeldir import load_model_dir
 
 
 def evaluate_split(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSettings, *,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.base import Decoder, DecoderOutput
+from captioner.models.base import Decoder, DecoderOutput
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ScheduledSamplingConfig:
 def scheduled_sampling_forward(decoder: Decoder, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                                prob: float) -> DecoderOutput:
     """The training pass with the model's own words mixed in; ``logits`` are log-probabilities
-    (B, T, V) of target words 1..T, ready for :func:`captioner.train.caption_loss`."""
+    (B, T, V) of target words 1..T, ready for :func:`captioner.training.loop.caption_loss`."""
     memory = decoder.encode(features)
     state = decoder.init_state(memory)
     steps = int(lengths.max()) - 1

@@ -1,4 +1,4 @@
-"""`captioner serve`: a REST API and a web page over :class:`captioner.inference.Captioner`.
+"""`captioner serve`: a REST API and a web page over :class:`captioner.inference.captioner.Captioner`.
 
     POST /v1/captions   multipart, one or more files in the field ``images``; options as form or
                         query fields (beam, n_best, max_len, attention, sample, num_captions,
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .inference import Captioner, CaptionResult, DecodingSettings
+from captioner.inference.captioner import Captioner, CaptionResult, DecodingSettings
 
-log = logging.getLogger("captioner.serve")
+log = logging.getLogger("captioner.serving.app")
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -568,7 +568,7 @@ def create_app(model: Captioner, cfg: ServeConfig | None = None, *, name: str | 
 
 
 def _version() -> str:
-    from . import __version__
+    from captioner import __version__
 
     return __version__
 

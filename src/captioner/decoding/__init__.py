@@ -1,0 +1,1 @@
+"""Decoding: the settings of how captions are decoded and the one search engine."""

@@ -1,0 +1,1 @@
+"""Image encoders: pretrained ImageNet networks that turn a photo into a grid of features."""

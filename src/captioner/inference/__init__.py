@@ -1,0 +1,1 @@
+"""Inference: model directories, the Captioner pipeline and its results."""

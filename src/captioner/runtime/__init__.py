@@ -1,0 +1,1 @@
+"""Where the networks run: devices and precision, torchrun's process group."""

@@ -1,0 +1,1 @@
+"""Serving: the REST API, its micro-batcher, its options and the web page."""

@@ -1,0 +1,1 @@
+"""Training: the config, the loop, checkpoints, stages, SCST and scheduled sampling."""
