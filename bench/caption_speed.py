@@ -50,7 +50,7 @@ def main() -> None:
     a = ap.parse_args()
     from captioner.decoding.search import decode
     from captioner.inference.captioner import Captioner, _as_list, _PrepareDataset
-    from captioner.inference.modeldir import banned_ids
+    from captioner.decoding.settings import banned_ids
 
     root = Path(a.flickr8k)
     data = json.loads((root / "dataset_flickr8k.json").read_text())

@@ -22,6 +22,7 @@ Prints one JSON object (takes 1-3 minutes).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -33,6 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from captioner.data.captions import CaptionData
+from captioner.data.corpus import Corpus
+from captioner.data.features import DONE, FORMAT, VERSION, FeatureStore, fingerprint
+from captioner.data.images import load_image
+from captioner.data.synthetic import make_shapes_dataset
+from captioner.data.text import Vocab
+from captioner.encoders.extract import extract_features
+from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
 
 COCO_IMAGES, COCO_VAL, COCO_TEST = 123_287, 5_000, 5_000
 
@@ -53,7 +65,6 @@ def photos(n: int, flickr8k: Path, tmp: Path) -> tuple[Path, list[str], str]:
     if folder.is_dir():
         names = sorted(p.name for p in folder.glob("*.jpg"))[:n]
         return folder, names, f"first {len(names)} Flickr8k photos"
-    from captioner.data.synthetic import make_shapes_dataset
 
     make_shapes_dataset(tmp / "shapes", n, size=256, seed=0)
     folder = tmp / "shapes" / "images"
@@ -63,10 +74,6 @@ def photos(n: int, flickr8k: Path, tmp: Path) -> tuple[Path, list[str], str]:
 def coco_like_jpegs() -> list[bytes]:
     """COCO's photos are JPEGs of about 640x480: the example photos at that size, both orientations.
     (The project's Flickr8k copy is pre-resized to 224x224, far cheaper to decode than real photos.)"""
-    import io
-
-    from PIL import Image
-
     examples = Path(__file__).resolve().parents[1] / "examples"
     out = []
     for path in sorted(examples.glob("*.*")):
@@ -85,12 +92,6 @@ def encoder_costs(n: int, flickr8k: Path, tmp: Path, reps: int = 5) -> dict:
     and the network on batches of 8 (the fastest of ``reps`` interleaved repetitions: the minimum
     filters out some of the other work on the machine). Then ``extract_features`` end to end at
     Lite0/224 (decoding in a worker process overlaps the network)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from captioner.data.images import load_image
-    from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
-    from captioner.encoders.features import extract_features
-
     folder, names, what = photos(n, flickr8k, tmp)
     for name in names:  # warm the page cache
         (folder / name).read_bytes()
@@ -138,12 +139,6 @@ def encoder_costs(n: int, flickr8k: Path, tmp: Path, reps: int = 5) -> dict:
 
 
 def trainer_memory(tmp: Path) -> dict:
-    from captioner.data.corpus import Corpus
-    from captioner.data.text import Vocab
-    from captioner.data.captions import CaptionData
-    from captioner.encoders.features import DONE, FORMAT, VERSION, FeatureStore, fingerprint
-    from captioner.encoders.network import get_encoder_spec
-
     rng = random.Random(0)
     words = [f"w{i}" for i in range(10_000)]
     weights = [1 / (k + 1) for k in range(len(words))]  # Zipf-like, as real captions

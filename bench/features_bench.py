@@ -1,4 +1,4 @@
-"""Feature-extraction throughput: a plain tutorial-style loop vs ``captioner.encoders.features.extract_features``.
+"""Feature-extraction throughput: a plain tutorial-style loop vs ``captioner.encoders.extract.extract_features``.
 
 Both encode the first N images (sorted names) of Flickr8k with EfficientNet-Lite0 at 224 px,
 in the same process, after a warm-up, and the script prints ONE JSON object on stdout.
@@ -30,6 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from captioner.data.features import FeatureStore
+from captioner.encoders.extract import extract_features
+from captioner.encoders.network import get_encoder_spec
+
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = "efficientnet-lite0"
 SIZE = 224
@@ -38,8 +42,6 @@ REF_BATCH = 32
 
 def reference_loop(paths: list[Path]) -> np.ndarray:
     """What a tutorial writes: decode, resize, normalise, batch, forward; no workers, no fusion."""
-    from captioner.encoders.network import get_encoder_spec
-
     net = get_encoder_spec(ENCODER).build().eval()  # plain EfficientNet-Lite0 trunk with ImageNet weights
     out = []
     with torch.no_grad():
@@ -56,8 +58,6 @@ def reference_loop(paths: list[Path]) -> np.ndarray:
 
 
 def ours(root: Path, names: list[str], out_dir: Path) -> dict:
-    from captioner.encoders.features import extract_features
-
     return extract_features(root, names, out_dir, encoder=ENCODER, progress=False)
 
 
@@ -74,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=500, help="number of images (first N sorted names)")
     ap.add_argument("--warmup", type=int, default=REF_BATCH, help="images used for the warm-up of each method")
     a = ap.parse_args(argv)
-
-    from captioner.encoders.features import extract_features
 
     root = a.flickr8k / "Flicker8k_Dataset"
     if not root.is_dir():
@@ -99,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         ref_feats, ref_s = timed(reference_loop, paths)
         summary, our_s = timed(ours, root, names, tmp / "store")
 
-        from captioner.encoders.features import FeatureStore
-
         store = FeatureStore.open(tmp / "store")
         ok = store.status == 1
         max_diff = float(np.abs(store.features[ok].astype(np.float32) - ref_feats[ok].astype(np.float32)).max())
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "img_per_s": round(n / ref_s, 2),
         },
         "extract_features": {
-            "what": "captioner.encoders.features.extract_features, default settings, into a temp dir",
+            "what": "captioner.encoders.extract.extract_features, default settings, into a temp dir",
             "batch_size": defaults["batch_size"],
             "workers": defaults["workers"],
             "seconds": round(our_s, 2),

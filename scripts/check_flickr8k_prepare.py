@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from captioner.data.corpus import read_flickr8k_text, read_karpathy
+from captioner.data.readers import read_flickr8k_text, read_karpathy
 
 
 def main() -> None:

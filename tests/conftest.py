@@ -23,10 +23,11 @@ class SyntheticData:
 
 
 def prepare_synthetic(root: Path, n_images: int = 400, seed: int = 0) -> SyntheticData:
-    from captioner.data.corpus import all_tokens, read_folder
+    from captioner.data.corpus import all_tokens
+    from captioner.data.readers import read_folder
     from captioner.data.synthetic import make_shapes_dataset
     from captioner.data.text import Vocab
-    from captioner.encoders.features import extract_features
+    from captioner.encoders.extract import extract_features
 
     csv = make_shapes_dataset(root / "shapes", n_images, seed=seed)
     corpus = read_folder(root / "shapes" / "images", csv)

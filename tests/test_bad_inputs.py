@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from captioner.cli.main import main, print_json
+from captioner.cli.args import print_json
+from captioner.cli.main import main
 from captioner.data.corpus import Corpus
 from captioner.data.synthetic import make_shapes_dataset
 from captioner.data.text import Vocab
@@ -397,7 +398,7 @@ def test_5d_prepare_into_a_prepared_folder_refuses_unless_overwrite(synthetic, t
 
 
 def test_an_unexpected_error_is_one_line_with_exit_3_and_the_traceback_on_request(monkeypatch, capsys):
-    import captioner.cli.main as cli
+    import captioner.cli.data as cli
 
     def bug(_args):
         raise KeyError("oops")

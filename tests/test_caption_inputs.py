@@ -13,7 +13,7 @@ from PIL import Image
 from captioner.cli.main import main
 from captioner.data.images import expand_image_args
 from captioner.inference.captioner import Captioner
-from captioner.inference.modeldir import MAX_BEAM
+from captioner.decoding.settings import MAX_BEAM
 
 
 @pytest.fixture(scope="module")

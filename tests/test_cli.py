@@ -169,10 +169,12 @@ def test_cli_features_on_an_empty_folder_fails(tmp_path):
     assert r.returncode == 2 and "no images to encode" in r.stderr
 
 
-@pytest.mark.parametrize("flag", [["--beam", "0"], ["--n-best", "0"], ["--max-pixels", "-5"]])
-def test_cli_caption_rejects_non_positive_numbers(flag):
+@pytest.mark.parametrize("flag, message", [(["--beam", "0"], "beam size 0: must be from 1 to 50"),
+                                           (["--n-best", "0"], "n-best 0: must be from 1 to 50"),
+                                           (["--max-pixels", "-5"], "must be >= 1")])
+def test_cli_caption_rejects_non_positive_numbers(flag, message):
     r = run_cli("caption", "x.jpg", *flag)
-    assert r.returncode == 2 and "must be >= 1" in r.stderr
+    assert r.returncode == 2 and message in r.stderr
 
 
 def test_caption_cli_sampling_is_seeded_and_varied(photos):
@@ -192,11 +194,12 @@ def test_caption_cli_sampling_is_seeded_and_varied(photos):
 @pytest.mark.parametrize("args, message", [
     (["--sample", "--n-best", "3"], "--num-captions"),
     (["--sample", "--beam", "3"], "--num-captions"),
-    (["--sample", "--seed", "18446744073709551616"], "2**63-1"),
+    (["--sample", "--seed", "18446744073709551616"], "seed 18446744073709551616: must be from 0 to 9223372036854775807"),
     (["--seed", "3"], "add --sample"),
-    (["--sample", "--top-p", "1.5"], "in (0, 1]"),
-    (["--sample", "--temperature", "0"], "> 0"),
-    (["--length-penalty", "nan"], ">= 0"),
+    (["--sample", "--top-p", "1.5"], "top-p 1.5: must be from 1e-06 to 1.0"),
+    (["--sample", "--temperature", "0"], "temperature 0.0: must be from 0.01 to 100.0"),
+    (["--length-penalty", "nan"], "length penalty: expected a finite number, got 'nan'"),
+    (["--length-penalty", "-1"], "length penalty -1.0: must be from 0.0 to 10.0"),
 ])
 def test_caption_cli_rejects_bad_sampling_options(photos, args, message):
     r = run_cli("caption", str(photos[0]), *args)
@@ -233,7 +236,7 @@ def test_openmp_threads_sleep_except_in_training_unless_the_user_chose(command, 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("import os; from captioner.cli.main import set_wait_policy; set_wait_policy(%r); import torch; "
+    code = ("import os; from captioner.cli.training import set_wait_policy; set_wait_policy(%r); import torch; "
             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))" % command)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
@@ -241,16 +244,16 @@ def test_openmp_threads_sleep_except_in_training_unless_the_user_chose(command, 
 
 
 def test_training_on_a_busy_machine_says_how_to_share_it(monkeypatch, capsys):
-    from captioner.cli import main as cli
+    from captioner.cli import training as cli
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
-    cli._warn_if_busy()
+    cli.warn_if_busy()
     assert "load average 1.9 on 2 cores" in capsys.readouterr().err
     monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 1.0, 1.0))
-    cli._warn_if_busy()
+    cli.warn_if_busy()
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
-    cli._warn_if_busy()
+    cli.warn_if_busy()
     assert capsys.readouterr().err == ""

@@ -12,7 +12,7 @@ from captioner.data.corpus import Corpus
 from captioner.data.synthetic import make_shapes_dataset
 from captioner.data.text import Vocab
 from captioner.data.captions import CaptionData, StoreMismatchError, check_store_matches_corpus
-from captioner.encoders.features import FeatureStore
+from captioner.data.features import FeatureStore
 
 
 def _corpus_with_root(synthetic, root) -> Corpus:

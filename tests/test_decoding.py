@@ -349,7 +349,7 @@ def test_attention_per_word_for_every_search():
     for hyps in beam_search(model, feats, beam_size=3, n_best=3, **kw):
         for h in hyps:
             _check_attention(h)
-    for group in sample(model, feats, num_samples=2, seed=0, **kw):
+    for group in sample(model, feats, num_captions=2, seed=0, **kw):
         for h in group:
             _check_attention(h)
 
@@ -391,7 +391,7 @@ def test_empty_caption_has_no_attention():
 
 def test_sample_is_reproducible_with_a_seed():
     model, feats = make_sat(1, batch=4)
-    kw = dict(start_id=START, end_id=END, max_len=8, num_samples=3)
+    kw = dict(start_id=START, end_id=END, max_len=8, num_captions=3)
     a = sample(model, feats, seed=123, **kw)
     b = sample(model, feats, seed=123, **kw)
     c = sample(model, feats, seed=7, **kw)
@@ -405,7 +405,7 @@ def test_sample_is_reproducible_with_a_seed():
 
 def test_sample_num_samples_per_image_and_scores():
     model, feats = make_sat(2, batch=3)
-    res = sample(model, feats, start_id=START, end_id=END, max_len=8, num_samples=5, seed=0)
+    res = sample(model, feats, start_id=START, end_id=END, max_len=8, num_captions=5, seed=0)
     assert len(res) == 3 and all(len(g) == 5 for g in res)
     for b, group in enumerate(res):
         for h in group:
@@ -423,7 +423,7 @@ def test_sample_degenerate_settings_equal_greedy(kwargs):
     for seed in (0, 3):
         model, feats = make_sat(seed, batch=4)
         greedy = greedy_search(model, feats, start_id=START, end_id=END, max_len=8)
-        res = sample(model, feats, start_id=START, end_id=END, max_len=8, num_samples=3, seed=1, **kwargs)
+        res = sample(model, feats, start_id=START, end_id=END, max_len=8, num_captions=3, seed=1, **kwargs)
         for g, group in zip(greedy, res):
             for h in group:
                 assert h.tokens == g.tokens and h.finished == g.finished
@@ -438,7 +438,7 @@ def test_sample_top_k_restricts_the_vocabulary():
     with torch.no_grad():
         first = model.step(torch.full((4,), START), model.init_state(memory), memory)[0]
     allowed = first.topk(2, dim=-1).indices  # (B, 2)
-    res = sample(model, feats, start_id=START, end_id=END, max_len=1, num_samples=20, seed=0, top_k=2)
+    res = sample(model, feats, start_id=START, end_id=END, max_len=1, num_captions=20, seed=0, top_k=2)
     for b, group in enumerate(res):
         firsts = {h.tokens[0] if h.tokens else END for h in group}
         assert firsts <= set(allowed[b].tolist())
@@ -459,7 +459,7 @@ def test_banned_words_are_never_chosen_and_beam1_still_equals_greedy():
     greedy = greedy_search(model, feats, start_id=1, end_id=2, max_len=8, banned=banned)
     beam1 = beam_search(model, feats, start_id=1, end_id=2, beam_size=1, max_len=8, banned=banned)
     beam3 = beam_search(model, feats, start_id=1, end_id=2, beam_size=3, max_len=8, banned=banned, n_best=3)
-    sampled = sample(model, feats, start_id=1, end_id=2, max_len=8, banned=banned, num_samples=4, seed=0)
+    sampled = sample(model, feats, start_id=1, end_id=2, max_len=8, banned=banned, num_captions=4, seed=0)
     for h in greedy + [h for hs in beam1 + beam3 + sampled for h in hs]:
         assert not set(h.tokens) & set(banned)
     assert [h.tokens for h in greedy] == [hs[0].tokens for hs in beam1]
@@ -468,7 +468,7 @@ def test_banned_words_are_never_chosen_and_beam1_still_equals_greedy():
 
 def test_sampled_captions_of_an_image_do_not_depend_on_the_rest_of_the_batch():
     model, feats = make_sat(4, batch=4)
-    kw = dict(start_id=START, end_id=END, max_len=8, num_samples=4, seed=11)
+    kw = dict(start_id=START, end_id=END, max_len=8, num_captions=4, seed=11)
     together = sample(model, feats, **kw)
     tok = lambda group: [h.tokens for h in group]  # noqa: E731
     for b in range(4):  # alone, at its own position (seed_offset), it draws the same captions
@@ -480,10 +480,10 @@ def test_sampled_captions_of_an_image_do_not_depend_on_the_rest_of_the_batch():
 def test_sample_runs_in_eval_mode_and_restores_the_mode():
     model, feats = make_sat(5, batch=2)
     model.train()
-    a = sample(model, feats, start_id=START, end_id=END, max_len=8, num_samples=2, seed=3)
+    a = sample(model, feats, start_id=START, end_id=END, max_len=8, num_captions=2, seed=3)
     assert model.training
     model.eval()
-    b = sample(model, feats, start_id=START, end_id=END, max_len=8, num_samples=2, seed=3)
+    b = sample(model, feats, start_id=START, end_id=END, max_len=8, num_captions=2, seed=3)
     assert [[h.tokens for h in g] for g in a] == [[h.tokens for h in g] for g in b]
 
 

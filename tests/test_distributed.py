@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from captioner.runtime.distributed import Group, env_world, process_group
-from captioner.encoders.features import DONE, FeatureStore, FeatureStoreError, extract_features
+from captioner.data.features import DONE, FeatureStore, FeatureStoreError
+from captioner.encoders.extract import extract_features
 
 N_IMAGES = 40
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -24,7 +25,7 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from captioner.data.corpus import read_folder
+    from captioner.data.readers import read_folder
     from captioner.data.synthetic import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("ddp")

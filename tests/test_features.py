@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from captioner.data.features import DONE, FAILED, TODO, FeatureStore, FeatureStoreError
+from captioner.data.prepare import prepare_corpus
 from captioner.data.synthetic import make_shapes_dataset
-from captioner.encoders.features import DONE, FAILED, TODO, FeatureStore, FeatureStoreError, extract_features
+from captioner.encoders.extract import extract_features, images_to_encode
+from captioner.encoders.network import ImageEncoder
 
 N_IMAGES = 40
 BATCH = 4
@@ -79,10 +83,6 @@ def test_store_opens_zero_copy(shapes, reference):
 
 
 def test_store_matches_the_encoder(shapes, reference):
-    from PIL import Image
-
-    from captioner.encoders.network import ImageEncoder
-
     image_dir, names = shapes
     store = FeatureStore.open(reference[0])
     want = ImageEncoder("efficientnet-lite0").encode([Image.open(image_dir / names[7]).convert("RGB")])
@@ -121,7 +121,7 @@ _CHILD = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(int(sys.argv[4]))
     from captioner.encoders import network as encoders
-    from captioner.encoders.features import extract_features
+    from captioner.encoders.extract import extract_features
 
     # Slow every batch down (the values are untouched) so the kill surely lands mid-run.
     _encode = encoders.ImageEncoder.encode_arrays
@@ -279,3 +279,22 @@ def test_limit_batches_leaves_a_resumable_store(shapes, reference, tmp_path):
     assert (s["computed"], s["already_done"], s["complete"]) == (len(few) - BATCH, BATCH, True)
     ref = FeatureStore.open(reference[0])
     assert np.array_equal(FeatureStore.open(out).features, ref.features[: len(few)])
+
+
+# ------------------------------------------------------------------ which images a store is made from
+
+
+def test_images_to_encode_from_a_folder_or_a_corpus(shapes, tmp_path):
+    image_dir, names = shapes
+    assert images_to_encode(None, image_dir) == (image_dir, names)
+    corpus = prepare_corpus("folder", image_dir.parent / "captions.csv", images=image_dir, out=tmp_path).corpus
+    root, val = images_to_encode(tmp_path / "corpus.json", None, "val")
+    assert root == image_dir and val == corpus.images({"val"}) and val
+    with pytest.raises(FeatureStoreError, match=r"--splits: no split named \['nope'\] in .*corpus.json "
+                                                r"\(splits: train, val, test\)"):
+        images_to_encode(tmp_path / "corpus.json", None, "val,nope")
+    with pytest.raises(FeatureStoreError, match="not a folder"):
+        images_to_encode(None, image_dir / names[0])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FeatureStoreError, match="no images to encode in"):
+        images_to_encode(None, tmp_path / "empty")

@@ -10,7 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.inference.captioner import Captioner, CaptionResult, DecodingSettings
+from captioner.decoding.search import generate
+from captioner.decoding.settings import DecodingSettings
+from captioner.inference.captioner import Captioner
+from captioner.inference.results import CaptionResult
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +160,7 @@ def test_the_same_settings_decode_the_same_way_everywhere(bundled, photo_paths):
     s = bundled.settings.replace(beam_size=4, max_len=12, n_best=2)
     via_images = bundled.caption(photo_paths[:3], s)
     arrays = np.stack([bundled.encoder.preprocess([Image.open(p).convert("RGB")])[0] for p in photo_paths[:3]])
-    hyps = s.decode(bundled.decoder, bundled.vocab, bundled.encoder.encode_arrays(arrays))
+    hyps = generate(bundled.decoder, bundled.vocab, bundled.encoder.encode_arrays(arrays), s)
     for r, h in zip(via_images, hyps):
         assert [c.caption for c in r.n_best] == [" ".join(bundled.vocab.decode(x.tokens)) for x in h]
         assert all(len(c.caption.split()) <= 12 for c in r.n_best)
@@ -172,7 +175,7 @@ def test_bytes_and_file_sources_are_named(bundled, photo_paths):
 def test_batched_beam_search_equals_per_image_with_the_bundled_model(bundled, photo_paths):
     """Issue 8: the batched search gives each image the caption and score it gets alone (within 1e-5)."""
     from captioner.decoding.search import decode
-    from captioner.inference.modeldir import banned_ids
+    from captioner.decoding.settings import banned_ids
 
     arrays = np.stack([bundled.encoder.preprocess([Image.open(p).convert("RGB")])[0] for p in photo_paths])
     feats = bundled.encoder.encode_arrays(arrays)

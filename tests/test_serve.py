@@ -18,8 +18,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from captioner.decoding.settings import SETTINGS
 from captioner.inference.captioner import Captioner
-from captioner.serving.app import ServeConfig, create_app
+from captioner.serving.app import create_app
+from captioner.serving.config import LIMITS, ServeConfig
 
 from .serve_helpers import ROOT, example, merge_model_dir, png_bytes
 
@@ -223,6 +225,63 @@ def test_each_bad_option_gets_a_400_naming_it(strict, fields, words):
             continue
         assert r.status_code == 400, r.text
         assert all(w in r.json()["error"] for w in words), r.json()
+
+
+def _server_high(s, cfg: ServeConfig):
+    """The largest value of the setting ``s`` on the server ``cfg`` (None: unbounded)."""
+    highs = [h for h in (s.high, getattr(cfg, s.server_limit) if s.server_limit else None) if h is not None]
+    return min(highs) if highs else None
+
+
+def _good_value(s, model, cfg: ServeConfig):
+    """A value of the setting ``s`` within its bounds on the server ``cfg`` and unlike the model's default."""
+    if s.kind is bool:
+        return True
+    high = _server_high(s, cfg)
+    step = 1 if s.kind is int or high is None else (high - s.low) / 4
+    for value in (s.low + step, s.low + 2 * step):
+        if value != getattr(model.settings, s.name):
+            assert high is None or value <= high
+            return value
+    raise AssertionError(s)
+
+
+def _bad_values(s, cfg: ServeConfig) -> list:
+    """Values of the setting ``s`` out of its bounds on the server ``cfg`` (a bool: a value that is not one)."""
+    if s.kind is bool:
+        return ["maybe"]
+    step = 1 if s.kind is int else 0.5
+    high = _server_high(s, cfg)
+    return [s.low - step] + ([] if high is None else [high + step])
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_every_decoding_setting_is_a_rest_option_that_reaches_the_decoder(strict, model, name, monkeypatch):
+    s = SETTINGS[name]
+    cfg = strict.app.state.config
+    seen = []
+    caption = model.caption
+
+    def spy(images, settings=None, **kw):
+        seen.append(settings)
+        return caption(images, settings, **kw)
+
+    monkeypatch.setattr(model, "caption", spy)
+    context = {"sample": "true"} if s.applies == "sample" else {}
+    value = _good_value(s, model, cfg)
+    r = post(strict, [GOOD], data={**context, s.option: str(value).lower()})
+    assert r.status_code == 200, r.text
+    assert getattr(seen[-1], name) == value and getattr(model.settings, name) != value
+    for bad in _bad_values(s, cfg):
+        for kw in ({"data": {**context, s.option: str(bad)}}, {"params": {**context, s.option: str(bad)}}):
+            r = post(strict, [GOOD], **kw)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error.startswith(f"bad option: {s.option} ") or error.startswith(f"bad option: {s.option}:"), error
+            assert str(bad) in error, error
+            limit = getattr(cfg, s.server_limit) if s.server_limit else None
+            if limit is not None and bad > limit:
+                assert f"on this server ({LIMITS[s.server_limit].flag} {limit})" in error, error
 
 
 def test_malformed_requests_get_a_400_that_says_what_to_send(strict):

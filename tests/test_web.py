@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from captioner.inference.captioner import Captioner
-from captioner.serving.app import ServeConfig, bind_socket, create_app
+from captioner.serving.app import create_app
+from captioner.serving.config import ServeConfig
+from captioner.serving.server import bind_socket
 
 from .serve_helpers import EXAMPLES, merge_model_dir
 

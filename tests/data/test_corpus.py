@@ -1,21 +1,19 @@
-"""Tests for captioner.data.corpus (readers, validation report, save/load)."""
+"""Tests for captioner.data.corpus and captioner.data.readers (readers, validation report, save/load)."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
-from captioner.data.corpus import (
-    Corpus,
-    CorpusError,
-    Item,
-    ValidationReport,
+from captioner.data.corpus import Corpus, CorpusError, Item, ValidationReport, hash_split
+from captioner.data.readers import (
     detect_format,
-    hash_split,
     read_coco,
     read_corpus,
     read_flickr8k_text,
@@ -46,10 +44,6 @@ _TINY_JPEG = None
 def _touch_images(folder: Path, names: list[str]) -> None:
     global _TINY_JPEG
     if _TINY_JPEG is None:
-        import io
-
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="JPEG")
         _TINY_JPEG = buf.getvalue()

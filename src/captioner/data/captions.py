@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from captioner.data.corpus import Corpus
+from captioner.data.features import FeatureStore, fingerprint
 from captioner.data.text import Vocab
-from captioner.encoders.features import FeatureStore
 
 
 class StoreMismatchError(ValueError):
@@ -26,8 +26,6 @@ def check_store_matches_corpus(store: FeatureStore, corpus: Corpus) -> None:
     corpus's image folder (one stat per image): equal means the same files, wherever the folder
     now is. If the corpus's folder holds none of the store's images there is nothing to compare
     (features kept, images deleted): a warning says so. Checked once per store and folder."""
-    from captioner.encoders.features import fingerprint
-
     root = Path(corpus.image_root)
     checked = store.__dict__.setdefault("_checked_roots", set())
     if str(root) in checked:

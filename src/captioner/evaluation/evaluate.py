@@ -12,9 +12,10 @@ from captioner.data.corpus import Corpus
 from captioner.data.text import Vocab, write_text_atomic
 from captioner.data.captions import CaptionData
 from captioner.runtime.devices import autocast, check_precision, module_device, resolve_device
-from captioner.encoders.features import FeatureStore
+from captioner.data.features import FeatureStore
 from captioner.evaluation.metrics import METRIC_NAMES, compute_metrics
-from captioner.inference.captioner import DecodingSettings
+from captioner.decoding.search import generate
+from captioner.decoding.settings import EVALUATION_BEAMS, DecodingSettings
 from captioner.inference.modeldir import load_model_dir
 
 
@@ -42,7 +43,7 @@ def decode_images(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSe
     for i in range(positions.start, positions.stop, batch_size):
         feats = data.features(slice(i, min(positions.stop, i + batch_size))).to(device)
         with autocast(device, precision):
-            hyps = settings.decode(decoder, vocab, feats, seed_offset=i)
+            hyps = generate(decoder, vocab, feats, settings, seed_offset=i)
         for j, h in enumerate(hyps):
             cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
     return cands
@@ -59,14 +60,14 @@ def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str
     return "\n".join(lines) + "\n"
 
 
-def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test", beams: Sequence[int] = (1, 3, 5),
-                   out: str | None = None, max_len: int | None = None, limit: int = 0,
-                   metrics: Sequence[str] | None = None, allow_unk: bool = False, device: str = "cpu",
-                   precision: str = "fp32", length_penalty: float | None = None,
-                   no_repeat_ngram: int | None = None) -> dict:
-    """Decode ``split`` at each beam size as `captioner caption` does (<unk> never output unless
-    ``allow_unk``; the model's length penalty and n-gram blocking unless given) and score it.
-    ``device`` (cpu, cuda, auto) and ``precision`` (fp32, bf16): where and how the decoder runs."""
+def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test",
+                   beams: Sequence[int] = EVALUATION_BEAMS, out: str | None = None, limit: int = 0,
+                   metrics: Sequence[str] | None = None, device: str = "cpu", precision: str = "fp32",
+                   **decoding) -> dict:
+    """Decode ``split`` at each beam size as `captioner caption` does (the model's decoding defaults, with
+    ``decoding`` overrides such as ``length_penalty=1.0`` or ``allow_unk=True``; None keeps the default)
+    and score it. ``device`` (cpu, cuda, auto) and ``precision`` (fp32, bf16): where and how the decoder
+    runs."""
     dev = resolve_device(device)
     check_precision(precision, dev)
     decoder, vocab, cfg = load_model_dir(model)
@@ -80,9 +81,8 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                              "encoder settings")
     data = CaptionData(Corpus.load(corpus), vocab, store, split, 10_000)
     # decoded as `captioner caption` decodes with this model, at each beam size
-    base = DecodingSettings.from_model(cfg).replace(max_len=max_len, allow_unk=allow_unk, length_penalty=length_penalty,
-                                                    no_repeat_ngram=no_repeat_ngram).checked()
-    result = {"model": str(model), "split": split, "unk_allowed": allow_unk,
+    base = DecodingSettings.from_model(cfg).replace(**decoding)
+    result = {"model": str(model), "split": split, "unk_allowed": base.allow_unk,
               "images": min(limit, len(data.images)) if limit else len(data.images),
               "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram": base.no_repeat_ngram},
               "beams": {}, "seconds": {}, "captions": {}}

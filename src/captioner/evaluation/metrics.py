@@ -328,6 +328,25 @@ def _select_metrics(metrics: Sequence[str] | None) -> list[str]:
     return [m for m in METRIC_NAMES if m in requested]
 
 
+def _java_for(java: str | None, wanted: Sequence[str], unavailable: dict[str, str]) -> str | None:
+    """The java executable, or None (with a warning, and the Java metrics wanted marked unavailable)."""
+    java_ok, java_reason = java_available(java)
+    if java_ok:
+        return _resolve_java(java)
+    _warn_once(f"{NO_JAVA_WARNING} ({java_reason})")
+    for name in JAVA_METRICS:
+        if name in wanted:
+            unavailable[name] = f"needs Java 8+, which is not available: {java_reason}"
+    return None
+
+
+def _tokenize(captions: Mapping[Any, Sequence[str]], java_exe: str | None) -> dict[Any, list[str]]:
+    """PTB-tokenized captions: Stanford's tokenizer with Java, else the pure-Python equivalent."""
+    if java_exe is not None:
+        return _tokenize_java(captions, java_exe)
+    return {i: [ptb_tokenize_fallback(c) for c in caps] for i, caps in captions.items()}
+
+
 def compute_metrics(
     references: Mapping[str, Sequence[str]],
     candidates: Mapping[str, str],
@@ -354,24 +373,13 @@ def compute_metrics(
     per_image: dict[Any, dict[str, float]] = {i: {} for i in ids}
     unavailable: dict[str, str] = {}
 
-    java_ok, java_reason = java_available(java)
-    java_exe = _resolve_java(java) if java_ok else None
-    if java_exe is None:
-        _warn_once(f"{NO_JAVA_WARNING} ({java_reason})")
-        for name in JAVA_METRICS:
-            if name in wanted:
-                unavailable[name] = f"needs Java 8+, which is not available: {java_reason}"
+    java_exe = _java_for(java, wanted, unavailable)
 
     meteor: _Meteor | None = None
     try:
         if java_exe is not None and "METEOR" in wanted:
             meteor = _Meteor(java_exe)  # its JVM loads the paraphrase table meanwhile
-        if java_exe is not None:
-            gts = _tokenize_java(raw_refs, java_exe)
-            res = _tokenize_java(raw_cands, java_exe)
-        else:
-            gts = {i: [ptb_tokenize_fallback(r) for r in refs] for i, refs in raw_refs.items()}
-            res = {i: [ptb_tokenize_fallback(c) for c in caps] for i, caps in raw_cands.items()}
+        gts, res = _tokenize(raw_refs, java_exe), _tokenize(raw_cands, java_exe)
 
         def record(
             name: str, corpus: float, image_scores: Sequence[float], order: Sequence[Any]

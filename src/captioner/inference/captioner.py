@@ -5,11 +5,12 @@
     for r in model.iter_captions(["a.jpg", "b.jpg"], beam_size=5, n_best=3):
         print(r.source, r.caption if r.ok else r.error)
 
-- :class:`DecodingSettings` is every choice of how captions are decoded (beam, length, n-best,
-  banned words, sampling). A model directory stores its defaults (``config.json`` "decoding");
-  caption, evaluate and training's validation all decode through :meth:`DecodingSettings.decode`.
-- :class:`CaptionResult` is one image's answer, or its error: an unreadable image is reported
-  in its result and the others go on.
+- :class:`~captioner.decoding.settings.DecodingSettings` is every choice of how captions are decoded
+  (beam, length, n-best, banned words, sampling). A model directory stores its defaults (``config.json``
+  "decoding"); caption, evaluate and training's validation all decode through
+  :func:`captioner.decoding.search.generate`.
+- :class:`~captioner.inference.results.CaptionResult` is one image's answer, or its error: an unreadable
+  image is reported in its result and the others go on.
 - :meth:`Captioner.iter_captions` decodes and resizes images in worker processes while the
   network runs on the previous batch, and yields each result, in input order, as soon as its
   batch is done.
@@ -17,149 +18,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
+from captioner.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from captioner.data.text import Vocab
-from captioner.inference.modeldir import (DEFAULT_MODEL, MAX_BEAM, MAX_CAPTION_WORDS, MAX_N_BEST, MAX_SAMPLES, ModelDirError,
-                       banned_ids, load_model_dir, save_model_dir)
+from captioner.decoding.search import generate
+from captioner.decoding.settings import DecodingSettings
+from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
+from captioner.inference import DEFAULT_MODEL
+from captioner.inference.modeldir import ModelDirError, load_model_dir, save_model_dir
+from captioner.inference.results import Caption, CaptionResult
 from captioner.models.base import Decoder
-
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    """How captions are decoded. ``sample=False``: beam search (greedy at beam 1), ranked by
-    ``score / length ** length_penalty``, the ``n_best`` first returned. ``sample=True``:
-    ``num_captions`` captions drawn (temperature, top-k, top-p), repeatable with ``seed``."""
-
-    beam_size: int = 3
-    max_len: int = 30
-    length_penalty: float = 0.0
-    n_best: int = 1
-    no_repeat_ngram: int = 0  # n > 0: a beam never repeats an n-gram of its caption (Hugging Face's no_repeat_ngram_size)
-    allow_unk: bool = False  # False: <unk> is never output (banned, like <pad> and <start>)
-    sample: bool = False
-    num_captions: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @classmethod
-    def from_model(cls, config: dict) -> "DecodingSettings":
-        """The decoding defaults stored in a model directory's config.json ("decoding")."""
-        stored = config.get("decoding") or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in stored.items() if k in known}).checked()
-
-    def replace(self, **changes: Any) -> "DecodingSettings":
-        """A copy with the given fields changed; ``None`` means "keep the default"."""
-        kept = {k: v for k, v in changes.items() if v is not None}
-        new = dataclasses.replace(self, **kept)
-        if new.sample and any(k in kept for k in ("beam_size", "n_best", "length_penalty", "no_repeat_ngram")):
-            raise ValueError("beam size, n-best, length penalty and no-repeat n-grams choose how a beam search ranks "
-                             "captions; when sampling ask for several captions with num_captions (--num-captions)")
-        if new.sample:  # the model's beam-search defaults do not apply to sampling
-            new = dataclasses.replace(new, n_best=1, length_penalty=0.0, no_repeat_ngram=0)
-        if not new.sample and isinstance(new.n_best, int) and new.n_best > new.beam_size:
-            new = dataclasses.replace(new, beam_size=new.n_best)  # an n-best list needs at least n beams
-        return new.checked()
-
-    def checked(self) -> "DecodingSettings":
-        """Refuse settings that are contradictory or would cost without bound (ValueError)."""
-        for name, value, limit in (("beam size", self.beam_size, MAX_BEAM), ("n-best", self.n_best, MAX_N_BEST),
-                                   ("maximum caption length", self.max_len, MAX_CAPTION_WORDS),
-                                   ("number of sampled captions", self.num_captions, MAX_SAMPLES)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-                raise ValueError(f"{name} {value}: must be from 1 to {limit}")
-        if not self.sample and self.n_best > self.beam_size:
-            raise ValueError(f"n-best {self.n_best} needs a beam of at least {self.n_best} (beam size "
-                             f"{self.beam_size})")
-        for name, value, low, high in (("length penalty", self.length_penalty, 0.0, 10.0),
-                                       ("temperature", self.temperature, 0.01, 100.0),
-                                       ("top-p", self.top_p, 1e-6, 1.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"{name} {value}: must be from {low} to {high}")
-        if not isinstance(self.allow_unk, bool) or not isinstance(self.sample, bool):
-            raise ValueError(f"allow_unk {self.allow_unk!r} and sample {self.sample!r}: must be true or false")
-        if isinstance(self.no_repeat_ngram, bool) or not isinstance(self.no_repeat_ngram, int) or \
-                not 0 <= self.no_repeat_ngram <= MAX_CAPTION_WORDS:
-            raise ValueError(f"no-repeat n-gram size {self.no_repeat_ngram}: must be from 0 (off) to {MAX_CAPTION_WORDS}")
-        if self.sample and self.no_repeat_ngram:
-            raise ValueError("no_repeat_ngram applies to beam search (and greedy), not to sampling")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top-k {self.top_k}: must be >= 0 (0 = no limit)")
-        if self.sample and (self.n_best > 1 or self.length_penalty):
-            raise ValueError("n-best and length penalty choose how a beam search ranks captions; when sampling "
-                             "ask for several captions with num_captions (--num-captions)")
-        if not self.sample and (self.num_captions > 1 or self.temperature != 1.0 or self.top_k or self.top_p != 1.0
-                                or self.seed is not None):
-            raise ValueError("num_captions, temperature, top-k, top-p and seed choose how captions are sampled: "
-                             "add sample=True (on the command line: add --sample)")
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def decode(self, decoder: Decoder, vocab: Vocab, features: torch.Tensor, *, seed_offset: int = 0):
-        """Hypotheses per image (features (B, P, C)): the n best of a beam search, or
-        ``num_captions`` samples (image b drawing from the stream of ``(seed, seed_offset + b)``)."""
-        from captioner.decoding.search import decode, sample
-
-        common = dict(start_id=vocab.start_id, end_id=vocab.end_id, max_len=self.max_len,
-                      banned=banned_ids(vocab, self.allow_unk))
-        if self.sample:
-            return sample(decoder, features.float(), temperature=self.temperature, top_k=self.top_k,
-                          top_p=self.top_p, num_samples=self.num_captions, seed=self.seed, seed_offset=seed_offset,
-                          **common)
-        return decode(decoder, features.float(), beam_size=self.beam_size, n_best=self.n_best,
-                      length_penalty=self.length_penalty, no_repeat_ngram=self.no_repeat_ngram, **common)
-
-
-@dataclass
-class Caption:
-    caption: str
-    score: float  # the model's log-probability of the caption (normalised by the length penalty, if any)
-
-
-@dataclass
-class CaptionResult:
-    """One image's captions, or why it has none (``error``)."""
-
-    source: str  # the path, or "image K" for bytes and PIL images
-    caption: str | None = None
-    score: float | None = None
-    n_best: list[Caption] = field(default_factory=list)  # beam search: best first, distinct
-    samples: list[Caption] | None = None  # sampling: the captions drawn
-    words: list[str] = field(default_factory=list)
-    attention: list[list[float]] | None = None  # per word, its weights over the grid (row-major)
-    grid: tuple[int, int] | None = None
-    image_size: tuple[int, int] | None = None  # (width, height) as decoded
-    error: str | None = None
-    attention_figure: str | None = None  # where the CLI wrote this image's figure
-    image: Any = field(default=None, repr=False, compare=False)  # the decoded PIL image, with keep_images
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict:
-        if self.error is not None:
-            return {"source": self.source, "error": self.error}
-        d = {"source": self.source, "caption": self.caption, "score": self.score,
-             "n_best": [dataclasses.asdict(c) for c in self.n_best], "words": self.words,
-             "grid": list(self.grid) if self.grid else None,
-             "image_size": list(self.image_size) if self.image_size else None}
-        if self.samples is not None:
-            d["samples"] = [dataclasses.asdict(c) for c in self.samples]
-        if self.attention is not None:
-            d["attention"] = self.attention
-        return d
+from captioner.runtime.devices import autocast, check_precision, resolve_device
 
 
 ENCODER_BATCH = 8  # images per encoder call (the feature extractor's default too)
@@ -175,9 +51,6 @@ class _Prepared:
 
 
 def _prepare(src: Any, source: str, spec, max_pixels: int | None, keep_image: bool) -> _Prepared:
-    from captioner.data.images import ImageError, load_image
-    from captioner.encoders.network import image_to_array
-
     try:
         img = load_image(src, max_pixels=max_pixels, name=source)
     except ImageError as e:
@@ -211,8 +84,6 @@ class Captioner:
 
     def __init__(self, decoder: Decoder, vocab: Vocab, config: dict, *, device: str | torch.device = "cpu",
                  precision: str = "fp32"):
-        from captioner.runtime.devices import check_precision, resolve_device
-
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
         self.decoder, self.vocab, self.config = decoder.to(self.device).eval(), vocab, config
@@ -226,8 +97,6 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                         precision: str = "fp32") -> "Captioner":
-        from captioner.runtime.devices import check_precision, resolve_device
-
         check_precision(precision, resolve_device(device))  # before loading anything
         return cls(*load_model_dir(name_or_path), device=device, precision=precision)
 
@@ -238,8 +107,6 @@ class Captioner:
     @property
     def encoder(self):
         if self._encoder is None:
-            from captioner.encoders.network import ImageEncoder, get_encoder_spec
-
             e = self.config.get("encoder")
             if not e:
                 raise ModelDirError("this model's config.json names no encoder, so it can only caption features "
@@ -255,11 +122,9 @@ class Captioner:
     def decode_features(self, features: torch.Tensor, settings: DecodingSettings | None = None, *,
                         seed_offset: int = 0, **overrides: Any):
         """Hypotheses per image for a batch of encoder features (B, P, C)."""
-        from captioner.runtime.devices import autocast
-
         s = self.decoding_settings(settings, **overrides)
         with autocast(self.device, self.precision):
-            return s.decode(self.decoder, self.vocab, features.to(self.device), seed_offset=seed_offset)
+            return generate(self.decoder, self.vocab, features.to(self.device), s, seed_offset=seed_offset)
 
     def caption(self, images: Sequence[Any] | Any, settings: DecodingSettings | None = None, **kw: Any
                 ) -> list[CaptionResult]:
@@ -279,8 +144,6 @@ class Captioner:
         batch) while the network runs; bytes and PIL images in this process. ``max_pixels`` (default
         :data:`captioner.data.images.DEFAULT_MAX_PIXELS`) refuses larger images before decoding them.
         With a seed, the k-th readable image draws from the stream ``(seed, seed_offset + k)``."""
-        from captioner.data.images import DEFAULT_MAX_PIXELS
-
         s = self.decoding_settings(settings, **overrides)
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: must be >= 1")
@@ -311,8 +174,6 @@ class Captioner:
                        else self._result(p, next(it), s, return_attention))
 
     def _encode_batch(self, batch: list[_Prepared]) -> torch.Tensor | None:
-        import numpy as np
-
         good = [p for p in batch if p.error is None]
         if not good:
             return None
@@ -325,8 +186,6 @@ class Captioner:
     def _encoded(self, batches: Iterable[list[_Prepared]]) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
         """(batch, its features) with the next batch's encoder running in a thread while the caller decodes
         this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
             pending = None
             for batch in batches:

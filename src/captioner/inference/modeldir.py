@@ -1,4 +1,4 @@
-"""Model directories (the unit users share) and the :class:`Captioner` pipeline.
+"""Model directories (the unit users share): written, read and checked against their schema.
 
 A model directory holds::
 
@@ -14,36 +14,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from captioner.checks import is_int, is_number
 from captioner.data.text import Vocab
-from captioner.models import build_decoder
+from captioner.decoding.settings import SETTINGS
+from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
+from captioner.inference import DEFAULT_MODEL
+from captioner.models import build_decoder, get_architecture
 from captioner.models.base import Decoder
 
 FORMAT = "captioner-model"
 VERSION = 1
 PRETRAINED_DIR = Path(__file__).parent.parent / "pretrained"
-DEFAULT_MODEL = "flickr8k-sat"
 
 
 class ModelDirError(ValueError):
     pass
-
-
-# what one request may ask of the decoder: beam search keeps beam x vocabulary candidates per step
-# and its history grows with the caption, so both are bounded (the server and the CLI share these)
-MAX_BEAM, MAX_N_BEST, MAX_CAPTION_WORDS, MAX_SAMPLES = 50, 50, 100, 100
-
-
-def banned_ids(vocab: Vocab, allow_unk: bool = False) -> tuple[int, ...]:
-    """Words a caption never contains: <pad>, <start> and, unless allowed, <unk>."""
-    return (vocab.pad_id, vocab.start_id) if allow_unk else (vocab.pad_id, vocab.start_id, vocab.unk_id)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -139,17 +132,7 @@ _SIZE_BOUNDS = {  # integer size fields of any architecture's config, by name: i
 }
 _DIM_BOUNDS = (1, 65_536)  # *_dim, *_size
 _COUNT_BOUNDS = (1, 1_024)  # layers, heads
-_DECODING_BOUNDS = {"beam_size": (1, MAX_BEAM), "max_len": (1, MAX_CAPTION_WORDS), "n_best": (1, MAX_N_BEST),
-                    "no_repeat_ngram": (0, MAX_CAPTION_WORDS)}
 _IMAGE_SIZE_BOUNDS = (32, 2_048)  # encoder input side in pixels
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
 def _size_bounds(name: str) -> tuple[int, int] | None:
@@ -165,8 +148,6 @@ def _size_bounds(name: str) -> tuple[int, int] | None:
 
 def _type_problem(value: Any, hint: Any) -> str | None:
     """What is wrong with a JSON value for a config field annotated ``hint`` (strict: "3" is not 3)."""
-    import typing
-
     origin = typing.get_origin(hint)
     if hint is Any:
         return None
@@ -179,9 +160,9 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is bool:
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
     if hint is int:
-        return None if _is_int(value) else f"expected a whole number, got {value!r}"
+        return None if is_int(value) else f"expected a whole number, got {value!r}"
     if hint is float:
-        return None if _is_number(value) else f"expected a finite number, got {value!r}"
+        return None if is_number(value) else f"expected a finite number, got {value!r}"
     if hint is str:
         return None if isinstance(value, str) else f"expected a string, got {value!r}"
     if origin in (list, tuple) or hint in (list, tuple):
@@ -193,7 +174,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 
 def _check_bounds(where: str, value: Any, bounds: tuple[int, int], fail) -> None:
     lo, hi = bounds
-    if not _is_int(value) or not lo <= value <= hi:
+    if not is_int(value) or not lo <= value <= hi:
         raise fail(f"{where} must be a whole number from {lo} to {hi}, got {value!r}")
 
 
@@ -206,11 +187,6 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     PyTorch's "meta" device (shapes only, no memory) to count its parameters: a model that would
     need more than ``MAX_MODEL_BYTES`` is refused before a single weight is allocated.
     Raises :class:`ModelDirError` naming the file, the field and what to do; returns ``cfg``."""
-    import dataclasses as dc
-    import typing
-
-    from captioner.models import get_architecture
-
     def fail(problem: str) -> ModelDirError:
         return ModelDirError(f"{where}: {problem}")
 
@@ -220,7 +196,7 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     if cfg.get("format") != FORMAT:
         raise fail(f"not a captioner model (format={cfg.get('format')!r})")
     version = cfg.get("version", VERSION)
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise fail(f"'version' must be a whole number >= 1, got {version!r}")
     if version > VERSION:
         raise fail(f"written by a newer captioner (version {version}; this one reads {VERSION}): upgrade captioner")
@@ -238,10 +214,30 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
         if section in cfg and not isinstance(cfg[section], dict) and not (section != "model" and cfg[section] is None):
             raise fail(f"'{section}' must be an object, got {type(cfg[section]).__name__}")
 
-    # --- model: the architecture's config dataclass, strictly typed, sizes bounded
-    model = cfg["model"]
+    merged = _validated_model(cfg["model"], arch, cfg_cls, fail, vocab_size)
+
+    # --- encoder (optional: a model without one captions features only)
+    enc = cfg.get("encoder")
+    if enc:
+        _validate_encoder(enc, merged, fail)
+
+    _validate_decoding(cfg.get("decoding") or {}, fail)
+
+    # --- size: build on the meta device (shapes only) and count
+    n_params = estimate_parameters(arch, merged, fail)
+    if n_params * 4 > MAX_MODEL_BYTES:
+        raise fail(f"the model's sizes ({_size_summary(merged)}) mean {n_params:,} parameters, "
+                   f"{n_params * 4 / 2**30:.1f} GiB in float32, more than the {MAX_MODEL_BYTES / 2**30:.0f} GiB "
+                   "a model directory may need; refused before allocating. The sizes in config.json are "
+                   "probably damaged")
+    return cfg
+
+
+def _validated_model(model: dict, arch: str, cfg_cls: type, fail, vocab_size: int | None) -> dict:
+    """The architecture's config (``model``) strictly typed from its dataclass, sizes bounded; returns it
+    with the defaults of the fields it leaves out."""
     hints = typing.get_type_hints(cfg_cls)
-    fields = {f.name: f for f in dc.fields(cfg_cls)}
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(model) - set(fields))
     if unknown:
         raise fail(f"model: unknown field(s) {unknown} for architecture {arch!r}; known: {sorted(fields)}")
@@ -253,9 +249,9 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     for name, f in fields.items():
         if name in model:
             merged[name] = model[name]
-        elif f.default is not dc.MISSING:
+        elif f.default is not dataclasses.MISSING:
             merged[name] = f.default
-        elif f.default_factory is not dc.MISSING:  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             merged[name] = f.default_factory()  # type: ignore[misc]
         else:
             raise fail(f"model.{name}: missing (architecture {arch!r} needs it)")
@@ -268,34 +264,21 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     if vocab_size is not None and "vocab_size" in merged and merged["vocab_size"] != vocab_size:
         raise fail(f"model.vocab_size is {merged['vocab_size']} but vocab.json beside it has {vocab_size} "
                    "entries; the two files come from different models")
+    return merged
 
-    # --- encoder (optional: a model without one captions features only)
-    enc = cfg.get("encoder")
-    if enc:
-        _validate_encoder(enc, merged, fail)
 
-    # --- decoding defaults: known keys bounded, any other key a finite JSON scalar
-    for key, value in (cfg.get("decoding") or {}).items():
-        if key in _DECODING_BOUNDS:
-            _check_bounds(f"decoding.{key}", value, _DECODING_BOUNDS[key], fail)
-        elif key == "length_penalty":
-            if not _is_number(value) or not 0.0 <= value <= 10.0:
-                raise fail(f"decoding.length_penalty must be a number from 0 to 10, got {value!r}")
-        elif not (value is None or isinstance(value, (bool, str)) or _is_number(value)):
+def _validate_decoding(decoding: dict, fail) -> None:
+    """Decoding defaults: every decoding setting within its bounds, any other key a finite JSON scalar."""
+    for key, value in decoding.items():
+        if key in SETTINGS:
+            if SETTINGS[key].problem(value) is not None:
+                raise fail(f"decoding.{key} must be {SETTINGS[key].described()}, got {value!r}")
+        elif not (value is None or isinstance(value, (bool, str)) or is_number(value)):
             raise fail(f"decoding.{key} must be a finite number, a string, true/false or null, got {value!r}")
-
-    # --- size: build on the meta device (shapes only) and count
-    n_params = estimate_parameters(arch, merged, fail)
-    if n_params * 4 > MAX_MODEL_BYTES:
-        raise fail(f"the model's sizes ({_size_summary(merged)}) mean {n_params:,} parameters, "
-                   f"{n_params * 4 / 2**30:.1f} GiB in float32, more than the {MAX_MODEL_BYTES / 2**30:.0f} GiB "
-                   "a model directory may need; refused before allocating. The sizes in config.json are "
-                   "probably damaged")
-    return cfg
 
 
 def _size_summary(model: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in model.items() if _is_int(v) and _size_bounds(k) is not None)
+    return ", ".join(f"{k}={v}" for k, v in model.items() if is_int(v) and _size_bounds(k) is not None)
 
 
 class _SkipInPlaceOnMeta(torch.overrides.TorchFunctionMode):
@@ -328,8 +311,6 @@ def estimate_parameters(arch: str, model: dict, fail=ModelDirError) -> int:
 
 
 def _validate_encoder(enc: Any, model: dict, fail) -> None:
-    from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
-
     if not isinstance(enc, dict):
         raise fail(f"'encoder' must be an object, got {type(enc).__name__}")
     missing = [k for k in ("name", "image_size", "grid", "channels", "mean", "std", "resize") if k not in enc]
@@ -344,11 +325,11 @@ def _validate_encoder(enc: Any, model: dict, fail) -> None:
         raise fail(f"encoder.resize must be one of {', '.join(RESIZE_POLICIES)}, got {enc['resize']!r}")
     for key in ("mean", "std"):
         v = enc[key]
-        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)) or (
+        if not (isinstance(v, list) and len(v) == 3 and all(is_number(x) for x in v)) or (
                 key == "std" and min(v) <= 0):
             raise fail(f"encoder.{key} must be a list of 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
     grid = enc["grid"]
-    if not (isinstance(grid, list) and len(grid) == 2 and all(_is_int(g) and 1 <= g <= 256 for g in grid)):
+    if not (isinstance(grid, list) and len(grid) == 2 and all(is_int(g) and 1 <= g <= 256 for g in grid)):
         raise fail(f"encoder.grid must be [rows, columns], two whole numbers from 1 to 256, got {grid!r}")
     spec = get_encoder_spec(name, resize=enc["resize"], image_size=enc["image_size"])
     if list(spec.grid) != grid or spec.channels != enc["channels"]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from captioner.config import from_dict
 from captioner.models.base import (Decoder, DecoderConfig, DecoderOutput, available_architectures, get_architecture,
-                   register_architecture)
+                                   register_architecture)
+from captioner.models.wordvec import init_embedding, vector_dim
 from captioner.models import sat  # noqa: F401,E402  (registers each architecture)
 from captioner.models import bahdanau_gru  # noqa: F401,E402
 from captioner.models import gru_residual  # noqa: F401,E402
@@ -26,8 +27,6 @@ def build_decoder(arch: str, config: dict, vocab=None) -> Decoder:
     # an architecture whose config does not extend DecoderConfig has no word-vector options
     word_vectors, freeze = getattr(cfg, "word_vectors", ""), getattr(cfg, "freeze_embeddings", False)
     if vocab is not None and word_vectors and "embed_dim" not in config:
-        from captioner.models.wordvec import vector_dim
-
         config["embed_dim"] = vector_dim(word_vectors)
         cfg = from_dict(cfg_cls, config, where=f"model ({arch})")
     if vocab is not None and freeze and not word_vectors:
@@ -37,8 +36,6 @@ def build_decoder(arch: str, config: dict, vocab=None) -> Decoder:
     decoder = cls(cfg)
     decoder.word_vector_report = None
     if vocab is not None and word_vectors:
-        from captioner.models.wordvec import init_embedding
-
         decoder.word_vector_report = init_embedding(decoder.embed, vocab, word_vectors)
     if freeze:
         decoder.embed.weight.requires_grad_(False)

@@ -17,7 +17,6 @@ import re
 
 import torch
 
-DEVICE_CHOICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("fp32", "bf16")
 
 

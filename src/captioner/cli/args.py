@@ -1,0 +1,98 @@
+"""Argument types and option groups the commands share; decoding flags derived from the one definition."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Callable
+
+from captioner.checks import json_safe
+from captioner.decoding.settings import SETTINGS, Setting
+
+
+def _number(text: str, ok: Callable[[Any], bool], what: str, cast: type = float):
+    try:
+        v = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or not ok(v):  # NaN fails every bound
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return v
+
+
+def positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    return _number(text, lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def nonneg_float(text: str) -> float:
+    return _number(text, lambda v: 0 <= v < float("inf"), "a number >= 0")
+
+
+def nonneg_int(text: str) -> int:
+    return _number(text, lambda v: v >= 0, "a whole number >= 0", int)
+
+
+def ratios(text: str) -> tuple[float, float, float]:
+    try:
+        r = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        r = ()
+    if len(r) != 3 or not all(0 <= x <= 1 for x in r) or abs(sum(r) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three ratios train,val,test summing to 1, got {text!r}")
+    return r
+
+
+def print_json(obj, **kw) -> None:
+    """Print one line of strict JSON (never NaN or Infinity, which are not JSON)."""
+    print(json.dumps(json_safe(obj), allow_nan=False), **kw)
+
+
+def device_options(s: argparse.ArgumentParser, default: str | None = "cpu", where: str = "") -> None:
+    """--device and --precision (checked when the command runs: an absent GPU is exit status 2)."""
+    s.add_argument("--device", default=default, metavar="{cpu,cuda,auto}",
+                   help="where the networks run: cpu (default), cuda (cuda:N for one GPU) or auto, a GPU when "
+                        f"there is one{where}")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default=None if default is None else "fp32",
+                   help="bf16: bfloat16 autocast, for GPUs with bfloat16 units (default fp32)")
+
+
+def _setting_type(s: Setting) -> Callable[[str], Any]:
+    """An argparse type for a decoding setting: its kind here; its bounds when the settings are checked
+    (DecodingSettings.checked, where the other settings are known too)."""
+    def parse(text: str) -> Any:
+        try:
+            return s.parse(text, check=False)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = s.kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def decoding_flags(parser: argparse.ArgumentParser | Any, names: list[str] | None = None) -> None:
+    """A flag for each decoding setting in ``names`` (default: all), from its one definition in
+    :mod:`captioner.decoding.settings`; a flag left out keeps the model's default (None)."""
+    for name in names or list(SETTINGS):
+        s = SETTINGS[name]
+        default_note = "" if s.kind is bool else " (default: the model's)"
+        if s.kind is bool:
+            parser.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=s.help)
+        else:
+            parser.add_argument(s.flag, dest=name, type=_setting_type(s), default=None,
+                                metavar=s.flag.lstrip("-").upper().replace("-", "_") if s.kind is int else None,
+                                help=f"{s.help}{default_note}")
+
+
+def decoding_overrides(a: argparse.Namespace, names: list[str] | None = None) -> dict[str, Any]:
+    """The decoding settings given on the command line (None: not given)."""
+    return {name: getattr(a, name) for name in names or list(SETTINGS) if hasattr(a, name)}

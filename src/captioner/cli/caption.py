@@ -1,0 +1,101 @@
+"""`captioner caption`: images in, captions out (text, or JSON lines), with n-best lists and attention figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioner.cli.args import decoding_flags, decoding_overrides, device_options, nonneg_int, positive, print_json
+from captioner.data.images import DEFAULT_MAX_PIXELS, expand_image_args
+from captioner.decoding.settings import SETTINGS
+from captioner.inference import DEFAULT_MODEL
+from captioner.inference.results import CaptionResult
+from captioner.viz import attention_figure, figure_format
+
+SAMPLING = [name for name, s in SETTINGS.items() if s.applies == "sample" or name == "sample"]
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("caption", help="caption images with a model (default: the bundled one)")
+    s.add_argument("images", nargs="+", help="image files, folders (recursively), quoted globs ('photos/*.jpg'), "
+                   "or - for one path per line on stdin")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="model directory or bundled model name")
+    s.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    s.add_argument("--attention", default=None, metavar="OUT.png", help="write an attention figure")
+    s.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+    decoding_flags(s, [name for name in SETTINGS if name not in SAMPLING])
+    decoding_flags(s.add_argument_group("sampling (instead of beam search)"), SAMPLING)
+    s.add_argument("--workers", type=nonneg_int, default=None,
+                   help="image decoding processes (default: 1 for more than one batch; 0: decode in this process)")
+    s.add_argument("--batch-size", type=positive, default=16, help="images encoded and decoded together")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    device_options(s)
+    s.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from captioner.inference.captioner import Captioner  # torch: not for `captioner --help`
+
+    images = expand_image_args(a.images)
+    if not images:
+        raise ValueError(f"no images to caption in {' '.join(a.images)}")
+    if a.attention:
+        figure_format(a.attention)  # an unsupported figure format is a bad command, before any work
+    model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision)
+    settings = model.decoding_settings(**decoding_overrides(a))  # checked before any image is read
+    if a.attention and not model.decoder.has_attention:
+        raise ValueError(f"--attention: the model {a.model} ({model.config['arch']}) has no attention over image "
+                         "regions, so there is no map to draw; use an attention model (sat, bahdanau-gru, "
+                         "gru-residual, transformer)")
+    crop = model.config.get("encoder", {}).get("resize") == "center-crop"
+    status = 0
+    # a progress bar on stderr when the captions would scroll past a screen; results stream to stdout
+    bar = tqdm(total=len(images), unit="img", desc="caption", disable=a.quiet or len(images) <= 24,
+               dynamic_ncols=True, file=sys.stderr)
+    results = model.iter_captions(images, settings, return_attention=bool(a.attention), max_pixels=a.max_pixels,
+                                  keep_images=bool(a.attention), workers=a.workers, batch_size=a.batch_size)
+    for k, r in enumerate(results):
+        bar.update(1)
+        if r.ok and a.attention:
+            _write_figure(r, _figure_path(a.attention, k, r.source, several=len(images) > 1), crop)
+        if not r.ok:
+            bar.clear()
+            status = 1
+        _show(r, a, settings.n_best > 1, settings.sample)
+    bar.close()
+    return status
+
+
+def _figure_path(attention: str, k: int, source: str, *, several: bool) -> Path:
+    target = Path(attention)
+    return target.with_name(f"{target.stem}-{k:03d}-{Path(source).stem}{target.suffix or '.png'}") if several \
+        else target
+
+
+def _write_figure(r: CaptionResult, target: Path, crop: bool) -> None:
+    try:
+        attention_figure(r.image, r.words, r.attention, r.grid, target, title=r.caption, center_crop=crop)
+        r.attention_figure = str(target)
+    except OSError as e:  # this image's figure only: the other images go on
+        r.error = f"{r.source}: cannot write the attention figure {target}: {e.strerror or e}"
+
+
+def _show(r: CaptionResult, a: argparse.Namespace, n_best: bool, sample: bool) -> None:
+    """One image's result on stdout (an error on stderr too; with --json, always one line per image)."""
+    if not r.ok:
+        print(f"error: {r.error}", file=sys.stderr)
+    if a.json:
+        print_json(r.to_dict("image", detail=False, n_best=n_best, attention=False), flush=True)
+        return
+    if not r.ok:
+        return
+    print(f"{r.source}: {r.caption}", flush=True)
+    listed = r.samples if sample else r.n_best
+    if len(listed) > 1:
+        for j, h in enumerate(listed, 1):
+            print(f"  {j}. {h.caption}  ({h.score:.3f})")
+    if a.attention:
+        print(f"  attention figure: {r.attention_figure}")

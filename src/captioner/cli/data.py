@@ -1,0 +1,123 @@
+"""The data commands: ``prepare`` (a dataset into corpus.json + vocab.json + report.json), ``features``
+(cache encoder grids of images) and ``synth`` (the synthetic shapes dataset). They parse and print; the
+work is :func:`captioner.data.prepare.prepare_corpus`, :func:`captioner.encoders.extract.extract_features`
+and :func:`captioner.data.synthetic.make_shapes_dataset`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from captioner.cli.args import device_options, positive, print_json, ratios
+from captioner.data.corpus import DEFAULT_RATIOS
+from captioner.data.prepare import prepare_corpus
+from captioner.data.readers import FORMATS
+from captioner.data.synthetic import make_shapes_dataset
+from captioner.runtime.distributed import env_world
+
+COMMANDS = ("prepare", "features", "synth")
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    p = prepare_corpus(a.format, a.source, a.extra, images=a.images, out=a.out, overwrite=a.overwrite,
+                       strict=a.strict, dedupe=a.dedupe, ratios=a.split_ratios, seed=a.split_seed,
+                       restval=a.restval, min_freq=a.min_freq, max_words=a.max_words, max_len=a.max_len)
+    out = p.out
+    print(p.corpus.report.summary())
+    print(f"vocabulary: {len(p.vocab)} entries (min_freq={a.min_freq}, max_words={a.max_words})")
+    print(f"train captions longer than {a.max_len} words (truncated in training): {p.lengths['truncated']}"
+          f" of {p.lengths['captions']}")
+    print(f"wrote {out / 'corpus.json'}, {out / 'vocab.json'}, {out / 'report.json'}")
+    skipped = p.corpus.report.skipped_count()
+    if skipped:
+        print(f"{skipped} entr{'y was' if skipped == 1 else 'ies were'} skipped (listed above and in "
+              f"{out / 'report.json'}); --strict makes that an error", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_features(a: argparse.Namespace) -> int:
+    # imports torch: only here, after main() has set OMP_WAIT_POLICY, and never for --help
+    from captioner.encoders.extract import extract_features, images_to_encode
+
+    root, names = images_to_encode(a.corpus, a.images, a.splits)
+    summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
+                               batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
+                               overwrite=a.overwrite, progress=not a.quiet, device=a.device,
+                               precision=a.precision)
+    if env_world()[0] == 0:  # under torchrun, one summary (rank 0's holds the totals of all ranks)
+        print_json(summary)
+        if summary["failed"]:
+            print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}",
+                  file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    path = make_shapes_dataset(a.out, a.n, size=a.size, seed=a.seed)
+    print(f"wrote {a.n} images and {path}")
+    return 0
+
+
+def add_parsers(sub, commands: Sequence[str] = COMMANDS) -> None:
+    """The ``prepare``, ``features`` and ``synth`` subcommands (or those of ``commands``, in that order), added to
+    ``sub`` (the top parser's subparsers): ``captioner --help`` lists the commands in the order they are added."""
+    for name in commands:
+        _PARSERS[name](sub)
+
+
+def _add_prepare(sub) -> None:
+    s = sub.add_parser("prepare", help="read a dataset into corpus.json + vocab.json + report.json")
+    s.add_argument("format", choices=list(FORMATS))
+    s.add_argument("source", help="flickr8k-text: the Flickr8k_text folder; karpathy: dataset_*.json; "
+                                  "kaggle: captions.txt; coco: captions_*.json; folder: CSV/JSONL of captions")
+    s.add_argument("extra", nargs="*", help="coco: more captions_*.json files")
+    s.add_argument("--images", required=True, help="folder holding the images")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--min-freq", type=positive, default=5, help="words rarer than this in train become <unk>")
+    s.add_argument("--max-words", type=positive, default=None, help="keep at most this many words (top-k)")
+    s.add_argument("--max-len", type=positive, default=30, help="caption length (words) reported for truncation")
+    s.add_argument("--strict", action="store_true", help="fail on any problem instead of reporting and skipping")
+    s.add_argument("--dedupe", action="store_true",
+                   help="drop an image's repeated captions (default: report them and keep every reference)")
+    s.add_argument("--split-ratios", type=ratios, default=DEFAULT_RATIOS,
+                   help="train,val,test ratios of the hash split used when the source has no split")
+    s.add_argument("--split-seed", type=int, default=0, help="seed of the hash split")
+    s.add_argument("--restval", choices=["train", "keep"], default="train",
+                   help="karpathy: put 'restval' images into train (default) or keep them apart")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the corpus.json, vocab.json and report.json already in --out")
+    s.set_defaults(func=cmd_prepare)
+
+
+def _add_features(sub) -> None:
+    s = sub.add_parser("features", help="cache encoder grids of images (resumable)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--corpus", help="corpus.json from `captioner prepare`")
+    g.add_argument("--images", help="a folder of images (all of them)")
+    s.add_argument("--splits", default=None, help="only these splits of the corpus, e.g. train,val")
+    s.add_argument("--out", required=True, help="feature store folder")
+    s.add_argument("--encoder", default="efficientnet-lite0")
+    s.add_argument("--resize", choices=["squash", "center-crop"], default=None)
+    s.add_argument("--image-size", type=positive, default=None)
+    s.add_argument("--batch-size", type=positive, default=8)
+    s.add_argument("--workers", type=int, default=1, help="image decoding processes (0: decode in this process)")
+    s.add_argument("--max-pixels", type=positive, default=None, help="decompression-bomb limit")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    device_options(s)
+    s.set_defaults(func=cmd_features)
+
+
+def _add_synth(sub) -> None:
+    s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=positive, default=300)
+    s.add_argument("--size", type=int, default=96)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+
+_PARSERS = {"prepare": _add_prepare, "features": _add_features, "synth": _add_synth}

@@ -1,0 +1,54 @@
+"""`captioner serve`: a REST API and a web page over a model.
+
+The limits' flags are derived from their one definition, :class:`captioner.serving.config.ServeConfig`
+(each field's :class:`captioner.serving.config.Limit`), and converted back into one by
+:meth:`ServeConfig.from_flags`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from captioner.cli.args import nonneg_float, nonneg_int, positive, positive_float
+from captioner.serving.config import LIMITS, Limit, ServeConfig
+
+
+def _flag_type(limit: Limit) -> Callable[[str], Any]:
+    """The argparse type of a limit's flag: from 0 when the limit has an upper bound, else above 0."""
+    if limit.high is not None:
+        return nonneg_float if limit.kind is float else nonneg_int
+    return positive_float if limit.kind is float else positive
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` command to ``sub`` (the ``captioner`` command's subparsers)."""
+    s = sub.add_parser("serve", help="a REST API and a web page (needs the serve extra)",
+                       description="Serve a model: the web page at /, POST /v1/captions, GET /v1/health, "
+                                   "GET /v1/models, API docs at /docs. Images come only from uploads: the server "
+                                   "never fetches URLs.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=nonneg_int, default=8000, help="port (default 8000; 0: any free port)")
+    s.add_argument("--model", default="flickr8k-sat", help="model directory or bundled model name")
+    defaults = ServeConfig()
+    groups: dict[str, Any] = {}
+    for limit in LIMITS.values():
+        if limit.group not in groups:
+            groups[limit.group] = s.add_argument_group(limit.group)
+        groups[limit.group].add_argument(limit.flag, type=_flag_type(limit),
+                                         default=limit.to_flag(getattr(defaults, limit.name)), help=limit.help)
+    groups[LIMITS["max_batch"].group].add_argument("--no-batching", action="store_true",
+                                                   help="one image per model call (same as --max-batch 1)")
+    s.add_argument("--threads", type=positive, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    s.set_defaults(func=run)
+    return s
+
+
+def run(a: argparse.Namespace) -> int:
+    """Serve until interrupted (Ctrl-C / SIGTERM)."""
+    from captioner.serving.server import serve  # torch and the model: not for `captioner --help`
+
+    cfg = ServeConfig.from_flags({**vars(a), **({"max_batch": 1} if a.no_batching else {})})
+    serve(a.model, cfg.checked(), host=a.host, port=a.port, log_level=a.log_level, threads=a.threads)
+    return 0
