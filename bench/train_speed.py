@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from captioner.cli.main import set_wait_policy
+from captioner.cli.training import set_wait_policy
 
 set_wait_policy("train")  # before torch is imported: OpenMP's threads wait as under `captioner train`
 
@@ -40,6 +40,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
+from captioner.data.captions import CaptionData  # noqa: E402
+from captioner.data.corpus import Corpus  # noqa: E402
+from captioner.data.features import FeatureStore  # noqa: E402
+from captioner.data.text import Vocab  # noqa: E402
+from captioner.training.config import DataConfig, OptimConfig, TrainConfig  # noqa: E402
+from captioner.training.loop import train  # noqa: E402
 
 E = H = A = 512
 BATCH = 64
@@ -125,8 +132,6 @@ def reference_loop(data, steps: int, V: int) -> tuple[float, int, int]:
 
 def ours(corpus: str, features: str, steps: int, data) -> tuple[float, int, int]:
     """Seconds, captions and predicted words of ``steps`` steps of ``captioner.training.loop.train``."""
-    from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
-
     def run(n: int) -> float:
         with tempfile.TemporaryDirectory() as d:
             cfg = TrainConfig(arch="sat", model={"embed_dim": E, "hidden_dim": H, "attention_dim": A, "dropout": 0.5},
@@ -161,11 +166,6 @@ def main() -> None:
     ap.add_argument("--features", default="work/f8k-lite0")
     ap.add_argument("--steps", type=int, default=60)
     a = ap.parse_args()
-    from captioner.data.corpus import Corpus
-    from captioner.data.text import Vocab
-    from captioner.data.captions import CaptionData
-    from captioner.encoders.features import FeatureStore
-
     load = os.getloadavg()[0]
     vocab = Vocab.load(Path(a.corpus).with_name("vocab.json"))
     data = CaptionData(Corpus.load(a.corpus), vocab, FeatureStore.open(a.features), "train", 30)

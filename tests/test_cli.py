@@ -40,7 +40,8 @@ def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
     assert summary["complete"] and summary["computed"] == report["images_per_split"]["test"]
 
     # a model trained for one epoch is enough to check the evaluate command's outputs
-    from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
+    from captioner.training.config import DataConfig, OptimConfig, TrainConfig
+    from captioner.training.loop import train
 
     train(TrainConfig(model={"embed_dim": 32, "hidden_dim": 32, "attention_dim": 32},
                       data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),

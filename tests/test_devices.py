@@ -16,7 +16,7 @@ import torch
 from captioner.decoding.search import beam_search, greedy_search, sample
 from captioner.runtime.devices import DeviceError, autocast, check_precision, module_device, resolve_device
 from captioner.models import available_architectures, build_decoder
-from captioner.training.loop import caption_loss
+from captioner.training.loss import caption_loss
 
 from .models.test_contract import SMALL
 from .models.test_sat import random_captions
@@ -61,9 +61,9 @@ def test_searches_and_sampling_create_tensors_on_the_models_device(arch):
         greedy = greedy_search(model, feats, start_id=START, end_id=END, max_len=6, banned=(0, 1))
         beams = beam_search(model, feats, start_id=START, end_id=END, beam_size=3, max_len=6, n_best=2,
                             banned=(0, 1))
-        drawn = sample(model, feats, start_id=START, end_id=END, max_len=6, num_samples=2, top_k=5, top_p=0.9,
+        drawn = sample(model, feats, start_id=START, end_id=END, max_len=6, num_captions=2, top_k=5, top_p=0.9,
                        banned=(0, 1))
-        seeded = sample(model, feats, start_id=START, end_id=END, max_len=6, num_samples=2, seed=7)
+        seeded = sample(model, feats, start_id=START, end_id=END, max_len=6, num_captions=2, seed=7)
     assert len(greedy) == 3 and all(len(b) == 2 for b in beams)
     assert all(len(d) == 2 for d in drawn) and all(len(d) == 2 for d in seeded)
     for h in [*greedy, *(h for b in beams for h in b), *(h for d in drawn for h in d)]:
@@ -173,7 +173,8 @@ def test_features_on_auto_device_and_in_bf16(tmp_path):
     import numpy as np
 
     from captioner.data.synthetic import make_shapes_dataset
-    from captioner.encoders.features import FeatureStore, FeatureStoreError, extract_features
+    from captioner.data.features import FeatureStore, FeatureStoreError
+    from captioner.encoders.extract import extract_features
 
     make_shapes_dataset(tmp_path / "shapes", 4, size=64, seed=1)
     root = tmp_path / "shapes" / "images"
@@ -214,7 +215,8 @@ def test_captioner_on_auto_device_and_in_bf16():
 
 
 def test_training_on_auto_device_in_bf16(synthetic, tmp_path):
-    from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
+    from captioner.training.config import DataConfig, OptimConfig, TrainConfig
+    from captioner.training.loop import train
 
     cfg = TrainConfig(arch="sat", model=dict(embed_dim=16, hidden_dim=16, attention_dim=16),
                       data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),
@@ -226,7 +228,8 @@ def test_training_on_auto_device_in_bf16(synthetic, tmp_path):
 def test_resume_may_change_the_device_but_not_the_precision():
     from dataclasses import asdict
 
-    from captioner.training.loop import TrainConfig, _config_changes
+    from captioner.training.checkpoint import config_changes as _config_changes
+    from captioner.training.config import TrainConfig
 
     before = asdict(TrainConfig(device="cuda"))
     assert _config_changes(before, asdict(TrainConfig(device="cpu"))) == []

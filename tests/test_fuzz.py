@@ -25,12 +25,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from captioner.config import ConfigError, load_config
-from captioner.data.corpus import KNOWN_SPLITS, Corpus, CorpusError, read_corpus
+from captioner.data.corpus import KNOWN_SPLITS, Corpus, CorpusError
+from captioner.data.readers import read_corpus
 from captioner.data.images import ImageError, load_image
 from captioner.data.text import SPECIALS, Vocab, tokenize
 from captioner.models.sat import SATConfig, SATDecoder
 from captioner.inference.modeldir import ModelDirError, load_model_dir, save_model_dir
-from captioner.training.loop import TrainConfig, stage_configs
+from captioner.training.config import TrainConfig
+from captioner.training.stages import stage_configs
 
 from .watchdog import hang_guard
 
@@ -443,7 +445,7 @@ def store_seed(work) -> Path:
 
 @given(which=st.sampled_from(["meta.json", "index.json", "features.npy", "status.npy"]), data=st.data())
 def test_feature_store_opener(work, store_seed, which, data):
-    from captioner.encoders.features import FeatureStore, FeatureStoreError
+    from captioner.data.features import FeatureStore, FeatureStoreError
 
     d = work / "store"
     d.mkdir(exist_ok=True)

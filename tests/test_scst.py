@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from captioner.evaluation.metrics import compute_metrics
-from captioner.training.scst import CiderD, ScstConfig, scst_loss
-from captioner.training.loop import TrainError, train
+from captioner.models import build_decoder
+from captioner.training.config import ScheduledSamplingConfig, ScstConfig, TrainError
+from captioner.training.loop import train
+from captioner.training.loss import caption_loss
+from captioner.training.scheduled_sampling import scheduled_sampling_forward
+from captioner.training.scst import CiderD, scst_loss
 
 from .test_train import small_config
 
@@ -131,10 +135,6 @@ def test_budget_and_schedule_are_validated(synthetic, tmp_path, override, messag
 
 @pytest.mark.parametrize("arch", ["sat", "bahdanau-gru", "gru-residual", "merge", "transformer"])
 def test_scheduled_sampling_at_p0_is_teacher_forcing_and_at_p1_feeds_the_models_words(arch):
-    from captioner.models import build_decoder
-    from captioner.training.scheduled_sampling import scheduled_sampling_forward
-    from captioner.training.loop import caption_loss
-
     torch.manual_seed(0)
     from .models.test_contract import SMALL as SMALL_ARCH
 
@@ -153,8 +153,6 @@ def test_scheduled_sampling_at_p0_is_teacher_forcing_and_at_p1_feeds_the_models_
 
 
 def test_scheduled_sampling_schedule_and_training(synthetic, tmp_path):
-    from captioner.training.scheduled_sampling import ScheduledSamplingConfig
-
     s = ScheduledSamplingConfig(max_prob=0.25, start_epoch=2, increase_every=2, increase_prob=0.1)
     assert [s.prob(e) for e in range(1, 8)] == [0.0, 0.1, 0.1, 0.2, 0.2, 0.25, 0.25]
     cfg = small_config(synthetic, tmp_path / "ss", epochs=3)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from captioner.config import load_config
 from captioner.inference.modeldir import load_model_dir
-from captioner.training.loop import OptimConfig, TrainConfig, stage_configs, train
+from captioner.training.config import OptimConfig, TrainConfig
+from captioner.training.loop import train
+from captioner.training.stages import stage_configs
 
 from .test_train import _cli_args, small_config
 

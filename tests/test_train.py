@@ -16,14 +16,16 @@ import torch
 
 from captioner.config import ConfigError, apply_overrides, load_config
 from captioner.data.corpus import Corpus
-from captioner.encoders.features import FeatureStore
+from captioner.data.features import FeatureStore
 from captioner.evaluation.metrics import compute_metrics
 from captioner.inference.modeldir import load_model_dir
 from captioner.models import build_decoder
 from captioner.data.captions import CaptionData
 from captioner.evaluation.evaluate import evaluate_split
-from captioner.inference.captioner import DecodingSettings
-from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
+from captioner.decoding.settings import DecodingSettings
+from captioner.training.config import DataConfig, OptimConfig, TrainConfig
+from captioner.training.loop import train
+from captioner.training.loss import caption_loss
 
 BEAM3 = DecodingSettings(beam_size=3, max_len=12)
 SMALL = {"embed_dim": 48, "hidden_dim": 96, "attention_dim": 48, "dropout": 0.1}
@@ -267,8 +269,6 @@ def test_decoding_defaults_are_recorded_in_best(synthetic, tmp_path):
 
 def test_label_smoothing_spreads_the_targets_probability_over_the_vocabulary(synthetic, tmp_path):
     from types import SimpleNamespace
-
-    from captioner.training.loop import caption_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 10)  # 3 captions, 4 steps, 10 words

@@ -10,7 +10,8 @@ import torch
 from captioner.data.text import Vocab
 from captioner.models import available_architectures, build_decoder
 from captioner.inference.modeldir import load_model_dir
-from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, train
+from captioner.training.config import DataConfig, OptimConfig, TrainConfig
+from captioner.training.loop import train
 from captioner.models.wordvec import WordVectorError, init_embedding, load_word_vectors
 
 GLOVE = "glove-6b-50d"

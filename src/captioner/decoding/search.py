@@ -74,7 +74,7 @@ def _block_repeats(logp: torch.Tensor, history: torch.Tensor, size: int) -> torc
     return logp
 
 
-def _rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: int, max_len: int,
+def rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: int, max_len: int,
              banned: tuple[int, ...] = (), no_repeat_ngram: int = 0):
     """Run ``n`` captions one word at a time, ``choose(log_probs) -> words`` picking each word.
 
@@ -125,7 +125,7 @@ def greedy_search(model: Decoder, features: torch.Tensor, settings: DecodingSett
     an n-gram of the caption; scores stay the model's own log-probabilities."""
     s = _settings(settings, fields)
     B = features.shape[0]
-    words, scores, atts = _rollout(model, model.encode(features), B, lambda logp: logp.argmax(dim=-1),
+    words, scores, atts = rollout(model, model.encode(features), B, lambda logp: logp.argmax(dim=-1),
                                    start_id=start_id, end_id=end_id, max_len=s.max_len, banned=banned,
                                    no_repeat_ngram=s.no_repeat_ngram)
     return [_hypothesis(words[b].tolist(), float(scores[b]), atts, b, end_id, s.length_penalty) for b in range(B)]
@@ -296,7 +296,7 @@ def sample(model: Decoder, features: torch.Tensor, settings: DecodingSettings | 
 
     B = features.shape[0]
     memory = _expand(model.encode(features), num_samples)
-    words, scores, atts = _rollout(model, memory, B * num_samples, draw, start_id=start_id, end_id=end_id,
+    words, scores, atts = rollout(model, memory, B * num_samples, draw, start_id=start_id, end_id=end_id,
                                    max_len=s.max_len, banned=banned)
     out: list[list[Hypothesis]] = []
     for b in range(B):

@@ -10,37 +10,22 @@ reference, and raises p during training:
     loss    = - sum_t log p_model(w_t | y_<t, image)
 
 It runs through the step interface (``encode`` / ``init_state`` / ``step``), so every
-architecture has it. The schedule follows the usual recipe: p = 0 before ``start_epoch``, then
-rises by ``increase_prob`` every ``increase_every`` epochs, up to ``max_prob``.
+architecture has it. The schedule (``ScheduledSamplingConfig.prob`` in :mod:`captioner.training.config`)
+follows the usual recipe: p = 0 before ``start_epoch``, then rises by ``increase_prob`` every
+``increase_every`` epochs, up to ``max_prob``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from captioner.models.base import Decoder, DecoderOutput
 
 
-@dataclass
-class ScheduledSamplingConfig:
-    max_prob: float = 0.0  # 0 = off (plain teacher forcing)
-    start_epoch: int = 1
-    increase_every: int = 2
-    increase_prob: float = 0.05
-
-    def prob(self, epoch: int) -> float:
-        if self.max_prob <= 0 or epoch < self.start_epoch:
-            return 0.0
-        steps = (epoch - self.start_epoch) // self.increase_every + 1
-        return min(self.max_prob, steps * self.increase_prob)
-
-
 def scheduled_sampling_forward(decoder: Decoder, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                                prob: float) -> DecoderOutput:
     """The training pass with the model's own words mixed in; ``logits`` are log-probabilities
-    (B, T, V) of target words 1..T, ready for :func:`captioner.training.loop.caption_loss`."""
+    (B, T, V) of target words 1..T, ready for :func:`captioner.training.loss.caption_loss`."""
     memory = decoder.encode(features)
     state = decoder.init_state(memory)
     steps = int(lengths.max()) - 1

@@ -19,21 +19,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from captioner.decoding.search import _rollout as rollout
-
-
-@dataclass
-class ScstConfig:
-    samples: int = 5  # K captions drawn per image
-    baseline: str = "mean"  # "mean" (of the other samples) or "greedy"
-    max_len: int = 20  # words per sampled caption
-    images_per_batch: int = 50
-    dropout: bool = False  # sample with the decoder's dropout on (False: the network that will be deployed)
+from captioner.decoding.search import rollout
+from captioner.training.config import ScstConfig
 
 
 def _ngrams(words: Sequence[str], n: int) -> Counter:
