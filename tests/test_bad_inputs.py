@@ -29,7 +29,8 @@ from captioner.data.text import Vocab
 from captioner.encoders.network import get_encoder_spec
 from captioner.models.sat import SATConfig, SATDecoder
 from captioner.inference.modeldir import save_model_dir
-from captioner.training.loop import DataConfig, OptimConfig, TrainConfig, TrainError, train
+from captioner.training.config import DataConfig, OptimConfig, TrainConfig, TrainError
+from captioner.training.loop import train
 
 WORDS = ["a", "red", "blue", "circle", "square", "above", "below"]
 TINY = {"embed_dim": 16, "hidden_dim": 16, "attention_dim": 16, "dropout": 0.0}
@@ -176,7 +177,7 @@ def test_3a_infinite_lr_and_negative_grad_clip_are_refused(synthetic, tmp_path, 
 
 def test_3b_a_non_finite_loss_stops_training_at_that_step_and_keeps_the_last_good_epoch(synthetic, tmp_path,
                                                                                       monkeypatch):
-    import captioner.training.loop as train_module
+    import captioner.training.loss as train_module
 
     real_loss = train_module.caption_loss
     calls = {"n": 0}
@@ -445,3 +446,105 @@ def test_features_on_a_full_disk_is_a_clear_error_before_any_image_is_encoded(tm
     assert status == 2 and out == "" and no_traceback(err)
     assert err.startswith(f"error: {tmp_path / 'store'}: not enough disk space for the feature store (")
     assert "rerun: rows already done are kept" in err
+
+
+# ----------------------------------------------------------------------------- issue 21
+
+
+def _store_copy(store: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(store, target)
+    return target
+
+
+def test_21_4_nan_or_infinite_rows_of_a_feature_store_stop_evaluate_and_train_naming_the_image(synthetic, model_dir,
+                                                                                               tmp_path, capsys):
+    """Defect 4: evaluate exited 0 scoring empty captions; train reported "diverged, lower optim.lr"."""
+    from captioner.data.features import FeatureStore
+
+    bad = _store_copy(synthetic.features, tmp_path / "store")
+    store = FeatureStore.open(bad)
+    corpus = Corpus.load(synthetic.corpus)
+    test_image, train_image = corpus.split("test")[0].image, corpus.split("train")[0].image
+    feats = np.load(bad / "features.npy", mmap_mode="r+")
+    feats[store.row_of[test_image], 3, 7] = float("nan")
+    feats[store.row_of[train_image], 0, 0] = float("inf")
+    feats.flush()
+    del feats, store
+
+    status, out, err = call(capsys, "evaluate", "--model", str(model_dir), "--corpus", str(synthetic.corpus),
+                            "--features", str(bad), "--beam", "1")
+    assert status == 2 and out == "" and no_traceback(err)
+    assert err.startswith(f"error: {bad}: the features of {test_image} (row ")
+    assert "hold NaN or infinite values; the store is damaged" in err and "--overwrite" in err
+
+    status, out, err = call(capsys, *train_args(synthetic, tmp_path / "run", f"data.features={bad}"))
+    assert status == 2 and no_traceback(err)
+    assert f"error: {bad}: the features of {train_image} (row " in err and "diverged" not in err
+
+
+def _absurd_copy(model_dir: Path, target: Path) -> Path:
+    """The model with every weight x 1e30: finite (float32), but its log-probabilities are NaN and infinity."""
+    import shutil
+
+    shutil.copytree(model_dir, target)
+    state = load_file(str(target / "model.safetensors"))
+    save_file({k: v.float() * 1e30 if v.is_floating_point() else v for k, v in state.items()},
+              str(target / "model.safetensors"))
+    return target
+
+
+NON_FINITE = "its weights give non-finite log-probabilities (NaN or infinity)"
+
+
+def test_21_3_finite_but_absurd_weights_are_an_error_naming_the_model(model_dir, picture, synthetic, tmp_path,
+                                                                       capsys):
+    """Defect 3: weights x 1e30 captioned "in" with "score": null (exit 0), or "" at beam 1, or an internal
+    error when sampling."""
+    from captioner.inference.captioner import Captioner
+
+    bad = _absurd_copy(model_dir, tmp_path / "absurd")
+    for extra in ([], ["--beam", "1"], ["--n-best", "2"], ["--sample", "--seed", "3"], ["--sample"]):
+        status, out, err = call(capsys, "caption", str(picture), "--model", str(bad), "--json", *extra)
+        assert status == 2 and out == "" and no_traceback(err), (extra, err)
+        assert err.startswith(f"error: {bad}: {NON_FINITE}"), (extra, err)
+        assert "use another model" in err
+    with pytest.raises(ValueError, match=f"^{bad}: {NON_FINITE}".replace("(", r"\(").replace(")", r"\)")):
+        Captioner.from_pretrained(bad).caption(Image.open(picture))
+    status, out, err = call(capsys, "evaluate", "--model", str(bad), "--corpus", str(synthetic.corpus),
+                            "--features", str(synthetic.features), "--beam", "1", "--limit", "5")
+    assert status == 2 and out == "" and no_traceback(err)
+    assert err.startswith(f"error: {bad}: {NON_FINITE}")
+
+
+def test_21_3_serve_refuses_a_model_whose_weights_give_non_finite_probabilities(model_dir, tmp_path):
+    import asyncio
+
+    from captioner.inference.captioner import Captioner
+    from captioner.serving.batcher import Batcher
+
+    bad = _absurd_copy(model_dir, tmp_path / "absurd")
+    batcher = Batcher(Captioner.from_pretrained(bad))
+    try:
+        with pytest.raises(ValueError, match=NON_FINITE.replace("(", r"\(").replace(")", r"\)")):
+            asyncio.run(batcher.warm_up())
+    finally:
+        batcher.close()
+    proc = run_cli("serve", "--model", str(bad), "--port", "0", timeout=120)
+    assert proc.returncode == 2 and no_traceback(proc.stderr), proc.stderr
+    assert proc.stderr.startswith(f"error: {bad}: {NON_FINITE}") and "serving" not in proc.stdout
+
+
+def test_21_vocabulary_word_with_a_newline_is_refused_not_printed_as_a_fake_line(model_dir, picture, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "newline-vocab"
+    shutil.copytree(model_dir, bad)
+    vocab = json.loads((bad / "vocab.json").read_text())
+    vocab["itos"] = [w if w.startswith("<") else f"{w}\nfake.png: a forged caption" for w in vocab["itos"]]
+    (bad / "vocab.json").write_text(json.dumps(vocab))
+    status, out, err = call(capsys, "caption", str(picture), "--model", str(bad))
+    assert status == 2 and out == "" and no_traceback(err)
+    assert err.startswith(f"error: {bad / 'vocab.json'}: not a valid vocabulary file: 'itos' entry 4 (")
+    assert "control character or whitespace" in err and err.count("\n") == 1

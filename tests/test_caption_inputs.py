@@ -3,8 +3,11 @@ good ones, bounded decoding settings, and --max-pixels applied along the whole p
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -75,3 +78,48 @@ def test_max_pixels_given_on_the_command_line_applies_to_the_whole_path(folder, 
     assert json.loads(capsys.readouterr().out)["caption"]
     assert main(["caption", str(folder / "a" / "p00.jpg"), "--max-pixels", "1000", "--json"]) == 1
     assert "more than the limit" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_name_that_is_not_utf8_is_captioned_and_named_reversibly(folder, tmp_path, capsys, monkeypatch):
+    """Issue 21, defect 6: the JSON output named such a file with a lone surrogate (not valid Unicode)."""
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    shutil.copy(folder / "a" / "p00.jpg", os.fsdecode(raw))
+    shown = str(tmp_path / "caf\ufffd.jpg")
+    for workers in ("0", "1"):  # decoded here and in a worker process
+        assert main(["caption", str(tmp_path), "--json", "--beam", "1", "--workers", workers]) == 0
+        [line] = capsys.readouterr().out.splitlines()
+        o = json.loads(line)
+        assert o["image"] == shown and base64.b64decode(o["image_b64"]) == raw and o["caption"]
+    assert main(["caption", os.fsdecode(raw), "--beam", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{shown}: ")
+    (tmp_path / "caf\xe9.jpg").write_text("valid UTF-8 name, not an image")  # named as it is, no _b64
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw + b"\n" + os.fsencode(tmp_path / "caf\xe9.jpg")
+                                                                  + b"\n"), encoding="utf-8"))
+    assert main(["caption", "-", "--json", "--beam", "1"]) == 1
+    out, err = capsys.readouterr()
+    good, bad = (json.loads(line) for line in out.splitlines())
+    assert good["image"] == shown and good["caption"] and "image_b64" not in bad
+    assert bad["image"] == str(tmp_path / "caf\xe9.jpg") and "not an image file" in bad["error"]
+    assert "\udce9" not in out + err
+
+
+def test_a_nul_in_the_stdin_list_names_its_line(folder, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{folder / 'a' / 'p00.jpg'}\n{folder / 'a'}/p\0.jpg\n"))
+    assert main(["caption", "-"]) == 2
+    assert "error: stdin, line 2: the path contains a NUL byte" in capsys.readouterr().err
+
+
+def test_the_number_of_workers_is_bounded(folder, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["caption", str(folder / "a" / "p00.jpg"), "--workers", "65"])
+    assert exit_status.value.code == 2 and "--workers: must be from 0 to 64, got 65" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers 1000: must be from 0 to 64"):
+        Captioner.from_pretrained().caption(str(folder / "a" / "p00.jpg"), workers=1000)
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(folder, capsys):
+    """Issue 21: progress bars wrote carriage-return lines into logs."""
+    assert main(["caption", str(folder), str(folder / "a"), "--beam", "1"]) == 1  # 32 images: a bar is shown
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines()[-1].startswith("caption: 100%") and "32/32" in err.splitlines()[-1]

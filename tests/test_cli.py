@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.cli.main import main
+from captioner.cli.main import build_parser, main
 from captioner.evaluation.metrics import java_available
 from captioner.inference.captioner import Captioner
 from captioner.inference.modeldir import PRETRAINED_DIR
+from captioner.runtime.progress import progress_bar
 
 BUNDLED = PRETRAINED_DIR / "flickr8k-sat"
 
@@ -258,3 +263,89 @@ def test_training_on_a_busy_machine_says_how_to_share_it(monkeypatch, capsys):
     monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
     cli.warn_if_busy()
     assert capsys.readouterr().err == ""
+
+
+# a command whose image-decoding worker is slow: it writes its process id, then decodes for two minutes
+_SLOW_WORKER = textwrap.dedent("""
+    import os, sys, time
+    import captioner.encoders.extract as extract
+    import captioner.inference.captioner as inference
+
+    def slow(*args, **kw):
+        with open(sys.argv[1] + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(120)
+
+    extract.try_load_image = inference.load_image = slow
+    from captioner.cli.main import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (a zombie waiting for init to reap it has ended too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("command", ["features", "caption"])
+def test_image_decoding_workers_die_with_their_parent(command, photos, tmp_path):
+    """Issue 21, defect 8: after `kill -9` of `features` or `caption`, its decoding worker ran on (111 s and more,
+    files open, 224 MB)."""
+    pid_file = tmp_path / "worker.pid"
+    args = (["features", "--images", str(photos[0].parent), "--out", str(tmp_path / "store")] if command == "features"
+            else ["caption", str(photos[0])])
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WORKER, str(pid_file), *args, "--workers", "1", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_file.exists(), f"no worker started (rc={proc.poll()}): {proc.stderr.read1().decode()[-2000:]}"
+        worker = int(pid_file.read_text())
+        assert worker != proc.pid and not _gone(worker)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(worker), "the worker outlived its parent by 5 s"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        if worker is not None and not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_synth_help_describes_every_option():
+    synth = build_parser()._subparsers._group_actions[0].choices["synth"]
+    options = [a for a in synth._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in options} >= {"out", "n", "size", "seed"}
+    assert all(a.help for a in options), [a.dest for a in options if not a.help]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_are_live_on_a_terminal_and_plain_lines_in_a_log():
+    """Issue 21: progress bars (caption, features, train) wrote carriage-return lines into logs."""
+    terminal, log = _Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        bar = progress_bar(range(500), file=stream, desc="epoch 1/2", unit="batch")
+        for i in bar:
+            bar.set_postfix(loss=f"{1 / (i + 1):.3f}")  # each step: a redraw on a terminal, no line in a log
+    assert "\r" in terminal.getvalue()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 2  # the start and the end (one per 30 s between)
+    assert lines[-1].startswith("epoch 1/2: 100%|#") and "| 500/500 " in lines[-1] and "loss=0.002" in lines[-1]
+    quiet = io.StringIO()
+    for _ in progress_bar(range(5), file=quiet, disable=True):
+        pass
+    assert quiet.getvalue() == ""

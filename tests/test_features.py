@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.cli.main import main
 from captioner.data.features import DONE, FAILED, TODO, FeatureStore, FeatureStoreError
 from captioner.data.prepare import prepare_corpus
 from captioner.data.synthetic import make_shapes_dataset
@@ -113,6 +117,39 @@ def test_open_errors(tmp_path, reference):
     assert FeatureStore.open(partial).has(FeatureStore.open(out).images[2])
     with pytest.raises(FeatureStoreError, match=f"{N_IMAGES - 3} rows still to compute"):
         FeatureStore.open(partial, require_complete=True)
+
+
+def _damaged_copy(store_dir: Path, target: Path, values: dict[int, float]) -> Path:
+    """A copy of a store with ``values`` written into rows (row -> NaN, inf, ...)."""
+    target.mkdir()
+    for f in ("features.npy", "status.npy", "index.json", "meta.json", "errors.jsonl"):
+        (target / f).write_bytes((store_dir / f).read_bytes())
+    feats = np.load(target / "features.npy", mmap_mode="r+")
+    for row, value in values.items():
+        feats[row, 10, 3] = value
+    feats.flush()
+    del feats
+    return target
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_row_holding_nan_or_infinity_is_an_error_naming_the_image(reference, tmp_path, value):
+    """Issue 21, defect 4: such rows were read silently (evaluate scored empty captions, train "diverged")."""
+    out, _ = reference
+    bad = _damaged_copy(out, tmp_path / "bad", {6: value})
+    store = FeatureStore.open(bad, require_complete=True)  # opening stays cheap: rows are checked when read
+    name = store.images[6]
+    assert np.isfinite(store.get(store.images[5])).all()
+    with pytest.raises(FeatureStoreError) as err:
+        store.get(name)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: the features of {name} (row 6) hold NaN or infinite values; the store is damaged")
+    assert f"captioner features --corpus CORPUS.json --out {bad} --overwrite" in msg
+    rows = np.array([9, 6, 2])
+    with pytest.raises(FeatureStoreError, match=f"the features of {name} "):
+        store.read(rows)
+    good = store.read(np.array([9, 5, 2]))  # the rows asked for, in that order
+    assert good.dtype == np.float16 and np.array_equal(good, store.features[[9, 5, 2]])
 
 
 # ------------------------------------------------------------------ kill and resume
@@ -298,3 +335,48 @@ def test_images_to_encode_from_a_folder_or_a_corpus(shapes, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FeatureStoreError, match="no images to encode in"):
         images_to_encode(None, tmp_path / "empty")
+
+
+def test_image_names_that_are_not_utf8_are_encoded_and_named(shapes, reference, tmp_path, capsys):
+    """Issue 21, defect 6: one file whose name is not valid UTF-8 failed the whole store (exit 2, "surrogates not
+    allowed" from the fingerprint), naming no file."""
+    image_dir, names = shapes
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good, bad = os.fsdecode(b"caf\xe9.png"), os.fsdecode(b"notes\xff.png")
+    shutil.copy(image_dir / names[0], folder / good)
+    shutil.copy(image_dir / names[1], folder / "plain.png")
+    (folder / bad).write_text("not a picture")
+    out = tmp_path / "store"
+    args = ["features", "--images", str(folder), "--out", str(out), "--workers", "1", "--quiet"]
+    assert main(args) == 1  # the unreadable file failed, the others were done
+    store = FeatureStore.open(out, require_complete=True)
+    assert store.images == [good, bad, "plain.png"] and store.has(good) and store.has("plain.png")
+    ref = FeatureStore.open(reference[0])
+    assert np.abs(store.get(good) - ref.get(names[0])).max() < 0.02 < np.abs(store.get(good) - ref.get(names[1])).max()
+    [error] = store.errors()
+    assert error["image"] == "notes\ufffd.png" and error["error"].startswith(str(folder / "notes\ufffd.png"))
+    assert os.fsdecode(base64.b64decode(error["image_b64"])) == bad
+    capsys.readouterr()
+    assert main(args) == 1  # a rerun resumes: the same fingerprint
+    assert json.loads(capsys.readouterr().out)["already_done"] == 2
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(shapes, tmp_path, capsys):
+    """Issue 21: progress bars wrote carriage-return lines into logs."""
+    image_dir, names = shapes
+    extract_features(image_dir, names[:3], tmp_path / "store", workers=0, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "3/3" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("workers", [-1, 65])
+def test_the_number_of_workers_is_bounded(shapes, tmp_path, workers, capsys):
+    image_dir, names = shapes
+    with pytest.raises(ValueError, match=f"workers {workers}: must be from 0 to 64"):
+        extract_features(image_dir, names[:2], tmp_path / "store", workers=workers, progress=False)
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(SystemExit) as exit_status:  # argparse's refusal
+        main(["features", "--images", str(image_dir), "--out", str(tmp_path / "s"), "--workers", str(workers)])
+    assert exit_status.value.code == 2
+    assert "--workers: must be from 0 to 64" in capsys.readouterr().err

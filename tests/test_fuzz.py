@@ -468,4 +468,10 @@ def test_feature_store_opener(work, store_seed, which, data):
         event("valid store")
         for name in store.images:
             if store.has(name):
-                assert store.get(name).shape == tuple(store.features.shape[1:])
+                try:
+                    grid = store.get(name)
+                except FeatureStoreError as e:  # a mutated byte may make a row NaN or infinite: named, refused
+                    assert str(d) in str(e) and name in str(e) and "NaN or infinite" in str(e), str(e)
+                    event("non-finite row")
+                    continue
+                assert grid.shape == tuple(store.features.shape[1:])

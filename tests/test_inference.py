@@ -186,3 +186,95 @@ def test_batched_beam_search_equals_per_image_with_the_bundled_model(bundled, ph
         alone = decode(bundled.decoder, feats[i:i + 1], **kw)[0]
         assert hyps[0].tokens == alone[0].tokens
         assert abs(hyps[0].score - alone[0].score) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- issue 21
+
+
+class _Broken(torch.nn.Module):
+    """A decoder over a vocabulary of 8 words whose log-probabilities for the images whose first feature is
+    negative are ``value`` (NaN, +inf) or, ``value`` = -inf, -inf for every word; the others say word 4 then <end>."""
+
+    has_attention = False
+
+    def __init__(self, value: float, below: float = 0.0):
+        super().__init__()
+        self.value, self.below = value, below
+
+    def encode(self, features):
+        return (features,)
+
+    def init_state(self, memory):
+        return (torch.zeros(memory[0].shape[0]),)
+
+    def step(self, prev, state, memory):
+        B = prev.shape[0]
+        logp = torch.full((B, 8), -20.0)
+        logp[:, 4] = torch.where(state[0] == 0, -0.1, -5.0)
+        logp[:, 2] = torch.where(state[0] == 0, -5.0, -0.1)
+        broken = memory[0][:, 0, 0] < self.below
+        if self.value == float("-inf"):
+            logp[broken] = float("-inf")
+        else:
+            logp[broken, 5] = self.value  # one word: enough to spoil the distribution
+        return logp, (state[0] + 1,), None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("how", [dict(beam_size=1), dict(beam_size=3), dict(beam_size=3, n_best=3),
+                                 dict(sample=True), dict(sample=True, seed=4, num_captions=2, top_p=0.9)])
+def test_non_finite_log_probabilities_are_an_error_for_every_search(value, how):
+    """Issue 21, defect 3: a caption with "score": null (or "" at beam 1, or an internal error when sampling)."""
+    from captioner.data.text import Vocab
+    from captioner.decoding.search import NonFiniteError
+
+    vocab = Vocab.build([["a", "b", "c", "d"]])
+    settings = DecodingSettings(max_len=5).replace(**how)
+    feats = torch.ones(3, 2, 4)
+    ok = generate(_Broken(value), vocab, feats, settings)  # no broken image: fine
+    assert all(h and np.isfinite([x.score for x in h]).all() for h in ok)
+    assert settings.sample or all(h[0].tokens == [4] for h in ok)
+    feats[1] = -1.0
+    with pytest.raises(NonFiniteError) as err:
+        generate(_Broken(value), vocab, feats, settings)
+    assert str(err.value).startswith("the model: its weights give non-finite log-probabilities (NaN or infinity)")
+    assert isinstance(err.value, ValueError) and str(err.value.naming("m/best")).startswith("m/best: its weights")
+
+
+def test_captioner_names_the_model_whose_weights_give_non_finite_probabilities(bundled, photo_paths):
+    broken = Captioner(_Broken(float("nan"), below=float("inf")), bundled.vocab, {**bundled.config, "decoding": {}})
+    broken._encoder = bundled.encoder
+    assert bundled.config["name"] == "flickr8k-sat"  # a model built in Python is named by its config
+    with pytest.raises(ValueError, match=r"^flickr8k-sat: its weights give non-finite log-probabilities"):
+        broken.decode_features(torch.ones(2, 49, 1280))
+    broken.source = "runs/x/best"  # from_pretrained: the directory it was given
+    with pytest.raises(ValueError, match=r"^runs/x/best: its weights give non-finite log-probabilities"):
+        broken.caption(photo_paths[:2])
+
+
+@pytest.mark.parametrize(("kw", "setting"), [
+    (dict(beam_size=0), "beam size 0"),
+    (dict(beam_size=-1), "beam size -1"),
+    (dict(beam_size="3"), "beam size '3'"),
+    (dict(beam_size=2.0), "beam size 2.0"),
+    (dict(sample=True, seed=-1), "seed -1"),
+    (dict(sample=True, seed=2**64), f"seed {2**64}"),
+    (dict(sample=True, seed="7"), "seed '7'"),
+])
+def test_python_decoding_settings_out_of_range_are_a_value_error_naming_the_setting(bundled, photo_paths, kw,
+                                                                                     setting):
+    """Issue 21, defect 10: beam_size=0 or -1 silently meant greedy, '3' was a TypeError, seed=-1 was taken."""
+    with pytest.raises(ValueError, match=f"^{setting}: must be ".replace("(", r"\(")):
+        bundled.caption(photo_paths[0], **kw)
+
+
+@pytest.mark.parametrize("args", [["--sample", "--seed", "-1"], ["--sample", "--seed", "99999999999999999999"],
+                                  ["--seed", "-1"]])
+def test_cli_seed_out_of_range_names_the_seed(photo_paths, capsys, args):
+    from captioner.cli.main import main
+
+    status = main(["caption", photo_paths[0], *args])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.startswith(f"error: seed {args[-1]}: must be from 0 to "), err
+    assert "Traceback" not in err

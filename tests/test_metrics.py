@@ -359,3 +359,58 @@ def test_spice_scores_are_mapped_in_sorted_id_order(monkeypatch: pytest.MonkeyPa
     result = compute_metrics({"b": ["x"], "a": ["y"]}, {"b": "x", "a": "y"}, metrics=["SPICE"])
     assert result.scores == {"SPICE": 0.5}
     assert result.per_image == {"b": {"SPICE": 1.0}, "a": {"SPICE": 0.0}}
+
+
+# ---------------------------------------------------------------------------------------
+# Captions in other languages (issue 21): scored with the project's tokenizer
+# ---------------------------------------------------------------------------------------
+
+JA_REFERENCES = {
+    "a": ["赤い円が青い四角の上にある。", "青い四角が赤い円の下にある"],
+    "b": ["緑の三角が黄色い円の左にある", "黄色い円が緑の三角の右にある"],
+    "c": ["青い円が赤い三角の上にある", "赤い三角が青い円の下にある"],
+}
+
+
+def test_japanese_captions_are_scored_per_character() -> None:
+    """A model's Japanese caption (its tokens: characters joined by spaces) that is a reference is perfect;
+    PTB tokenization made each reference one token, and such a caption scored 0."""
+    candidates = {"a": "赤 い 円 が 青 い 四 角 の 上 に あ る", "b": "黄色い円が緑の三角の右にある", "c": "青 い 円 が 赤 い 三 角 の 上 に あ る"}
+    result = compute_metrics(JA_REFERENCES, candidates, metrics=["BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"])
+    assert result.tokenizer == "captioner"
+    assert result.scores["BLEU-4"] == pytest.approx(1.0) and result.scores["ROUGE-L"] == pytest.approx(1.0)
+    assert result.scores["CIDEr-D"] > 1.0
+    assert "English" in result.unavailable["METEOR"] and "English" in result.unavailable["SPICE"]
+    wrong = compute_metrics(JA_REFERENCES, {k: "緑 の 四 角" for k in JA_REFERENCES}, metrics=["BLEU-1", "CIDEr-D"])
+    assert wrong.scores["CIDEr-D"] < 0.5 * result.scores["CIDEr-D"]
+
+
+def test_french_captions_are_scored_with_the_tokens_the_model_was_trained_on() -> None:
+    refs = {"a": ["Un cercle rouge au-dessus d'un carré bleu.", "un carré bleu au-dessous d'un cercle rouge"],
+            "b": ["Un triangle vert à gauche d'un cercle jaune", "un cercle jaune à droite d'un triangle vert"]}
+    cands = {"a": "un cercle rouge au dessus d un carré bleu", "b": "un cercle jaune à droite d un triangle vert"}
+    result = compute_metrics(refs, cands, metrics=["BLEU-4"], java=NO_JAVA)
+    assert result.tokenizer == "captioner" and result.scores["BLEU-4"] == pytest.approx(1.0)
+
+
+def test_english_captions_keep_the_ptb_tokenizer_and_the_choice_can_be_forced() -> None:
+    assert compute_metrics(REFERENCES, CANDIDATES, metrics=["BLEU-1"], java=NO_JAVA).tokenizer == "ptb"
+    forced = compute_metrics(JA_REFERENCES, {k: v[0] for k, v in JA_REFERENCES.items()}, metrics=["BLEU-1"],
+                             tokenizer="ptb", java=NO_JAVA)
+    assert forced.tokenizer == "ptb"
+    words = compute_metrics(REFERENCES, CANDIDATES, metrics=["BLEU-1"], tokenizer="captioner", java=NO_JAVA)
+    assert words.tokenizer == "captioner"
+    with pytest.raises(ValueError, match="tokenizer must be one of 'auto', 'ptb', 'captioner'"):
+        compute_metrics(REFERENCES, CANDIDATES, tokenizer="spacy")
+
+
+def test_auto_tokenizer_tells_english_from_other_languages() -> None:
+    from captioner.evaluation.tokenization import looks_english
+
+    english = [f"A man riding a horse, number {i}." for i in range(60)] + ["a café on the corner", "The dog’s toy"]
+    assert looks_english(english)
+    assert not looks_english(["un cercle rouge au-dessus d'un carré bleu"] * 60)
+    assert not looks_english(["ein grünes Quadrat über einem roten Kreis"] * 3)
+    assert not looks_english([f"seorang pria mengendarai kuda {i}" for i in range(60)])  # Indonesian, in ASCII
+    assert not looks_english(["赤い円"])
+    assert looks_english(["x", "y"])  # too little to tell: the COCO way

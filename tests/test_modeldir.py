@@ -439,3 +439,45 @@ def test_averaging_model_dirs_gives_the_mean_weights_and_refuses_other_shapes(tm
         average_model_dirs([paths[0], other])
     with pytest.raises(ModelDirError, match="at least two"):
         average_model_dirs(paths[:1])
+
+
+# ---------------------------------------------------------------------------------------
+# issue 21: tensors of another dtype than the architecture's are refused, not upcast
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64, torch.uint8, torch.float8_e4m3fn])
+def test_error_weights_of_a_non_float_dtype_name_the_tensor(saved, dtype):
+    """int8/bool/int64 weights were upcast silently and captioned nonsense."""
+    path, model, _ = saved
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["out.weight"] = (state["out.weight"] * 3).to(dtype)
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ModelDirError) as e:
+        load_model_dir(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path / 'model.safetensors'}: tensor 'out.weight' is {str(dtype).replace('torch.', '')}")
+    assert "float16, bfloat16, float32 or float64" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_weights_in_any_float_precision_load_as_float32(saved, dtype):
+    path, model, _ = saved
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    loaded, _, _ = load_model_dir(path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    torch.testing.assert_close(outputs(loaded)[0], outputs(model)[0], rtol=0, atol=0.1)
+
+
+def test_a_buffer_of_another_dtype_than_its_own_is_refused(tmp_path):
+    from captioner.models import build_decoder
+
+    model = build_decoder("bahdanau-gru", {"vocab_size": len(WORDS) + 4, "feature_dim": C})
+    path = save_model_dir(tmp_path / "bgru", model, make_vocab(), CONFIG)
+    state = load_file(str(path / "model.safetensors"))
+    assert state["bn.num_batches_tracked"].dtype == torch.int64
+    load_model_dir(path)  # as written: loads
+    state["bn.num_batches_tracked"] = state["bn.num_batches_tracked"].float()
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ModelDirError, match=r"tensor 'bn\.num_batches_tracked' is float32, but the architecture's "
+                                            r"is int64"):
+        load_model_dir(path)

@@ -516,3 +516,4 @@ def test_serve_refuses_a_port_in_use_with_status_2(capsys):
         assert main(["serve", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"--port {port}: cannot listen there" in err and "another port" in err, err
+

@@ -292,3 +292,44 @@ def test_label_smoothing_spreads_the_targets_probability_over_the_vocabulary(syn
     assert train(cfg)["best"] > 0
     _, _, recorded = load_model_dir(tmp_path / "run" / "best")
     assert recorded["training"]["config"]["label_smoothing"] == 0.1
+
+
+# ----------------------------------------------------------------------------- issue 21: the out_dir
+
+
+@pytest.mark.parametrize("where", ["root", "home", "other files"])
+def test_21_out_dir_a_root_the_home_folder_or_a_folder_of_other_files_is_refused(tmp_path, monkeypatch, capsys,
+                                                                                  where):
+    from captioner.cli.main import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    out = {"root": "/", "home": str(home), "other files": str(home)}[where]
+    if where == "other files":
+        monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    status = main(["train", "data.corpus=c.json", "data.features=f", f"out_dir={out}"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(f"error: out_dir={out}: "), err
+    assert {"root": "a filesystem root", "home": "the home folder", "other files": "'notes.txt'"}[where] in err
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
+def test_21_a_second_run_into_the_same_out_dir_at_once_is_refused(synthetic, tmp_path):
+    """Both "succeeded" before, the second overwriting the first. While one trains (here: at its start, before
+    it has written anything) another into the same out_dir stops at once; after it, the folder is free."""
+    cfg = small_config(synthetic, tmp_path / "run", epochs=1)
+    cfg.data.val_images = 10
+    refused = []
+
+    def second_run():
+        with pytest.raises(ValueError) as e:
+            train(small_config(synthetic, tmp_path / "run", epochs=1))
+        refused.append(str(e.value))
+
+    summary = train(cfg, on_start=second_run)
+    assert refused and refused[0].startswith(f"out_dir={tmp_path / 'run'}: another training run is writing there")
+    assert summary["epochs"] == 1
+    cfg.optim.epochs = 2
+    assert train(cfg, resume=True)["epochs"] == 2  # the first run let go of the folder when it ended

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,37 +18,11 @@ import pytest
 from captioner.inference.captioner import Captioner
 from captioner.serving.app import create_app
 from captioner.serving.config import ServeConfig
-from captioner.serving.server import bind_socket
 
-from .serve_helpers import EXAMPLES, merge_model_dir
+from .serve_helpers import EXAMPLES, ServerThread, merge_model_dir
 
 CHROMIUM = os.environ.get("CAPTIONER_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu"]
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        end = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < end, "the server did not start"
-            time.sleep(0.02)
-        return self.url
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +170,39 @@ def test_page_shows_the_servers_message_for_a_bad_file(browser, sat_url, tmp_pat
     assert page.is_hidden("#result")  # the previous photo's answer is not left under the error
     # errors logged by the browser for the 422 itself are expected here; no script error
     assert not [e for e in page.errors if "status of 422" not in e]
+
+
+def test_a_tall_photo_is_shown_whole_without_making_the_page_thousands_of_pixels_high(browser, sat_url, tmp_path):
+    from PIL import Image
+
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (300, 4000), (70, 140, 90)).save(tall)
+    page = _page(browser, viewport={"width": 1100, "height": 760})
+    _upload(page, sat_url, tall)
+    box = page.locator("#view").bounding_box()
+    assert box["height"] <= 760 * 0.8, box  # bounded by the window, not by the photo's 4000 pixels
+    assert page.evaluate("document.documentElement.scrollHeight") < 1600
+    assert page.evaluate("() => { const c = document.getElementById('view'); return [c.width, c.height]; }") == [77, 1024]
+    assert page.errors == []
+
+
+def test_the_api_docs_render_with_the_network_off(browser, sat_url):
+    """Swagger UI's script and style come from this server (the swagger-ui-bundle-v2 package), not a CDN:
+    every request to another host is refused, and /docs still shows the API."""
+    page = _page(browser)
+    outside: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith(sat_url):
+            return r.continue_()
+        outside.append(r.request.url)
+        return r.abort()
+
+    page.route("**/*", route)
+    page.goto(sat_url + "docs")
+    page.wait_for_selector(".opblock", timeout=30_000)
+    assert page.locator(".opblock").count() >= 4  # the operations, rendered from /openapi.json
+    assert "/v1/captions" in page.inner_text("#swagger-ui")
+    assert "captioner" in page.inner_text(".info")
+    assert outside == []
+    assert [e for e in page.errors if "favicon" not in e] == []

@@ -8,7 +8,13 @@ NaN never a number.
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 200
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 12
+_SHOWN.maxlevel = 3
 
 
 def is_int(v: Any) -> bool:
@@ -19,6 +25,12 @@ def is_int(v: Any) -> bool:
 def is_number(v: Any) -> bool:
     """A finite int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def shown(v: Any) -> str:
+    """``repr(v)`` for an error message, shortened (a string to 200 characters, a list to 12 items): a
+    message quotes a value, never 50 MB of it."""
+    return _SHOWN.repr(v)
 
 
 def json_safe(obj: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import pickle
@@ -15,7 +16,11 @@ from PIL import Image, ImageFile
 from captioner.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
+    display_name,
+    expand_image_args,
+    list_images,
     load_image,
+    name_fields,
     try_load_image,
 )
 
@@ -335,3 +340,68 @@ def test_try_load_image(tmp_path):
 
     image, err = try_load_image(good, max_pixels=3)
     assert image is None and "limit of 3" in err
+
+
+# ---------------------------------------------------------------- paths: folders, globs, names
+
+
+def _looping_tree(root: Path) -> Path:
+    """root/a/b/x.jpg, with two links that loop: a/up -> .. and a/b/top -> ../.."""
+    (root / "a" / "b").mkdir(parents=True)
+    _save(Image.new("RGB", (8, 8)), root / "a" / "b" / "x.jpg")
+    (root / "a" / "up").symlink_to("..")
+    (root / "a" / "b" / "top").symlink_to("../..")
+    return root / "a" / "b" / "x.jpg"
+
+
+def test_a_recursive_glob_visits_each_real_folder_once(tmp_path, monkeypatch):
+    """Issue 21, defect 5: with a/up -> .. a quoted ** glob listed one file 41 times; with two such links it
+    never ended. Globs now follow the folders' rule: links to folders found on the way are not entered."""
+    x = _looping_tree(tmp_path)
+    with hang_guard(30):
+        assert expand_image_args([str(tmp_path / "**" / "*.jpg")]) == [str(x)]
+        assert expand_image_args([str(tmp_path)]) == [str(x)] and list_images(tmp_path) == [x]  # the same rule
+        assert expand_image_args([str(tmp_path / "*" / "*" / "*.jpg")]) == [str(x)]
+        monkeypatch.chdir(tmp_path)
+        assert expand_image_args(["**/*.jpg", "a/**/x.jp?"]) == ["a/b/x.jpg", "a/b/x.jpg"]
+        # a link named in the pattern's fixed part is the user's choice: followed, once
+        assert expand_image_args(["a/up/a/**/*.jpg"]) == ["a/up/a/b/x.jpg"]
+
+
+def test_glob_patterns_keep_their_meaning(tmp_path, monkeypatch):
+    for name in ("p1.jpg", "p2.png", "q1.jpg", "sub/p3.jpg", "sub/deeper/p4.jpg", ".hidden/p5.jpg", "sub/.p6.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub" / "dir.jpg").mkdir()  # folders are never listed
+    monkeypatch.chdir(tmp_path)
+    assert expand_image_args(["p*.jpg"]) == ["p1.jpg"]  # * stays within one folder
+    assert expand_image_args(["[pq]1.*"]) == ["p1.jpg", "q1.jpg"]
+    assert expand_image_args(["**/p?.jpg"]) == ["p1.jpg", "sub/deeper/p4.jpg", "sub/p3.jpg"]  # hidden: not
+    assert expand_image_args(["**/.p*.jpg", ".hidden/*"]) == ["sub/.p6.jpg", ".hidden/p5.jpg"]
+    assert expand_image_args([str(tmp_path / "sub" / "**")]) == [str(tmp_path / "sub" / n)
+                                                                  for n in ("deeper/p4.jpg", "p3.jpg")]
+    assert expand_image_args(["nothing-*.jpg", "missing.jpg"]) == ["missing.jpg"]
+
+
+def test_a_nul_in_a_path_is_named(tmp_path):
+    """Issue 21: a NUL in the stdin path list (`captioner caption -`) gave "embedded null byte", naming no line."""
+    e = _error(str(tmp_path / "a\0b.png"))
+    assert e.reason.startswith("the path contains a NUL byte")
+    with pytest.raises(ValueError, match=r"stdin, line 3: .*NUL byte.*-print0"):
+        expand_image_args(["-"], stdin=io.StringIO("a.jpg\n\nb\0.jpg\n"))
+
+
+def test_names_that_are_not_utf8_are_read_and_named_reversibly(tmp_path):
+    """Issue 21, defect 6: a file name that is not valid UTF-8 (Python holds it with lone surrogates)."""
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    _save(Image.new("RGB", (4, 3)), Path(os.fsdecode(raw)))
+    assert load_image(os.fsdecode(raw)).size == (4, 3)
+    assert list_images(tmp_path) == [Path(os.fsdecode(raw))]
+    shown = display_name(os.fsdecode(raw))
+    assert shown == str(tmp_path) + "/caf\ufffd.png" and shown.encode("utf-8")
+    fields = name_fields("image", os.fsdecode(raw))
+    assert fields == {"image": shown, "image_b64": base64.b64encode(raw).decode("ascii")}
+    assert name_fields("image", "plain-é.jpg") == {"image": "plain-é.jpg"}  # valid names: as they are
+    assert display_name("from Python \ud800").encode("utf-8")  # a surrogate that is no file-system byte
+    stdin = io.TextIOWrapper(io.BytesIO(b"ok.jpg\n" + raw + b"\r\n"), encoding="utf-8")
+    assert expand_image_args(["-"], stdin=stdin) == ["ok.jpg", os.fsdecode(raw)]

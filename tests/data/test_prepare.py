@@ -50,3 +50,41 @@ def test_corpus_images_by_split(shapes, tmp_path):
     assert corpus.images() == [it.image for it in corpus.items]
     assert corpus.images({"val", "test"}) == [it.image for it in corpus.items if it.split != "train"]
     assert corpus.images(set()) == []
+
+
+def test_21_a_prepare_overwrite_killed_between_its_renames_leaves_no_silent_mismatch(shapes, tmp_path, monkeypatch):
+    """kill -9 between the renames of `prepare --overwrite` left a new corpus.json beside the old vocab.json,
+    and training used the pair. The three files are one unit now: whichever file the kill left behind,
+    training refuses the pair, naming both files."""
+    import os
+
+    from captioner.training.config import DataConfig, TrainConfig
+    from captioner.training.loop import train
+
+    out = tmp_path / "out"
+    prepare_corpus("folder", shapes / "captions.csv", images=shapes / "images", out=out, min_freq=1)
+    first = Vocab.load(out / "vocab.json").itos
+    real_replace, renames = os.replace, []
+
+    def killed_after_the_first_rename(src, dst):
+        if renames:
+            raise KeyboardInterrupt  # the process dies here: nothing after it happens
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus("folder", shapes / "captions.csv", images=shapes / "images", out=out, max_words=5,
+                       overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(renames) == 1  # one of the three files is new, the others old
+    cfg = TrainConfig(data=DataConfig(corpus=str(out / "corpus.json"), features=str(tmp_path / "no-store")),
+                      out_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match=r"vocab.json: not the vocabulary prepared with .*corpus.json") as e:
+        train(cfg)
+    assert "prepare" in str(e.value)
+    # run again to the end, the pair is one again
+    prepare_corpus("folder", shapes / "captions.csv", images=shapes / "images", out=out, max_words=5, overwrite=True)
+    assert Vocab.load(out / "vocab.json").itos != first
+    with pytest.raises(ValueError, match="no-store"):  # the next thing training reads
+        train(cfg)

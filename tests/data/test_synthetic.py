@@ -11,6 +11,7 @@ import pytest
 
 from captioner.data.images import load_image
 from captioner.data.synthetic import COLORS, SHAPES, make_shapes_dataset
+from captioner.data.text import tokenize
 
 VOCAB = {"a", "is", "above", "below", "left", "right", "of", "to", "the"}
 VOCAB |= set(COLORS) | set(SHAPES)
@@ -160,3 +161,48 @@ def test_every_colour_shape_and_relation_used(dataset):
     assert {p.split()[0] for p in phrases} == set(COLORS)
     assert {p.split()[1] for p in phrases} == set(SHAPES)
     assert {rel for _, rel, _ in parsed} == {"above", "left of"}
+
+
+# --------------------------------------------------------------------------- languages (issue 21)
+
+
+@pytest.mark.parametrize("language", ["fr", "de", "ja", "zh"])
+def test_captions_in_another_language_describe_the_same_images(language, dataset, tmp_path):
+    other = make_shapes_dataset(tmp_path, 60, size=SIZE, seed=3, language=language)
+    for i in range(60):  # the images are the English dataset's, byte for byte
+        name = f"images/{i:06d}.png"
+        assert (other.parent / name).read_bytes() == (dataset.parent / name).read_bytes()
+    english, translated = _by_image(dataset), _by_image(other)
+    assert {k: [r["split"] for r in v] for k, v in english.items()} == \
+           {k: [r["split"] for r in v] for k, v in translated.items()}
+    captions = [r["caption"] for r in _rows(other)]
+    assert not set(captions) & {r["caption"] for r in _rows(dataset)}
+    tokens = [tokenize(c) for c in captions]
+    words = {t for ts in tokens for t in ts}
+    if language in ("ja", "zh"):  # one token per character, a small vocabulary of characters
+        assert all(len(w) == 1 for w in words) and 15 <= len(words) <= 40, sorted(words)
+        assert min(len(ts) for ts in tokens) >= 7
+    else:
+        assert 15 <= len(words) <= 30 and all(len(ts) >= 5 for ts in tokens), sorted(words)
+    # paraphrases of one image are different sentences; two images with different captions differ in them
+    for group in translated.values():
+        assert len({r["caption"] for r in group}) == len(group)
+    by_meaning = {_parse(english[k][0]["caption"]): translated[k][0]["caption"] for k in english}
+    assert len(set(by_meaning.values())) == len(by_meaning)
+
+
+def test_french_and_german_captions_read_as_such(tmp_path):
+    fr = [r["caption"] for r in _rows(make_shapes_dataset(tmp_path / "fr", 30, size=32, language="fr"))]
+    de = [r["caption"] for r in _rows(make_shapes_dataset(tmp_path / "de", 30, size=32, language="de"))]
+    assert any("d'un " in c for c in fr) and all(c.startswith("un ") for c in fr)
+    assert any(" über " in c or " grünes " in c or "grüner" in c for c in de)
+    assert all(c.startswith("ein") for c in de)
+
+
+def test_english_is_the_default_and_unknown_languages_are_refused(tmp_path):
+    a = make_shapes_dataset(tmp_path / "a", 8, size=32)
+    b = make_shapes_dataset(tmp_path / "b", 8, size=32, language="en")
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(ValueError, match=r"language 'xx' .*en, fr, de, ja, zh"):
+        make_shapes_dataset(tmp_path / "c", 8, size=32, language="xx")
+    assert not (tmp_path / "c").exists()

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from captioner.checks import json_safe
 from captioner.decoding.settings import SETTINGS, Setting
+from captioner.runtime.workers import MAX_WORKERS
 
 
 def _number(text: str, ok: Callable[[Any], bool], what: str, cast: type = float):
@@ -40,6 +41,11 @@ def nonneg_float(text: str) -> float:
 
 def nonneg_int(text: str) -> int:
     return _number(text, lambda v: v >= 0, "a whole number >= 0", int)
+
+
+def workers(text: str) -> int:
+    """--workers: image decoding processes, 0 (decode in the command's own process) to MAX_WORKERS."""
+    return _number(text, lambda v: 0 <= v <= MAX_WORKERS, f"from 0 to {MAX_WORKERS}", int)
 
 
 def ratios(text: str) -> tuple[float, float, float]:

@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from captioner.cli.args import decoding_flags, decoding_overrides, device_options, nonneg_int, positive, print_json
-from captioner.data.images import DEFAULT_MAX_PIXELS, expand_image_args
+from captioner.cli.args import decoding_flags, decoding_overrides, device_options, positive, print_json, workers
+from captioner.data.images import DEFAULT_MAX_PIXELS, display_name, expand_image_args, name_fields
 from captioner.decoding.settings import SETTINGS
 from captioner.inference import DEFAULT_MODEL
 from captioner.inference.results import CaptionResult
+from captioner.runtime.progress import progress_bar
+from captioner.runtime.workers import MAX_WORKERS
 from captioner.viz import attention_figure, figure_format
 
 SAMPLING = [name for name, s in SETTINGS.items() if s.applies == "sample" or name == "sample"]
@@ -28,8 +28,9 @@ def add_parser(sub) -> None:
     s.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
     decoding_flags(s, [name for name in SETTINGS if name not in SAMPLING])
     decoding_flags(s.add_argument_group("sampling (instead of beam search)"), SAMPLING)
-    s.add_argument("--workers", type=nonneg_int, default=None,
-                   help="image decoding processes (default: 1 for more than one batch; 0: decode in this process)")
+    s.add_argument("--workers", type=workers, default=None,
+                   help=f"image decoding processes, up to {MAX_WORKERS} (default: 1 for more than one batch; 0: "
+                        "decode in this process)")
     s.add_argument("--batch-size", type=positive, default=16, help="images encoded and decoded together")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     device_options(s)
@@ -53,8 +54,7 @@ def run(a: argparse.Namespace) -> int:
     crop = model.config.get("encoder", {}).get("resize") == "center-crop"
     status = 0
     # a progress bar on stderr when the captions would scroll past a screen; results stream to stdout
-    bar = tqdm(total=len(images), unit="img", desc="caption", disable=a.quiet or len(images) <= 24,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=len(images), unit="img", desc="caption", disable=a.quiet or len(images) <= 24)
     results = model.iter_captions(images, settings, return_attention=bool(a.attention), max_pixels=a.max_pixels,
                                   keep_images=bool(a.attention), workers=a.workers, batch_size=a.batch_size)
     for k, r in enumerate(results):
@@ -71,7 +71,8 @@ def run(a: argparse.Namespace) -> int:
 
 def _figure_path(attention: str, k: int, source: str, *, several: bool) -> Path:
     target = Path(attention)
-    return target.with_name(f"{target.stem}-{k:03d}-{Path(source).stem}{target.suffix or '.png'}") if several \
+    stem = display_name(Path(source).stem)  # a figure's name is valid UTF-8 even when the image's is not
+    return target.with_name(f"{target.stem}-{k:03d}-{stem}{target.suffix or '.png'}") if several \
         else target
 
 
@@ -84,15 +85,20 @@ def _write_figure(r: CaptionResult, target: Path, crop: bool) -> None:
 
 
 def _show(r: CaptionResult, a: argparse.Namespace, n_best: bool, sample: bool) -> None:
-    """One image's result on stdout (an error on stderr too; with --json, always one line per image)."""
+    """One image's result on stdout (an error on stderr too; with --json, always one line per image).
+
+    A file name that is not valid UTF-8 is shown with U+FFFD for its undecodable bytes, and the JSON line
+    gives its exact bytes too ("image_b64", :func:`captioner.data.images.name_fields`)."""
+    shown = display_name(r.source)
+    d = r.to_dict("image", shown, detail=False, n_best=n_best, attention=False)
     if not r.ok:
-        print(f"error: {r.error}", file=sys.stderr)
+        print(f"error: {d['error']}", file=sys.stderr)
     if a.json:
-        print_json(r.to_dict("image", detail=False, n_best=n_best, attention=False), flush=True)
+        print_json({**d, **name_fields("image", r.source)}, flush=True)
         return
     if not r.ok:
         return
-    print(f"{r.source}: {r.caption}", flush=True)
+    print(f"{shown}: {r.caption}", flush=True)
     listed = r.samples if sample else r.n_best
     if len(listed) > 1:
         for j, h in enumerate(listed, 1):

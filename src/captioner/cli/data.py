@@ -10,12 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from captioner.cli.args import device_options, positive, print_json, ratios
+from captioner.cli.args import device_options, positive, print_json, ratios, workers
 from captioner.data.corpus import DEFAULT_RATIOS
 from captioner.data.prepare import prepare_corpus
 from captioner.data.readers import FORMATS
-from captioner.data.synthetic import make_shapes_dataset
+from captioner.data.synthetic import LANGUAGES, make_shapes_dataset
 from captioner.runtime.distributed import env_world
+from captioner.runtime.workers import MAX_WORKERS
 
 COMMANDS = ("prepare", "features", "synth")
 
@@ -30,6 +31,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     print(f"train captions longer than {a.max_len} words (truncated in training): {p.lengths['truncated']}"
           f" of {p.lengths['captions']}")
     print(f"wrote {out / 'corpus.json'}, {out / 'vocab.json'}, {out / 'report.json'}")
+    for warning in p.warnings:
+        print(f"warning: vocabulary: {warning}", file=sys.stderr)
     skipped = p.corpus.report.skipped_count()
     if skipped:
         print(f"{skipped} entr{'y was' if skipped == 1 else 'ies were'} skipped (listed above and in "
@@ -56,7 +59,7 @@ def cmd_features(a: argparse.Namespace) -> int:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    path = make_shapes_dataset(a.out, a.n, size=a.size, seed=a.seed)
+    path = make_shapes_dataset(a.out, a.n, size=a.size, seed=a.seed, language=a.language)
     print(f"wrote {a.n} images and {path}")
     return 0
 
@@ -103,7 +106,8 @@ def _add_features(sub) -> None:
     s.add_argument("--resize", choices=["squash", "center-crop"], default=None)
     s.add_argument("--image-size", type=positive, default=None)
     s.add_argument("--batch-size", type=positive, default=8)
-    s.add_argument("--workers", type=int, default=1, help="image decoding processes (0: decode in this process)")
+    s.add_argument("--workers", type=workers, default=1,
+                   help=f"image decoding processes, up to {MAX_WORKERS} (0: decode in this process)")
     s.add_argument("--max-pixels", type=positive, default=None, help="decompression-bomb limit")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
@@ -112,11 +116,16 @@ def _add_features(sub) -> None:
 
 
 def _add_synth(sub) -> None:
-    s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--n", type=positive, default=300)
-    s.add_argument("--size", type=int, default=96)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("synth", help="write the synthetic shapes dataset (own-folder format)",
+                       description="Write N images of two coloured shapes and captions.csv (image,caption,split) "
+                                   "saying where they are, ready for `captioner prepare folder`.")
+    s.add_argument("--out", required=True, help="output folder (images/ and captions.csv)")
+    s.add_argument("--n", type=positive, default=300, help="number of images (default 300)")
+    s.add_argument("--size", type=int, default=96, help="image side in pixels, at least 24 (default 96)")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
+    s.add_argument("--language", choices=LANGUAGES, default="en",
+                   help="language of the captions: English, French, German, Japanese, Chinese (default en); "
+                        "the images do not depend on it")
     s.set_defaults(func=cmd_synth)
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 
 from captioner.cli.args import decoding_flags, decoding_overrides, device_options, positive, print_json
+from captioner.config import load_config
 from captioner.decoding.settings import EVALUATION_BEAMS
 from captioner.runtime.distributed import env_world
 
@@ -47,8 +48,7 @@ def beams(text: str) -> list[int]:
 
 
 def run_train(a: argparse.Namespace) -> int:
-    from captioner.config import load_config  # torch: not for `captioner --help`
-    from captioner.training.config import TrainConfig
+    from captioner.training.config import TrainConfig  # torch: not for `captioner --help`
     from captioner.training.loop import train
 
     cfg = load_config(TrainConfig, a.config, a.overrides)

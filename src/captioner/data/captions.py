@@ -108,9 +108,6 @@ class CaptionData:
         return self.features(self.owner[idx].numpy()), self.tokens[idx, :T], lengths
 
     def features(self, images: np.ndarray | slice) -> torch.Tensor:
-        """float32 (n, P, C) grids of images (positions in ``self.images``), read from the store."""
-        rows = self.rows[images]
-        order = np.argsort(rows, kind="stable")  # memmap reads in file order
-        grids = np.empty((len(rows), *self.store.features.shape[1:]), dtype=np.float16)
-        grids[order] = self.store.features[rows[order]]
-        return torch.from_numpy(grids).float()
+        """float32 (n, P, C) grids of images (positions in ``self.images``), read from the store (a
+        FeatureStoreError names an image whose row holds NaN or infinity)."""
+        return torch.from_numpy(self.store.read(self.rows[images])).float()

@@ -170,6 +170,7 @@ class Corpus:
     image_root: Path
     items: list[Item]
     report: ValidationReport = field(default_factory=ValidationReport)
+    vocab_sha256: str | None = None  # `captioner prepare`: the vocabulary prepared with it (prepare.vocab_digest)
 
     def splits(self) -> dict[str, list[Item]]:
         """Items per split; train/val/test are always present (possibly empty)."""
@@ -202,6 +203,7 @@ class Corpus:
             "image_root": str(Path(self.image_root).expanduser().absolute()),
             "items": [item.to_dict() for item in self.items],
             "report": self.report.to_dict(),
+            **({"vocab_sha256": self.vocab_sha256} if self.vocab_sha256 else {}),
         }
 
     def save(self, path: PathLike) -> None:
@@ -247,7 +249,10 @@ class Corpus:
             report = ValidationReport.from_dict(data.get("report", {}))
         except ValueError as e:
             raise fail(str(e)) from None
-        return cls(name=name, image_root=Path(root), items=items, report=report)
+        digest = data.get("vocab_sha256")
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+            raise fail("'vocab_sha256' must be the SHA-256 of a vocabulary (64 hex digits)")
+        return cls(name=name, image_root=Path(root), items=items, report=report, vocab_sha256=digest)
 
 
 def _is_str_list(value: object) -> bool:

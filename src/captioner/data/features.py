@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +30,7 @@ import numpy as np
 
 from captioner.checks import is_int
 from captioner.data.text import write_text_atomic
+from captioner.files import DATA_BYTES, METADATA_BYTES, NotRegularFileError, check_regular, read_bytes
 
 FORMAT = "captioner-features"
 VERSION = 1
@@ -46,7 +47,8 @@ def fingerprint(spec_dict: dict, images: Sequence[str], root: Path) -> str:
     for name in images:
         p = root / name
         size = p.stat().st_size if p.exists() else -1
-        h.update(f"{name}\0{size}\n".encode())
+        # surrogatepass: a file name that is not UTF-8 (held with lone surrogates) hashes too
+        h.update(f"{name}\0{size}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
@@ -90,8 +92,9 @@ def write_meta(out: Path, meta: dict, *, complete: bool) -> None:
 def _load_npy(path: Path) -> np.ndarray:
     """A memory map of a .npy file; any damage (numpy raises many types for a bad header) is a FeatureStoreError."""
     try:
+        check_regular(path, f"the store's {path.name}")  # np.load would block on a FIFO
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotRegularFileError):
         raise
     except Exception as e:
         raise FeatureStoreError(f"{path}: damaged array file ({type(e).__name__}: {e}); "
@@ -133,6 +136,11 @@ class FeatureStore:
     status: np.ndarray  # (N,) uint8
     images: list[str]
     meta: dict
+    # rows whose values were found finite (each row is checked once, the first time it is read)
+    _finite: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._finite = np.zeros(len(self.images), dtype=bool)
 
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = False) -> "FeatureStore":
@@ -140,8 +148,8 @@ class FeatureStore:
         if path.exists() and not path.is_dir():
             raise FeatureStoreError(f"{path}: is a file, not a feature store folder")
         try:
-            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-            index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+            meta = json.loads(read_bytes(path / "meta.json", "the store's meta.json", METADATA_BYTES).decode())
+            index = json.loads(read_bytes(path / "index.json", "the store's index.json", DATA_BYTES).decode())
             _check_store_json(path, meta, index)
             images = index["images"]
             feats = _load_npy(path / "features.npy")
@@ -180,7 +188,34 @@ class FeatureStore:
         i = self.row_of[image]
         if self.status[i] != DONE:
             raise KeyError(f"{image}: no features ({'failed' if self.status[i] == FAILED else 'not computed'})")
-        return self.features[i]
+        grid = self.features[i]
+        self._check_finite(np.array([i]), grid[None])
+        return grid
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """float16 (n, H*W, C) grids of ``rows``, in that order (read from the memory map in file order).
+
+        A row holding NaN or infinity (a damaged store: a disk error, an edited file) is a
+        :class:`FeatureStoreError` naming its image; each row is checked the first time it is read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        grids = np.empty((len(rows), *self.features.shape[1:]), dtype=np.float16)
+        grids[order] = self.features[rows[order]]
+        self._check_finite(rows, grids)
+        return grids
+
+    def _check_finite(self, rows: np.ndarray, grids: np.ndarray) -> None:
+        new = ~self._finite[rows]
+        if not new.any():
+            return
+        finite = np.isfinite(grids[new]).all(axis=(1, 2))
+        if not finite.all():
+            row = int(rows[new][np.argmin(finite)])
+            raise FeatureStoreError(
+                f"{self.path}: the features of {self.images[row]} (row {row}) hold NaN or infinite values; the store "
+                f"is damaged. Rebuild it: `captioner features --corpus CORPUS.json --out {self.path} --overwrite` "
+                f"(or --images {self.meta.get('image_root', 'FOLDER')} for a folder of images)")
+        self._finite[rows[new]] = True
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -190,4 +225,5 @@ class FeatureStore:
         p = self.path / "errors.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in read_bytes(p, "the store's errors.jsonl").decode().splitlines()
+                if line.strip()]

@@ -7,10 +7,12 @@ and error messages, and none of them can be taken down by a hostile file.
 
 from __future__ import annotations
 
+import base64
+import fnmatch
+import functools
 import glob
 import io
 import os
-import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,15 +23,20 @@ from typing import Any, BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioner.files import NotRegularFileError, open_regular
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageError",
     "ImageSource",
     "expand_image_args",
+    "glob_files",
     "list_images",
     "load_image",
     "try_load_image",
+    "display_name",
+    "name_fields",
 ]
 
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -37,24 +44,138 @@ DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
+def display_name(name: str) -> str:
+    """``name`` as readable text: a file name that is not valid UTF-8 (held by Python with lone surrogates,
+    which cannot be written as UTF-8) with U+FFFD in place of each undecodable byte."""
+    return _name_bytes(name).decode("utf-8", "replace")
+
+
+def _name_bytes(name: str) -> bytes:
+    """The bytes of the file name ``name`` (a lone surrogate that is no undecodable byte: its UTF-8 form)."""
+    try:
+        return os.fsencode(name)
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogatepass")
+
+
+def name_fields(key: str, name: str) -> dict[str, str]:
+    """How JSON output names the file ``name``: ``{key: name}``; for a name that is not valid UTF-8,
+    ``{key: display_name(name), key + "_b64": base64 of its bytes}`` (``os.fsdecode(base64.b64decode(...))``
+    gives the name back exactly)."""
+    shown = display_name(name)
+    if shown == name:
+        return {key: name}
+    return {key: shown, f"{key}_b64": base64.b64encode(_name_bytes(name)).decode("ascii")}
+
+
+def _real_folders(top: str, max_depth: int | None = None) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, names of the files in it)`` for ``top`` and the folders under it, depth first, in name
+    order, to ``max_depth`` levels below ``top`` (None: all).
+
+    The one rule for walking the user's folders (folder arguments, feature stores' ``--images``, globs):
+    ``top`` is entered even when it is a link (the user named it), but a link to a folder found on the
+    way is neither entered nor listed, and a real folder reached twice (a bind mount) is visited once.
+    So ``a/up -> ..`` cannot loop or list a file twice. Unreadable folders are skipped."""
+    seen: set[tuple[int, int]] = set()
+    stack = [(top, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            st = os.stat(folder)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield folder, [e.name for e in entries if not _is_dir(e, follow=True)]
+        if max_depth is None or depth < max_depth:
+            stack += [(os.path.join(folder, e.name), depth + 1) for e in reversed(entries)
+                      if _is_dir(e, follow=False)]
+
+
+def _is_dir(entry: os.DirEntry, *, follow: bool) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow)
+    except OSError:
+        return False
+
+
 def list_images(folder: Path) -> list[Path]:
-    """The image files under ``folder`` (recursively, by extension, case-insensitive), sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+    """The image files under ``folder`` (recursively, by extension, case-insensitive), sorted; links to
+    folders inside it are not followed (see :func:`_real_folders`)."""
+    return sorted(Path(d, name) for d, names in _real_folders(os.fspath(folder)) for name in names
+                  if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files matching ``pattern`` (``*``, ``?``, ``[...]`` within a name; ``**``: any folders), sorted.
+
+    As Python's ``glob.glob(pattern, recursive=True)`` (names starting with a dot only when the pattern
+    part does), but the folders are walked by :func:`_real_folders`: the pattern's fixed leading part
+    may go through links, its wildcard part does not follow links to folders, so it cannot loop."""
+    if pattern.endswith(os.sep):  # names folders only
+        return []
+    parts = pattern.split(os.sep)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    top = os.sep.join(parts[:fixed]) or (os.sep if fixed else "")
+    wild = [part for part in parts[fixed:] if part]
+    depth = None if "**" in wild else len(wild) - 1
+    out = []
+    for folder, names in _real_folders(top or os.curdir, depth):
+        rel = os.path.relpath(folder, top or os.curdir).split(os.sep) if folder != (top or os.curdir) else []
+        out += [os.path.join(folder, name) if top else os.path.join(*rel, name)
+                for name in names if _matches(tuple(rel + [name]), tuple(wild))]
+    return sorted(out)
+
+
+def _matches(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether the relative path ``names`` matches the pattern parts ``parts`` (``**``: zero or more folders,
+    hidden ones only when named)."""
+    @functools.lru_cache(maxsize=None)
+    def match(i: int, j: int) -> bool:
+        if j == len(parts):
+            return i == len(names)
+        if parts[j] == "**":
+            last = j == len(parts) - 1  # a final ** matches the files too
+            return match(i, j + 1) or (i < len(names) - (0 if last else 1) and not names[i].startswith(".")
+                                       and match(i + 1, j))
+        return (i < len(names) and (not names[i].startswith(".") or parts[j].startswith("."))
+                and fnmatch.fnmatchcase(names[i], parts[j]) and match(i + 1, j + 1))
+
+    return match(0, 0)
+
+
+def _stdin_paths(stdin) -> list[str]:
+    """The paths listed one per line on ``stdin`` (bytes decoded as file names are, so a name that is not
+    UTF-8 is read as the file system holds it); blank lines skipped, a NUL refused with its line."""
+    lines = stdin.buffer if hasattr(stdin, "buffer") else stdin
+    out = []
+    for n, line in enumerate(lines, 1):
+        path = (os.fsdecode(line) if isinstance(line, bytes) else line).rstrip("\r\n")
+        if "\0" in path:
+            raise ValueError(f"stdin, line {n}: the path contains a NUL byte ({display_name(path)!r}); give one "
+                             "path per line (for `find`, use -print, not -print0)")
+        if path.strip():
+            out.append(path)
+    return out
 
 
 def expand_image_args(args: list[str], stdin=None) -> list[str]:
     """What `captioner caption` captions: each argument is a file, a folder (its images,
     recursively, sorted), a quoted glob pattern such as 'photos/**/*.jpg' (expanded here, so any
     number of files passes the shell's argument limit), or ``-`` for one path per line on stdin.
-    A name that is none of these is kept as it is, so it is reported as missing with the others."""
+    A name that is none of these is kept as it is, so it is reported as missing with the others.
+    Folders and globs are walked by one rule (:func:`_real_folders`): no link loops, no file twice."""
     out: list[str] = []
     for arg in args:
         if arg == "-":
-            out += [line.rstrip("\r\n") for line in (stdin or sys.stdin) if line.strip()]
+            out += _stdin_paths(stdin or sys.stdin)
         elif Path(arg).is_dir():
             out += [str(p) for p in list_images(Path(arg))]
         elif not Path(arg).exists() and glob.has_magic(arg):
-            out += sorted(p for p in glob.glob(arg, recursive=True) if not Path(p).is_dir())
+            out += glob_files(arg)
         else:
             out.append(arg)
     return out
@@ -191,28 +312,14 @@ def _decode(fp: BinaryIO, source: str, max_pixels: int | None) -> Image.Image:
             raise ImageError(source, f"cannot convert mode {out.mode} to RGB: {e}") from e
 
 
-_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
-
-
 def _open_regular_file(path: Path, source: str) -> BinaryIO:
-    """Open ``path`` for reading only if it is a regular file.
-
-    Opened non-blocking and checked with fstat on the open descriptor (no check-then-open
-    race), so a named pipe or a device is refused at once instead of blocking or streaming
-    forever; the descriptor is switched back to blocking for regular files."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    """Open ``path`` for reading only if it is a regular file, as every file is read
+    (:func:`captioner.files.open_regular`: non-blocking, checked with fstat on the open descriptor), so a
+    named pipe or a device is refused at once instead of blocking or streaming forever."""
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((what for test, what in _FILE_KINDS if test(mode)), "a special file")
-            raise ImageError(source, f"is {kind}, not a regular file; only regular files are read as images")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return open_regular(path, "the image")
+    except NotRegularFileError as e:
+        raise ImageError(source, f"is {e.kind}, not a regular file; only regular files are read as images") from None
 
 
 def load_image(
@@ -252,6 +359,8 @@ def load_image(
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         source = name if name is not None else os.fspath(src)
+        if "\0" in os.fspath(src):  # os.open would raise a bare "embedded null byte"
+            raise ImageError(source, "the path contains a NUL byte, which no file name can hold")
         if path.is_dir():
             raise ImageError(source, "is a directory, not an image file")
         try:

@@ -2,6 +2,7 @@
 
 Used by end-to-end tests to check that a model can actually learn: captions
 such as "a red circle above a blue square" are fully determined by the pixels.
+The captions can be written in English, French, German, Japanese or Chinese.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["COLORS", "SHAPES", "RELATIONS", "Shape", "make_shapes_dataset"]
+__all__ = ["COLORS", "SHAPES", "RELATIONS", "LANGUAGES", "Shape", "make_shapes_dataset"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -43,12 +44,52 @@ class Shape:
         return f"{self.color} {self.kind}"
 
 
-def _captions(first: Shape, second: Shape, relation: str) -> list[str]:
-    """Three paraphrases of "``first`` is ``relation`` ``second``"."""
-    a, b = first.phrase, second.phrase
-    if relation == "above":
-        return [f"a {a} above a {b}", f"a {b} below a {a}", f"a {a} is above a {b}"]
-    return [f"a {a} left of a {b}", f"a {b} right of a {a}", f"a {a} is to the left of a {b}"]
+# The captions in each language: three paraphrases of "{a} is above {b}" and of "{a} is left of {b}",
+# where {a} and {b} are phrases such as "red circle" ({a_dat}, {b_dat}: the German dative).
+_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "en": (("a {a} above a {b}", "a {b} below a {a}", "a {a} is above a {b}"),
+           ("a {a} left of a {b}", "a {b} right of a {a}", "a {a} is to the left of a {b}")),
+    "fr": (("un {a} au-dessus d'un {b}", "un {b} au-dessous d'un {a}", "un {a} est au-dessus d'un {b}"),
+           ("un {a} à gauche d'un {b}", "un {b} à droite d'un {a}", "un {a} est à gauche d'un {b}")),
+    "de": (("{a} über {b_dat}", "{b} unter {a_dat}", "{a} ist über {b_dat}"),
+           ("{a} links neben {b_dat}", "{b} rechts neben {a_dat}", "{a} ist links neben {b_dat}")),
+    "ja": (("{a}が{b}の上にある", "{b}が{a}の下にある", "{b}の上に{a}がある"),
+           ("{a}が{b}の左にある", "{b}が{a}の右にある", "{b}の左に{a}がある")),
+    "zh": (("{a}在{b}上面", "{b}在{a}下面", "{a}位于{b}的上方"),
+           ("{a}在{b}左边", "{b}在{a}右边", "{a}位于{b}的左侧")),
+}
+LANGUAGES = tuple(_TEMPLATES)
+# colour and shape names: French puts the colour after the shape, Japanese and Chinese write no spaces
+_NAMES = {
+    "fr": {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune",
+           "circle": "cercle", "square": "carré", "triangle": "triangle"},
+    "ja": {"red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "circle": "円", "square": "四角",
+           "triangle": "三角"},
+    "zh": {"red": "红色的", "green": "绿色的", "blue": "蓝色的", "yellow": "黄色的", "circle": "圆形",
+           "square": "正方形", "triangle": "三角形"},
+}
+_GERMAN_COLORS = {"red": "rot", "green": "grün", "blue": "blau", "yellow": "gelb"}
+_GERMAN_SHAPES = {"circle": ("Kreis", "er"), "square": ("Quadrat", "es"), "triangle": ("Dreieck", "es")}
+
+
+def _phrases(shape: Shape, language: str) -> dict[str, str]:
+    """The phrase naming ``shape`` ("red circle"), and in German its nominative with article and dative."""
+    if language == "de":
+        noun, ending = _GERMAN_SHAPES[shape.kind]
+        stem = _GERMAN_COLORS[shape.color]
+        return {"": f"ein {stem}{ending} {noun}", "_dat": f"einem {stem}en {noun}"}
+    if language == "en":
+        return {"": shape.phrase}
+    color, kind = _NAMES[language][shape.color], _NAMES[language][shape.kind]
+    return {"": f"{kind} {color}" if language == "fr" else f"{color}{kind}"}
+
+
+def _captions(first: Shape, second: Shape, relation: str, language: str = "en") -> list[str]:
+    """Three paraphrases of "``first`` is ``relation`` ``second``" in ``language``."""
+    slots = {f"a{k}": v for k, v in _phrases(first, language).items()}
+    slots.update({f"b{k}": v for k, v in _phrases(second, language).items()})
+    above, left = _TEMPLATES[language]
+    return [t.format(**slots) for t in (above if relation == "above" else left)]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
@@ -98,14 +139,19 @@ def make_shapes_dataset(
     size: int = 96,
     seed: int = 0,
     splits: Sequence[float] = (0.8, 0.1, 0.1),
+    language: str = "en",
 ) -> Path:
     """Write ``n_images`` shape images and ``captions.csv`` under ``out_dir``.
 
     Layout: ``out_dir/images/000000.png ...`` and ``out_dir/captions.csv`` with
     columns ``image,caption,split`` (three paraphrased captions per image).
     Same arguments give byte-identical output; image ``i`` depends only on
-    ``seed``, ``size`` and ``i``. Returns the path of ``captions.csv``.
+    ``seed``, ``size`` and ``i``. ``language`` (one of :data:`LANGUAGES`: en, fr, de,
+    ja, zh) is the captions' language; the images and splits do not depend on it.
+    Returns the path of ``captions.csv``.
     """
+    if language not in _TEMPLATES:
+        raise ValueError(f"language {language!r} is not one of {', '.join(LANGUAGES)}")
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     if size < 24:
@@ -132,6 +178,6 @@ def make_shapes_dataset(
             _draw(draw, second)
             file_name = f"{i:06d}.png"
             image.save(image_dir / file_name, format="PNG")
-            for caption in _captions(first, second, relation):
+            for caption in _captions(first, second, relation, language):
                 writer.writerow([file_name, caption, split_of[i]])
     return csv_path

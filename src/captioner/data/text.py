@@ -1,8 +1,9 @@
 """Caption tokenizer and vocabulary.
 
-The tokenizer reproduces the "Karpathy split" JSON tokenisation: lower case,
-hyphens become spaces, punctuation other than ``( ) # & : =`` is removed,
-whitespace is collapsed.
+:func:`tokenize` is :func:`captioner.tokenizer.tokenize` (captions in any script; on English
+captions the "Karpathy split" JSON tokenisation: lower case, hyphens become spaces, punctuation
+other than ``( ) # & : =`` is removed, whitespace is collapsed). :func:`vocabulary_warnings`
+says when the tokens of a corpus look wrong for a vocabulary.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from captioner.checks import is_int
+from captioner.files import DATA_BYTES, METADATA_BYTES, read_text
+from captioner.tokenizer import join_tokens, tokenize
+
+__all__ = ["PAD", "START", "END", "UNK", "SPECIALS", "Vocab", "tokenize", "join_tokens", "vocabulary_warnings", "length_report",
+           "read_json_file", "write_text_atomic", "write_json_atomic"]
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
@@ -25,17 +31,7 @@ SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
 VOCAB_FORMAT = "captioner-vocab"
 VOCAB_VERSION = 1
 
-# Hyphen and the Unicode dashes separate words.
-_DASHES = str.maketrans({c: " " for c in "-\u2010\u2011\u2012\u2013\u2014\u2015"})
-# Everything that is not a letter, digit, whitespace or one of ( ) # & : = is
-# dropped (``\w`` also matches "_", which is dropped too).
-_DROP = re.compile(r"[^\w\s()#&:=]|_")
-
-
-def tokenize(caption: str) -> list[str]:
-    """Split a raw caption into lower-case word tokens (Karpathy-compatible)."""
-    text = _DROP.sub("", caption.lower().translate(_DASHES))
-    return text.split()
+LONG_TOKEN = 24  # characters: longer tokens are suspicious (few words of any language are that long)
 
 
 @dataclass
@@ -159,7 +155,7 @@ class Vocab:
     def load(cls, path: str | os.PathLike[str]) -> Vocab:
         """Read and validate a vocab.json; ValueError names the file and the problem."""
         path = Path(path)
-        data = read_json_file(path, what="vocabulary")
+        data = read_json_file(path, what="vocabulary", max_bytes=METADATA_BYTES)
 
         def fail(problem: str) -> ValueError:
             return ValueError(f"{path}: not a valid vocabulary file: {problem}")
@@ -173,7 +169,7 @@ class Vocab:
                 f"'version' is {data.get('version')!r}, this code reads version {VOCAB_VERSION}"
             )
         itos = data.get("itos")
-        problem = _itos_problem(itos)
+        problem = _itos_problem(itos) or _unprintable_word(itos)
         if problem:
             raise fail(problem)
         min_freq = data.get("min_freq", 1)
@@ -183,6 +179,21 @@ class Vocab:
         if max_size is not None and (not is_int(max_size) or max_size < 0):
             raise fail(f"'max_size' must be null or an integer >= 0, got {max_size!r}")
         return cls(list(itos), min_freq=min_freq, max_size=max_size)  # type: ignore[arg-type]
+
+
+# A word is printed as it is (`captioner caption` writes one line per image): a newline in it would make
+# a fake output line. Whitespace, control characters (Unicode Cc) and lone surrogates are never in a word;
+# format characters (zero-width joiners of Persian, Indic scripts and emoji) are.
+_UNPRINTABLE = re.compile("[\\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _unprintable_word(itos: list[str]) -> str | None:
+    """The first vocabulary word holding whitespace or a control character, described; or None."""
+    for i, word in enumerate(itos):
+        if _UNPRINTABLE.search(word):
+            return (f"'itos' entry {i} ({word!r}) holds a control character or whitespace; a word is printed in "
+                    "captions as it is, so it must be one word of printable characters")
+    return None
 
 
 def _itos_problem(itos: object) -> str | None:
@@ -199,6 +210,33 @@ def _itos_problem(itos: object) -> str | None:
             return f"'itos' entry {i} ({word!r}) is a duplicate"
         seen.add(word)
     return None
+
+
+def vocabulary_warnings(token_lists: Iterable[Sequence[str]]) -> list[str]:
+    """What looks wrong in the tokens of a corpus's train captions, one message per problem (none: []):
+    most token occurrences seen once, most captions one token long (a language written without
+    spaces, in a script the tokenizer does not split), or many tokens longer than LONG_TOKEN
+    characters. Fewer than 50 tokens are too few to judge."""
+    lists = [list(t) for t in token_lists]
+    counts = Counter(t for tokens in lists for t in tokens)
+    total = sum(counts.values())
+    if total < 50:
+        return []
+    hint = ("is the language written without spaces? The tokenizer splits Chinese, Japanese, Thai, Lao, Khmer "
+            "and Myanmar into characters; put spaces between the words of another such language before prepare")
+    problems = []
+    once = sum(1 for n in counts.values() if n == 1)
+    if 2 * once > total:
+        problems.append(f"{once} of the {total} tokens of the train captions are seen once (rarer than "
+                        f"--min-freq, they become <unk>); {hint}")
+    one_token = sum(1 for tokens in lists if len(tokens) <= 1)
+    if 2 * one_token > len(lists):
+        problems.append(f"{one_token} of the {len(lists)} train captions are one token long: {hint}")
+    long = sorted((t for t in counts if len(t) > LONG_TOKEN), key=lambda t: (-counts[t], t))
+    if 100 * sum(counts[t] for t in long) > total:
+        problems.append(f"{sum(counts[t] for t in long)} of the {total} tokens are longer than {LONG_TOKEN} "
+                        f"characters (e.g. {long[0][:60]!r}): {hint}")
+    return problems
 
 
 def length_report(token_lists: Iterable[Sequence[str]], max_len: int) -> dict[str, Any]:
@@ -219,17 +257,12 @@ def length_report(token_lists: Iterable[Sequence[str]], max_len: int) -> dict[st
     }
 
 
-def read_json_file(path: Path, *, what: str) -> Any:
-    """Load JSON, turning I/O and syntax errors into ValueError naming the file."""
+def read_json_file(path: Path, *, what: str, max_bytes: int = DATA_BYTES) -> Any:
+    """Load JSON from a regular file of at most ``max_bytes``, turning I/O and syntax errors into
+    ValueError naming the file."""
+    text = read_text(path, f"{what} file", max_bytes)
     try:
-        with path.open("r", encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} file not found") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read {what} file: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: {what} file is not UTF-8 text ({e.reason})") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(
             f"{path}:{e.lineno}: {what} file is not valid JSON ({e.msg}, column {e.colno})"
@@ -257,3 +290,4 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
     """Write JSON to ``path`` via a temporary file in the same folder."""
     write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
+

@@ -14,6 +14,7 @@ samples or searches as the settings say.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,42 @@ class Hypothesis:
     norm_score: float  # score / length**length_penalty (what the n-best list is ranked by)
     attention: torch.Tensor | None  # (len(tokens), P) attention that produced each word
     finished: bool  # produced <end> before max_len
+
+
+class NonFiniteError(ValueError):
+    """A model's log-probabilities hold NaN or infinity (weights that are damaged or absurd, though finite):
+    it can give no caption and no score. ``model`` names it in the message (:meth:`naming`)."""
+
+    def __init__(self, detail: str = "", model: str = "the model"):
+        self.detail, self.model = detail, model
+        super().__init__(f"{model}: its weights give non-finite log-probabilities (NaN or infinity){detail}, so it "
+                         "can give no caption or score; the weights are damaged or absurd (a diverged training "
+                         "run?): use another model, or retrain it with a lower optim.lr")
+
+    def naming(self, model: str) -> "NonFiniteError":
+        """The same error, naming ``model`` (its directory)."""
+        return NonFiniteError(self.detail, model)
+
+
+def _check_step(logp: torch.Tensor, live: torch.Tensor, allowed: torch.Tensor | None = None) -> None:
+    """Before a word is chosen: the log-probabilities of the ``live`` rows (captions not yet ended) hold no NaN
+    or +infinity (-infinity is a word made impossible) and, given ``allowed`` (banned words at -infinity), leave
+    some word possible."""
+    bad = ~(logp.detach().amax(dim=-1) < float("inf"))  # the maximum of a row holding NaN is NaN: not < inf
+    if allowed is not None:
+        bad |= allowed.detach().amax(dim=-1) == float("-inf")
+    if bool((bad & live).any()):
+        raise NonFiniteError()
+
+
+def _check_hypotheses(hyps: list[list[Hypothesis]]) -> list[list[Hypothesis]]:
+    """Every image has a hypothesis with a finite score (else its words were chosen from NaN, infinity, or
+    from nothing but impossible words)."""
+    bad = sum(1 for h in hyps if not h or not all(math.isfinite(x.score) and math.isfinite(x.norm_score)
+                                                  for x in h))
+    if bad:
+        raise NonFiniteError(f" for {bad} of {len(hyps)} images")
+    return hyps
 
 
 def _expand(tensors: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
@@ -91,6 +128,7 @@ def rollout(model: Decoder, memory, n: int, choose, *, start_id: int, end_id: in
         allowed = _ban(logp, banned)
         if no_repeat_ngram and words:
             allowed = _block_repeats(allowed, torch.stack(words, 1), no_repeat_ngram)
+        _check_step(logp, ~done, allowed)
         word = torch.where(done, torch.full_like(prev, end_id), choose(allowed))
         scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, word[:, None]).squeeze(1).double())
         words.append(word)
@@ -147,13 +185,11 @@ def beam_search(model: Decoder, features: torch.Tensor, settings: DecodingSettin
     s = _settings(settings, fields)
     k, max_len, length_penalty, n_best, no_repeat_ngram = (s.beam_size, s.max_len, s.length_penalty, s.n_best,
                                                           s.no_repeat_ngram)
-    B = features.shape[0]
+    B, device = features.shape[0], features.device
     memory = model.encode(features)  # one row per image until the first step is taken
     state = model.init_state(memory)
-    device = features.device
     prev = torch.full((B,), start_id, dtype=torch.long, device=device)
-    # summed in float64: a caption's score does not depend on how many images share the batch
-    # beyond the network's own rounding
+    # summed in float64: a caption's score does not depend on how many images share the batch beyond rounding
     scores = torch.full((B, k), float("-inf"), device=device, dtype=torch.float64)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step picks k distinct words
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
@@ -171,6 +207,7 @@ def beam_search(model: Decoder, features: torch.Tensor, settings: DecodingSettin
         if t == 0:  # an image's k beams start the same: its first step ran once, and now becomes k rows
             memory, state, logp = _expand(memory, k), _expand(state, k), logp.repeat_interleave(k, dim=0)
             att = att.repeat_interleave(k, dim=0) if att is not None else None
+        _check_step(logp, ~finished.view(-1))
         V = logp.shape[-1]
         logp = _ban(logp, banned)
         if no_repeat_ngram and t:
@@ -319,8 +356,9 @@ def generate(model: Decoder, vocab: Vocab, features: torch.Tensor, settings: Dec
              seed_offset: int = 0) -> list[list[Hypothesis]]:
     """Hypotheses per image (features (B, P, C)) as ``settings`` say: the n best of a beam search, or
     ``num_captions`` samples (image b drawing from the stream of ``(seed, seed_offset + b)``); the
-    vocabulary's special words (and <unk> unless allowed) are never output."""
+    vocabulary's special words (and <unk> unless allowed) are never output. Log-probabilities holding NaN or
+    infinity (a damaged model) are a :class:`NonFiniteError`, never a caption with a NaN score."""
     ids = dict(start_id=vocab.start_id, end_id=vocab.end_id, banned=banned_ids(vocab, settings.allow_unk))
     if settings.sample:
-        return sample(model, features.float(), settings, seed_offset=seed_offset, **ids)
-    return decode(model, features.float(), settings, **ids)
+        return _check_hypotheses(sample(model, features.float(), settings, seed_offset=seed_offset, **ids))
+    return _check_hypotheses(decode(model, features.float(), settings, **ids))

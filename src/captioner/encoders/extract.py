@@ -19,14 +19,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from captioner.data.corpus import Corpus, PathLike
 from captioner.data.features import DONE, FAILED, TODO, FeatureStoreError, create_store, store_meta, write_meta
-from captioner.data.images import DEFAULT_MAX_PIXELS, list_images, try_load_image
+from captioner.data.images import DEFAULT_MAX_PIXELS, display_name, list_images, name_fields, try_load_image
 from captioner.encoders.network import EncoderSpec, ImageEncoder, get_encoder_spec, image_to_array
+from captioner.files import METADATA_BYTES, check_regular, read_bytes
 from captioner.runtime.devices import check_precision, resolve_device
 from captioner.runtime.distributed import env_world, one_node, process_group
+from captioner.runtime.progress import progress_bar
+from captioner.runtime.workers import check_workers, worker_init
 
 
 def images_to_encode(corpus: PathLike | None, images: PathLike | None,
@@ -65,7 +67,8 @@ class _DecodeDataset:
     def __getitem__(self, i: int):
         row = self.rows[i]
         name = self.names[row]
-        img, err = try_load_image(self.root / name, max_pixels=self.max_pixels)
+        path = self.root / name  # errors name it readably, even when it is not UTF-8
+        img, err = try_load_image(path, max_pixels=self.max_pixels, name=display_name(str(path)))
         if img is None:
             return row, None, err
         return row, image_to_array(img, self.spec), None
@@ -101,6 +104,7 @@ def extract_features(
     Under torchrun (WORLD_SIZE > 1, one node) each process encodes every WORLD_SIZE-th image into the
     same store, which ends up exactly as a single-process run leaves it.
     """
+    check_workers(workers)
     dev = resolve_device(device)  # a GPU that is not there: an error before any file is touched
     check_precision(precision, dev)
     _, world = env_world()
@@ -177,7 +181,7 @@ def _open_store(out: Path, root: Path, names: list[str], spec: EncoderSpec, prec
         _check_resumable(out, meta)
     if fresh:
         create_store(out, names, meta)
-    status = np.load(out / "status.npy", mmap_mode="r")
+    status = np.load(check_regular(out / "status.npy", "the store's status.npy"), mmap_mode="r")
     left = bool((status == TODO).any())
     if left:  # only when rows will be written: a finished store is not touched
         for p in (out / "status.npy", out / "features.npy"):
@@ -191,10 +195,11 @@ def _encode_rows(enc: ImageEncoder, ds: _DecodeDataset, out: Path, status: np.nd
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+        worker_init_fn=worker_init() if workers > 0 else None,  # a worker ends with this process
     )
     ranks = f" (rank 0 of {group.world}, its share)" if group.world > 1 else ""
-    bar = tqdm(total=len(ds.rows), unit="img", desc=f"features {enc.spec.name}{ranks}",
-               disable=not progress or group.rank != 0, dynamic_ncols=True)
+    bar = progress_bar(total=len(ds.rows), unit="img", desc=f"features {enc.spec.name}{ranks}",
+                       disable=not progress or group.rank != 0)
     done_now = failed_now = 0
     # every rank appends whole lines (one write each, O_APPEND): lines never interleave
     with open(out / "errors.jsonl", "a") as errlog:
@@ -204,7 +209,7 @@ def _encode_rows(enc: ImageEncoder, ds: _DecodeDataset, out: Path, status: np.nd
             good = [(r, a) for r, a, e in batch if a is not None]
             for r, _, e in batch:
                 if e is not None:
-                    errlog.write(json.dumps({"image": ds.names[r], "error": e}) + "\n")
+                    errlog.write(json.dumps({**name_fields("image", ds.names[r]), "error": e}) + "\n")
                     errlog.flush()
                     status[r] = FAILED
                     failed_now += 1
@@ -225,7 +230,7 @@ def _encode_rows(enc: ImageEncoder, ds: _DecodeDataset, out: Path, status: np.nd
 def _check_resumable(out: Path, meta: dict) -> None:
     """An existing store may be finished only with the same images, encoder and precision."""
     try:
-        old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        old = json.loads(read_bytes(out / "meta.json", "the store's meta.json", METADATA_BYTES).decode("utf-8"))
     except (ValueError, OSError) as e:
         raise FeatureStoreError(f"{out / 'meta.json'}: damaged ({e}); use a new output directory or --overwrite") \
             from None

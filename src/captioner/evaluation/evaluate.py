@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Sequence
 
 from captioner.data.corpus import Corpus
-from captioner.data.text import Vocab, write_text_atomic
+from captioner.data.text import Vocab, join_tokens, write_text_atomic
 from captioner.data.captions import CaptionData
 from captioner.runtime.devices import autocast, check_precision, module_device, resolve_device
 from captioner.data.features import FeatureStore
 from captioner.evaluation.metrics import METRIC_NAMES, compute_metrics
-from captioner.decoding.search import generate
+from captioner.decoding.search import NonFiniteError, generate
 from captioner.decoding.settings import EVALUATION_BEAMS, DecodingSettings
 from captioner.inference.modeldir import load_model_dir
 
@@ -45,7 +45,7 @@ def decode_images(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSe
         with autocast(device, precision):
             hyps = generate(decoder, vocab, feats, settings, seed_offset=i)
         for j, h in enumerate(hyps):
-            cands[data.images[i + j]] = " ".join(vocab.decode(h[0].tokens))
+            cands[data.images[i + j]] = join_tokens(vocab.decode(h[0].tokens))
     return cands
 
 
@@ -88,8 +88,11 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
               "beams": {}, "seconds": {}, "captions": {}}
     for k in beams:
         t0 = time.perf_counter()
-        scores, cands, unavailable = evaluate_split(decoder, vocab, data, base.replace(beam_size=k),
-                                                    metrics=metrics, limit=limit, precision=precision)
+        try:
+            scores, cands, unavailable = evaluate_split(decoder, vocab, data, base.replace(beam_size=k),
+                                                        metrics=metrics, limit=limit, precision=precision)
+        except NonFiniteError as e:  # a damaged model: named as the user gave it
+            raise e.naming(str(model)) from None
         result["beams"][k] = scores
         result["seconds"][k] = round(time.perf_counter() - t0, 1)
         result["captions"][k] = cands

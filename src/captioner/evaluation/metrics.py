@@ -12,6 +12,12 @@ are scored by ``Bleu(4)``, ``Meteor``, ``Rouge`` and ``Cider`` (pycocoevalcap's 
 CIDEr-D: clipped n-gram counts plus a Gaussian length penalty, so it is reported as "CIDEr-D").
 SPICE runs only if its Stanford CoreNLP jars have been downloaded (see :func:`spice_available`).
 
+That is for English captions. PTBTokenizer is English-only: when the references do not look English
+(other languages, other scripts), captions are tokenized with the project's own tokenizer, the one the
+model was trained with (Japanese and Chinese per character; see
+:mod:`captioner.evaluation.tokenization`), BLEU, ROUGE-L and CIDEr-D are computed on those tokens, and
+METEOR and SPICE (English-only) are listed in :attr:`MetricsResult.unavailable`.
+
 Without Java nothing crashes: a warning is logged once, captions are tokenized by
 :func:`ptb_tokenize_fallback` (a pure-Python imitation of PTBTokenizer that gives the same
 tokens for ordinary captions) and BLEU, ROUGE-L and CIDEr-D are computed; METEOR and SPICE
@@ -38,13 +44,25 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as _meteor_module
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as _stanford_models
-from pycocoevalcap.tokenizer import ptbtokenizer as _ptb_module
+
+from captioner.evaluation.tokenization import (  # noqa: F401 (PTB_JAR, ptb_tokenize_fallback: re-exported)
+    PTB_JAR,
+    PTB_PUNCTUATIONS,
+    TOKENIZERS,
+    choose_tokenizer,
+    ptb_tokenize_fallback,
+    tokenize_captions,
+)
 
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")
 BLEU_NAMES = METRIC_NAMES[:4]
 JAVA_METRICS = ("METEOR", "SPICE")  # metrics whose scorer itself is a Java program
+ENGLISH_ONLY = {  # metrics that need English captions, and why
+    "METEOR": "METEOR is English-only here (its stems, synonyms and paraphrases are English, `-l en`)",
+    "SPICE": "SPICE parses captions with an English parser",
+}
 
 NO_JAVA_WARNING = (
     "Java not found: METEOR (and the PTB tokenizer) need Java 8+; install a JRE. "
@@ -52,7 +70,6 @@ NO_JAVA_WARNING = (
 )
 
 # Where pycocoevalcap keeps its jars (it is a namespace package, so go through its modules).
-PTB_JAR = Path(_ptb_module.__file__).parent / _ptb_module.STANFORD_CORENLP_3_4_1_JAR
 METEOR_DIR = Path(_meteor_module.__file__).parent
 SPICE_DIR = Path(_stanford_models.__file__).parent
 SPICE_JAR = SPICE_DIR / "spice-1.0.jar"
@@ -60,8 +77,6 @@ SPICE_CORENLP_JARS = (
     SPICE_DIR / _stanford_models.SPICELIB / f"{_stanford_models.JAR}.jar",
     SPICE_DIR / _stanford_models.SPICELIB / f"{_stanford_models.JAR}-models.jar",
 )
-
-PTB_PUNCTUATIONS = frozenset(_ptb_module.PUNCTUATIONS)
 
 _warned: set[str] = set()
 
@@ -73,6 +88,7 @@ class MetricsResult:
     scores: dict[str, float]  # metric name -> corpus score, in METRIC_NAMES order
     per_image: dict[str, dict[str, float]] = field(default_factory=dict)  # id -> metric -> score
     unavailable: dict[str, str] = field(default_factory=dict)  # metric name -> reason
+    tokenizer: str = "ptb"  # how captions were tokenized: "ptb" (COCO's, English) or "captioner" (any language)
 
     def as_percent(self) -> dict[str, float]:
         """Scores x100, rounded to 2 decimals (the way caption papers report them)."""
@@ -144,97 +160,6 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
-
-
-# ----------------------------------------------------------------------------------------
-# Tokenization
-# ----------------------------------------------------------------------------------------
-
-# Characters Java's PTBLexer treats as line breaks; with -preserveLines one would split a
-# caption in two and misalign every following caption, so they become spaces.
-_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x85\u2028\u2029]")
-
-
-def _drop_punctuation(tokenized_line: str) -> str:
-    """What pycocoevalcap's PTBTokenizer does to each line the Java tokenizer outputs."""
-    return " ".join(w for w in tokenized_line.rstrip().split(" ") if w not in PTB_PUNCTUATIONS)
-
-
-def _tokenize_java(captions: Mapping[Any, Sequence[str]], java_exe: str) -> dict[Any, list[str]]:
-    """pycocoevalcap's ``PTBTokenizer().tokenize`` with a configurable java executable.
-
-    Same command, same input file, same post-processing; differences: the temporary file
-    goes to the system temp dir (not into site-packages), captions take plain strings, and
-    a failing tokenizer raises instead of silently returning fewer captions.
-    """
-    ids = [image_id for image_id, caps in captions.items() for _ in caps]
-    lines = [_LINE_BREAKS.sub(" ", caption) for caps in captions.values() for caption in caps]
-    with tempfile.TemporaryDirectory(prefix="captioner-ptb-") as tmp:
-        path = Path(tmp) / "captions.txt"
-        path.write_bytes("\n".join(lines).encode())
-        cmd = [java_exe, "-cp", str(PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer",
-               "-preserveLines", "-lowerCase", str(path)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, check=False)
-    out_lines = proc.stdout.decode().split("\n")
-    if proc.returncode != 0 or len(out_lines) < len(lines):
-        stderr = proc.stderr.decode(errors="replace").strip()[-2000:]
-        raise RuntimeError(
-            f"PTBTokenizer failed (exit status {proc.returncode}, {len(out_lines)} lines out "
-            f"for {len(lines)} captions): {stderr}"
-        )
-    tokenized: dict[Any, list[str]] = {image_id: [] for image_id in captions}
-    for image_id, line in zip(ids, out_lines):
-        tokenized[image_id].append(_drop_punctuation(line))
-    return tokenized
-
-
-_QUOTES = str.maketrans(
-    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": "..."}
-)
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}  # fmt: skip
-_CONTRACTION = re.compile(r"^(.+?)(n't|'s|'m|'re|'ve|'d|'ll)$")
-_FALLBACK_TOKEN = re.compile(
-    r"""
-      '(?:s|m|d|re|ve|ll|n')(?!\w)                  # detached clitics: dog 's, rock 'n' roll
-    | (?:[^\W\d_]\.){2,}                            # initialisms: u.s. p.m. e.g.
-    | (?:mr|mrs|ms|dr|st|jr|sr|vs|etc|prof)\.       # common abbreviations keep their period
-    | [#@]?\w+(?:(?:[-'/]|[.,:](?=\d))\w+)*         # words, black-and-white, it's, 1,000, 3:30
-    | \.{2,} | -{2,} | [!?]+                         # ellipses, dashes, !! and ?!
-    | [^\w\s]                                       # any other symbol on its own
-    """,
-    re.VERBOSE,
-)
-
-
-def _fallback_tokens(word: str) -> list[str]:
-    if word in _SPLIT_WORDS:
-        return list(_SPLIT_WORDS[word])
-    if word in _BRACKETS:
-        return [_BRACKETS[word]]
-    if word == '"':
-        return ["''"]
-    if re.fullmatch(r"\.{2,}", word):
-        return ["..."]
-    if re.fullmatch(r"-{2,}", word):
-        return ["--"]
-    match = _CONTRACTION.match(word)
-    return [match.group(1), match.group(2)] if match else [word]
-
-
-def ptb_tokenize_fallback(caption: str) -> str:
-    """Pure-Python stand-in for PTBTokenizer (-lowerCase) + pycocoevalcap's punctuation removal.
-
-    Matches the Java tokenizer on ordinary captions: lower case; punctuation split off and
-    the PUNCTUATIONS tokens dropped; "don't" -> "do n't", "dog's" -> "dog 's",
-    "cannot" -> "can not"; brackets become -lrb- etc. (which pycocoevalcap keeps: its list
-    has the upper-case forms only); hyphenated words, numbers such as 1,000 / 3:30 / 3.5 and
-    initialisms such as u.s. stay whole. Rare constructs may tokenize differently.
-    """
-    text = caption.translate(_QUOTES).lower()
-    tokens = [t for word in _FALLBACK_TOKEN.findall(text) for t in _fallback_tokens(word)]
-    return " ".join(t for t in tokens if t not in PTB_PUNCTUATIONS)
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,11 +265,12 @@ def _java_for(java: str | None, wanted: Sequence[str], unavailable: dict[str, st
     return None
 
 
-def _tokenize(captions: Mapping[Any, Sequence[str]], java_exe: str | None) -> dict[Any, list[str]]:
-    """PTB-tokenized captions: Stanford's tokenizer with Java, else the pure-Python equivalent."""
-    if java_exe is not None:
-        return _tokenize_java(captions, java_exe)
-    return {i: [ptb_tokenize_fallback(c) for c in caps] for i, caps in captions.items()}
+def _english_only(wanted: Sequence[str], unavailable: dict[str, str]) -> None:
+    """For captions that are not English: the English-only metrics wanted are marked unavailable; no Java."""
+    for name, reason in ENGLISH_ONLY.items():
+        if name in wanted:
+            unavailable[name] = f"{reason}; not computed for captions that are not English (tokenizer 'captioner')"
+    return None
 
 
 def compute_metrics(
@@ -353,6 +279,7 @@ def compute_metrics(
     *,
     metrics: Sequence[str] | None = None,
     java: str | None = None,
+    tokenizer: str = "auto",
 ) -> MetricsResult:
     """Score ``candidates`` (one caption per image id) against ``references`` (several per id).
 
@@ -361,10 +288,13 @@ def compute_metrics(
     CIDEr-D use the pure-Python tokenizer and METEOR/SPICE go to ``unavailable``. A Java
     scorer that fails at run time is also reported in ``unavailable`` (and logged).
     Note that CIDEr-D's idf comes from the references being scored: on a single image it
-    is always 0.
+    is always 0. ``tokenizer`` is how captions are tokenized (:mod:`~captioner.evaluation.tokenization`):
+    "ptb" (COCO's, English), "captioner" (the project's, any language; METEOR and SPICE are then
+    unavailable) or "auto" (default: "ptb" if the references look English, else "captioner").
     """
     wanted = _select_metrics(metrics)
     _check_inputs(references, candidates)
+    chosen = choose_tokenizer(tokenizer, references)
     ids = list(candidates)
     raw_refs = {i: list(references[i]) for i in ids}
     raw_cands = {i: [candidates[i]] for i in ids}
@@ -373,13 +303,13 @@ def compute_metrics(
     per_image: dict[Any, dict[str, float]] = {i: {} for i in ids}
     unavailable: dict[str, str] = {}
 
-    java_exe = _java_for(java, wanted, unavailable)
+    java_exe = _java_for(java, wanted, unavailable) if chosen == "ptb" else _english_only(wanted, unavailable)
 
     meteor: _Meteor | None = None
     try:
         if java_exe is not None and "METEOR" in wanted:
             meteor = _Meteor(java_exe)  # its JVM loads the paraphrase table meanwhile
-        gts, res = _tokenize(raw_refs, java_exe), _tokenize(raw_cands, java_exe)
+        gts, res = (tokenize_captions(c, chosen, java_exe) for c in (raw_refs, raw_cands))
 
         def record(
             name: str, corpus: float, image_scores: Sequence[float], order: Sequence[Any]
@@ -417,7 +347,7 @@ def compute_metrics(
             meteor.close()
 
     ordered = {name: scores[name] for name in METRIC_NAMES if name in scores}
-    return MetricsResult(scores=ordered, per_image=per_image, unavailable=unavailable)
+    return MetricsResult(scores=ordered, per_image=per_image, unavailable=unavailable, tokenizer=chosen)
 
 
 _Recorder = Callable[[str, float, Sequence[float], Sequence[Any]], None]

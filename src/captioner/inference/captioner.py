@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from captioner.data.text import Vocab
-from captioner.decoding.search import generate
+from captioner.data.text import Vocab, join_tokens
+from captioner.decoding.search import NonFiniteError, generate
 from captioner.decoding.settings import DecodingSettings
 from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
 from captioner.inference import DEFAULT_MODEL
@@ -36,6 +36,7 @@ from captioner.inference.modeldir import ModelDirError, load_model_dir, save_mod
 from captioner.inference.results import Caption, CaptionResult
 from captioner.models.base import Decoder
 from captioner.runtime.devices import autocast, check_precision, resolve_device
+from captioner.runtime.workers import check_workers, worker_init
 
 
 ENCODER_BATCH = 8  # images per encoder call (the feature extractor's default too)
@@ -93,12 +94,15 @@ class Captioner:
             raise ModelDirError(f"config.json: its decoding defaults are not usable: {e}") from None
         self._encoder = None
         self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
+        self.source = str(config.get("name") or "the model")  # how errors name it (from_pretrained: its path)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                         precision: str = "fp32") -> "Captioner":
         check_precision(precision, resolve_device(device))  # before loading anything
-        return cls(*load_model_dir(name_or_path), device=device, precision=precision)
+        model = cls(*load_model_dir(name_or_path), device=device, precision=precision)
+        model.source = os.fspath(name_or_path)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
         extra = {k: v for k, v in self.config.items() if k not in ("format", "version", "arch", "model")}
@@ -121,10 +125,14 @@ class Captioner:
 
     def decode_features(self, features: torch.Tensor, settings: DecodingSettings | None = None, *,
                         seed_offset: int = 0, **overrides: Any):
-        """Hypotheses per image for a batch of encoder features (B, P, C)."""
+        """Hypotheses per image for a batch of encoder features (B, P, C). A model whose log-probabilities
+        hold NaN or infinity is a :class:`~captioner.decoding.search.NonFiniteError` (a ValueError) naming it."""
         s = self.decoding_settings(settings, **overrides)
-        with autocast(self.device, self.precision):
-            return generate(self.decoder, self.vocab, features.to(self.device), s, seed_offset=seed_offset)
+        try:
+            with autocast(self.device, self.precision):
+                return generate(self.decoder, self.vocab, features.to(self.device), s, seed_offset=seed_offset)
+        except NonFiniteError as e:
+            raise e.naming(self.source) from None
 
     def caption(self, images: Sequence[Any] | Any, settings: DecodingSettings | None = None, **kw: Any
                 ) -> list[CaptionResult]:
@@ -152,12 +160,11 @@ class Captioner:
         items = [(im, im if isinstance(im, str) else os.fspath(im) if isinstance(im, os.PathLike) else f"image {i}")
                  for i, im in enumerate(images)]
         all_paths = all(isinstance(src, (str, os.PathLike)) for src, _ in items)
-        if workers is None:
-            workers = 1 if len(items) > batch_size else 0
+        workers = check_workers(workers) if workers is not None else 1 if len(items) > batch_size else 0
         if workers > 0 and all_paths:
             loader = torch.utils.data.DataLoader(_PrepareDataset(items, spec, limit, keep_images),
                                                  batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
-                                                 prefetch_factor=4)
+                                                 prefetch_factor=4, worker_init_fn=worker_init())  # die with us
             batches: Iterable[list[_Prepared]] = loader
         else:
             batches = ([_prepare(src, name, spec, limit, keep_images) for src, name in items[i:i + batch_size]]
@@ -200,8 +207,8 @@ class Captioner:
         best = hyps[0]
         # words and their attention rows together, skipping any special token the model emitted
         keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]
-        listed = [Caption(" ".join(self.vocab.decode(h.tokens)), round(h.norm_score, 4)) for h in hyps]
-        r = CaptionResult(p.source, caption=" ".join(self.vocab.itos[best.tokens[i]] for i in keep),
+        listed = [Caption(join_tokens(self.vocab.decode(h.tokens)), round(h.norm_score, 4)) for h in hyps]
+        r = CaptionResult(p.source, caption=join_tokens([self.vocab.itos[best.tokens[i]] for i in keep]),
                           score=round(best.norm_score, 4), n_best=listed[:1] if s.sample else listed,
                           samples=listed if s.sample else None, words=[self.vocab.itos[best.tokens[i]] for i in keep],
                           grid=tuple(self.config["encoder"]["grid"]), image_size=tuple(p.size), image=p.image)

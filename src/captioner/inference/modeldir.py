@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from captioner.checks import is_int, is_number
+from captioner.files import (METADATA_BYTES, WEIGHTS_BYTES, FileTooLargeError, NotRegularFileError, check_regular,
+                             read_bytes)
 from captioner.data.text import Vocab
 from captioner.decoding.settings import SETTINGS
 from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
@@ -83,13 +85,15 @@ def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, conf
 def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
     p = resolve_model_path(path)
     try:
-        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(read_bytes(p / "config.json", "the model's config.json", METADATA_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ModelDirError(f"{p}: config.json missing; not a captioner model directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{p / 'config.json'}: invalid JSON ({e})") from None
     except OSError as e:
         raise ModelDirError(f"{p / 'config.json'}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # not a regular file, too large
+        raise ModelDirError(str(e)) from None
     try:
         vocab = Vocab.load(p / "vocab.json")
     except ValueError as e:
@@ -104,9 +108,14 @@ def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
     if not weights.exists():
         raise ModelDirError(f"{weights}: missing")
     try:
-        state = load_file(str(weights))
+        state = load_file(str(check_regular(weights, "the model's weights file", WEIGHTS_BYTES)))  # not a FIFO
+    except (NotRegularFileError, FileTooLargeError) as e:
+        raise ModelDirError(str(e)) from None
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ModelDirError(f"{weights}: cannot read weights ({e})") from None
+    problem = _dtype_problem(state, decoder.state_dict())
+    if problem:  # an int8 or bool tensor would be upcast silently into weights that caption nonsense
+        raise ModelDirError(f"{weights}: {problem}; the file is damaged or was not written for this model")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         missing, unexpected = decoder.load_state_dict(state, strict=False)
@@ -122,6 +131,28 @@ def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
                             "lower optim.lr")
     decoder.eval()
     return decoder, vocab, cfg
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # floating weights load as float32
+
+
+def _dtype_problem(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the dtypes of the stored tensors ``state``: a floating weight must be stored in a
+    floating dtype, a buffer (a step counter) in its own; None when every tensor is fine. Names the first."""
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is None:  # an unexpected tensor: reported with the missing ones
+            continue
+        if want.is_floating_point() and tensor.dtype not in FLOAT_DTYPES:
+            return (f"tensor {key!r} is {_dtype_name(tensor.dtype)}, but the architecture's is floating point "
+                    "(float16, bfloat16, float32 or float64)")
+        if not want.is_floating_point() and tensor.dtype != want.dtype:
+            return f"tensor {key!r} is {_dtype_name(tensor.dtype)}, but the architecture's is {_dtype_name(want.dtype)}"
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------- config.json schema

@@ -2,17 +2,18 @@
 
 :class:`Batcher` takes requests (:meth:`Batcher.submit`) into a bounded queue and runs one
 ``Captioner.caption`` call per decoding setting in its model thread, off the event loop; a full queue
-is :class:`Busy` (503 with Retry-After).
+is :class:`Busy` (503 with Retry-After). :meth:`Batcher.drain` (SIGTERM) answers every request not yet in a
+model call with :class:`ShuttingDown` and lets the call under way finish.
 """
 
 import asyncio
 import collections
-import functools
 import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from PIL import Image
 
@@ -23,12 +24,26 @@ from captioner.inference.results import CaptionResult
 log = logging.getLogger(__name__)
 
 
+def warm_up(model: Captioner) -> None:
+    """Caption one small generated image: the encoder is built and both networks run once. A model that
+    cannot (its weights give non-finite probabilities: :class:`~captioner.decoding.search.NonFiniteError`)
+    is a ValueError naming it, so that the server refuses to start with it."""
+    (result,) = model.caption([Image.new("RGB", (64, 48), (120, 140, 160))], return_attention=True)
+    if not result.ok:
+        raise ValueError(f"{model.source}: cannot caption a plain test image ({result.error})")
+
+
 class Busy(Exception):
     """The queue is full: the client should retry after ``retry_after`` seconds."""
 
     def __init__(self, retry_after: int):
         super().__init__(f"retry after {retry_after} s")
         self.retry_after = retry_after
+
+
+class ShuttingDown(Busy):
+    """The server is draining (SIGTERM): the request was not captioned; another replica, or this server once
+    restarted, will take it."""
 
 
 @dataclass
@@ -64,6 +79,8 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting = 0  # images in the queue
         self.running = 0  # images in the model call under way (or waiting for the model thread)
+        self.draining = False  # drain() was called: no new request is taken
+        self.on_batch: Callable[[int], None] | None = None  # called (in the model thread) with each batch's size
 
     # -- event-loop side
 
@@ -86,15 +103,23 @@ class Batcher:
                 pass
             self._task = None
 
+    def drain(self) -> None:
+        """Stop taking requests (SIGTERM): those waiting in the queue, and any submitted from now on, get
+        :class:`ShuttingDown` at once; the model call under way finishes and its requests get their captions."""
+        self.draining = True
+        while self._queue is not None and not self._queue.empty():
+            job = self._took(self._queue.get_nowait())
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown(1))
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def warm_up(self) -> None:
         """Run the encoder and decoder once on a small generated image, in the model thread, so that the
-        first request is not slow (not counted in the batch statistics)."""
-        image = Image.new("RGB", (64, 48), (120, 140, 160))
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(self.model.caption, [image], return_attention=True))
+        first request is not slow (not counted in the batch statistics); a model that cannot caption it
+        (weights giving non-finite probabilities) is refused with a ValueError naming it."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, warm_up, self.model)
 
     @property
     def queued(self) -> int:
@@ -108,7 +133,9 @@ class Batcher:
 
     def submit(self, images: list[bytes], settings: DecodingSettings) -> asyncio.Future:
         """Queue one request's images; its future gets one CaptionResult per image, in order.
-        Raises :class:`Busy` when the queue is full."""
+        Raises :class:`Busy` when the queue is full, :class:`ShuttingDown` once the server drains."""
+        if self.draining:
+            raise ShuttingDown(1)
         self.start()
         future = asyncio.get_running_loop().create_future()
         job = _Job(images, settings, future, object() if settings.sample and settings.seed is not None else None)
@@ -162,6 +189,11 @@ class Batcher:
             if not j.future.done():  # a request that timed out while waiting is not run
                 groups.setdefault((j.settings, j.group), []).append(j)
         for (settings, _), group in groups.items():
+            if self.draining:  # gathered but not started when SIGTERM came: not run
+                for j in group:
+                    if not j.future.done():
+                        j.future.set_exception(ShuttingDown(1))
+                continue
             images = [im for j in group for im in j.images]
             self.running = len(images)
             try:
@@ -190,6 +222,8 @@ class Batcher:
         for i in range(0, len(images), self.max_batch):  # caption() runs the model max_batch images at a time
             self.batch_sizes.append(len(images[i:i + self.max_batch]))
             self.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(len(images[i:i + self.max_batch]))
         self.images += len(images)
         self._seconds_per_image.append(seconds / len(images))
         return results

@@ -74,8 +74,11 @@ class ServeConfig:
     max_len: int = _limit(50, "--max-len", "longest caption a client may ask for (default 50)")  # words
     timeout: float = _limit(30.0, "--timeout", "seconds a request may wait for its captions, then 503 "
                             "(default 30)")
-    max_queue: int = _limit(256, "--max-queue", "images waiting for the model; more get 503 with Retry-After "
-                            "(default 256)")  # images waiting for the model; beyond: 503
+    read_timeout: float = _limit(60.0, "--read-timeout", "seconds a client may take to send its whole request, "
+                                 "then 408 and the connection is closed (default 60)")  # slow or stalled uploads
+    # 512: what 2 cores caption within the 30 s timeout; 300 concurrent one-photo requests all get an answer
+    max_queue: int = _limit(512, "--max-queue", "images waiting for the model; more get 503 with Retry-After "
+                            "(default 512)")  # images waiting for the model; beyond: 503
     # max_batch: images in one model call (1: no batching); 16: the CPU's best (bench/README.md)
     max_batch: int = _limit(16, "--max-batch", "images of concurrent requests captioned together (default 16; "
                             "1: no batching)", group="micro-batching")

@@ -7,11 +7,14 @@ from pathlib import Path
 import torch
 
 from captioner.inference.captioner import Captioner
+from captioner.serving.batcher import warm_up
 from captioner.serving.config import ServeConfig
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free one); ValueError with a clear message."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: must be from 0 to 65535 (0: any free port)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -30,30 +33,43 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_name: str, cfg: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", threads: int | None = None) -> None:
-    """Load the model, bind, and serve until interrupted (Ctrl-C / SIGTERM)."""
-    try:  # the serve extra (FastAPI, uvicorn) is optional: the app is imported once it is found
-        import uvicorn
+def display_name(model: Captioner, model_name: str) -> str:
+    """The model's name as the API and the page show it: its config's name, else its directory's; a training
+    run's ``best/`` (or ``last/``) is named by its run folder ("flickr8k/best"), not as "best"."""
+    if model.config.get("name"):
+        return str(model.config["name"])
+    path = Path(model_name).resolve()
+    if path.name in ("best", "last") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or str(model_name)
 
-        from captioner.serving.app import create_app
-    except ImportError:
-        raise ValueError("captioner serve needs FastAPI and uvicorn: pip install 'captioner[serve]'") from None
-    if threads:
-        torch.set_num_threads(threads)
+
+def serve(model_name: str, cfg: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info", threads: int | None = None, processes: int = 1) -> int:
+    """Load the model, bind, and serve until SIGTERM (a clean drain: returns 0) or Ctrl-C (KeyboardInterrupt).
+    ``processes`` > 1: that many server processes on the one socket, each loading the model, each with
+    ``threads`` torch threads (default: torch's threads shared out between them)."""
+    try:  # the serve extra (FastAPI, uvicorn, prometheus-client, Swagger UI) is optional: imported once found
+        from captioner.serving import running
+    except ImportError as e:
+        raise ValueError(f"captioner serve needs the serve extra ({e.name} is missing): "
+                         "pip install 'captioner[serve]'") from None
+    if processes < 1:
+        raise ValueError(f"--processes {processes}: must be >= 1")
+    threads = threads or max(1, torch.get_num_threads() // processes)
+    torch.set_num_threads(threads)
     cfg = cfg.checked()
     sock = bind_socket(host, port)  # first: a port in use is reported before the model is loaded
     try:
-        model = Captioner.from_pretrained(model_name)
-        name = model.config.get("name") or Path(model_name).name
-        app = create_app(model, cfg, name=name)
-        bound_host, bound_port = sock.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
-        print(f"captioner: serving {name} ({model.config.get('arch')}) on http://{shown}:{bound_port}/ "
-              f"(API docs: /docs; batching: {'off' if cfg.max_batch == 1 else f'up to {cfg.max_batch} images'})",
-              flush=True)
-        server.run(sockets=[sock])
+        model = Captioner.from_pretrained(model_name)  # in this process too: a bad model is exit 2 at once
+        if cfg.warm_up:  # and one that cannot caption (non-finite probabilities): exit 2 here, not in uvicorn
+            warm_up(model)
+        name = display_name(model, model_name)
+        print(running.started_line(name, model, sock, cfg, processes), flush=True)
+        if processes == 1:
+            running.run_one(model, name, cfg, sock, log_level)
+            return 0
+        del model
+        return running.run_many(model_name, name, cfg, sock, log_level, processes, threads)
     finally:
         sock.close()

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from captioner.data.text import Vocab
+from captioner.files import WEIGHTS_BYTES, check_regular, open_regular
 from captioner.inference.modeldir import save_model_dir
 from captioner.runtime.distributed import Group
 from captioner.training.config import TrainConfig, TrainError
@@ -66,6 +67,7 @@ def restore_best(run: Run) -> bool:
 
 
 def _restore_weights(decoder, model_dir: Path) -> bool:
+    check_regular(model_dir / "model.safetensors", "best/'s weights file", WEIGHTS_BYTES)
     weights = load_file(str(model_dir / "model.safetensors"))
     decoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     return True
@@ -74,7 +76,8 @@ def _restore_weights(decoder, model_dir: Path) -> bool:
 def load_checkpoint(ckpt: Path, cfg: TrainConfig, group: Group, decoder, opt, sched, vocab: Vocab,
                     vocab_path: str, ema=None) -> dict:
     """--resume: weights, optimizer, scheduler and this rank's random state from last.pt; returns the state."""
-    c = torch.load(ckpt, map_location="cpu", weights_only=True)
+    with open_regular(ckpt, "the checkpoint", WEIGHTS_BYTES) as f:  # not a FIFO: that would block for ever
+        c = torch.load(f, map_location="cpu", weights_only=True)
     # a setting added since the checkpoint was written counts as its default
     changed = config_changes(_over(asdict(TrainConfig()), json.loads(c["config"])), asdict(cfg)) if "config" in c else []
     if changed:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from captioner.checks import is_number
+from captioner.checks import is_number, shown
 from captioner.decoding.settings import STORED, DecodingSettings
 from captioner.evaluation.metrics import METRIC_NAMES, java_available
 from captioner.inference.modeldir import resolve_model_path
@@ -88,7 +88,7 @@ class OptimConfig:
         if not (is_number(self.ema) and 0 <= self.ema < 1):
             raise TrainError(f"optim.ema={self.ema}: must be from 0 (off) to below 1 (e.g. 0.998)")
         if self.schedule not in ("plateau", "cosine"):
-            raise TrainError(f"optim.schedule={self.schedule!r}: use plateau (decay when validation stops "
+            raise TrainError(f"optim.schedule={shown(self.schedule)}: use plateau (decay when validation stops "
                              "improving) or cosine (from optim.lr to 0 over the epochs, or over optim.max_minutes)")
         return self
 
@@ -105,7 +105,7 @@ class ScstConfig:
 
     def checked(self) -> "ScstConfig":
         if self.baseline not in ("mean", "greedy"):
-            raise TrainError(f"scst.baseline={self.baseline!r}: use mean (of the other samples) or greedy")
+            raise TrainError(f"scst.baseline={shown(self.baseline)}: use mean (of the other samples) or greedy")
         if not 2 <= self.samples <= 100 or not 1 <= self.max_len <= 100 or self.images_per_batch < 1:
             raise TrainError("scst.samples must be 2..100, scst.max_len 1..100 and scst.images_per_batch >= 1")
         return self
@@ -173,7 +173,7 @@ class TrainConfig:
         """Every section's checks, then the settings that must go together (the machine aside: :func:`check_run`)."""
         self.data.checked()
         if self.val_metric not in METRIC_NAMES or self.val_metric == "SPICE":
-            raise TrainError(f"val_metric={self.val_metric!r}: use one of BLEU-1..4, METEOR, ROUGE-L, CIDEr-D")
+            raise TrainError(f"val_metric={shown(self.val_metric)}: use one of BLEU-1..4, METEOR, ROUGE-L, CIDEr-D")
         get_architecture(self.arch)  # raises with the list of architectures
         self.optim.checked()
         if self.val_beam < 1 or self.data.max_len < 1:
@@ -203,7 +203,8 @@ class TrainConfig:
 
     def _check_objective(self) -> None:
         if self.objective not in ("xe", "scst"):
-            raise TrainError(f"objective={self.objective!r}: use xe (cross-entropy) or scst (self-critical, after xe)")
+            raise TrainError(f"objective={shown(self.objective)}: use xe (cross-entropy) or scst (self-critical, "
+                             "after xe)")
         if self.objective == "scst":
             if not self.init_from:
                 raise TrainError("objective=scst fine-tunes a trained model: set init_from=DIR (e.g. the best/ of a "

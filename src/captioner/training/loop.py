@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from captioner.config import save_yaml
 from captioner.data.captions import CaptionData
 from captioner.data.corpus import Corpus
 from captioner.data.features import FeatureStore
+from captioner.data.prepare import check_vocab_matches
 from captioner.data.text import Vocab
 from captioner.evaluation.evaluate import decode_images
 from captioner.evaluation.metrics import compute_metrics
@@ -54,11 +54,13 @@ from captioner.inference.modeldir import load_model_dir
 from captioner.models import build_decoder
 from captioner.runtime.devices import resolve_device
 from captioner.runtime.distributed import Group, env_world
+from captioner.runtime.progress import progress_bar
 from captioner.training.budget import Budget
 from captioner.training.checkpoint import load_checkpoint, restore_best, save_best, save_checkpoint
 from captioner.training.config import TrainConfig, TrainError, check_run
 from captioner.training.logs import write_logs
 from captioner.training.loss import BatchLoss
+from captioner.training.outdir import OutDirLock, check_out_dir
 from captioner.training.ranks import process_group_for, same_start, seed_rank, warnings_on_rank0_only
 from captioner.training.run import Run
 from captioner.training.stages import check_stages, same_start_model, stage_configs
@@ -117,24 +119,42 @@ def _train_stage(cfg: TrainConfig, resume: bool, stop_after_steps: int | None,
             return _summary(run.state, run.out, out_of_time=run.budget.out)
         finally:
             run.model = None  # DDP's reducer goes before the process group does
+            if run.lock is not None:
+                run.lock.release()
 
 
 def setup(cfg: TrainConfig, group: Group, resume: bool) -> Run:
-    """Everything before the first step: config checks, data, model, optimizer and, with ``resume``,
-    the state of ``last.pt``. Every rank runs it (``train`` makes a failure on one stop them all);
-    nothing is written here."""
+    """Everything before the first step: config checks, the out_dir (rank 0 locks it: one run at a
+    time), data, model, optimizer and, with ``resume``, the state of ``last.pt``. Every rank runs it
+    (``train`` makes a failure on one stop them all); nothing but the lock is written here."""
     check_run(cfg, group.world)
+    out = Path(cfg.out_dir)
+    if not (out / "last.pt").exists():  # a new run: in a folder of its own
+        check_out_dir(out)
+    lock = OutDirLock(out) if group.rank == 0 else None
+    try:
+        if (out / "last.pt").exists() and not resume:
+            raise TrainError(f"{out} already holds a training run (last.pt); use --resume to continue it, "
+                             "or another out_dir")
+        run = _setup(cfg, group, resume, out)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _setup(cfg: TrainConfig, group: Group, resume: bool, out: Path) -> Run:
+    """setup, once the out_dir is this run's: data, model, optimizer and the state of last.pt."""
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
     ckpt = out / "last.pt"
-    if ckpt.exists() and not resume:
-        raise TrainError(f"{out} already holds a training run (last.pt); use --resume to continue it, "
-                         "or another out_dir")
     corpus = Corpus.load(cfg.data.corpus)
     vocab_path = cfg.data.vocab or str(Path(cfg.data.corpus).with_name("vocab.json"))
     vocab = Vocab.load(vocab_path)
+    check_vocab_matches(corpus, cfg.data.corpus, vocab, vocab_path)
     store = FeatureStore.open(cfg.data.features)
     enc = store.meta["encoder"]
     train_data = CaptionData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
@@ -210,8 +230,8 @@ def train_epoch(run: Run, epoch: int, stop_after_steps: int | None = None) -> di
     run.model.train()
     t0 = time.perf_counter()
     tot, sums, seen = 0.0, {}, 0
-    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.optim.epochs}", unit="batch",
-               disable=not cfg.progress or run.group.rank != 0, dynamic_ncols=True)
+    bar = progress_bar(batches, desc=f"epoch {epoch}/{cfg.optim.epochs}", unit="batch",
+                       disable=not cfg.progress or run.group.rank != 0)  # plain lines when not on a terminal
     for b, idx in enumerate(bar):
         used = run.budget.check()
         if run.budget.out:

@@ -36,6 +36,7 @@ class Run:
     budget: Budget | None = None  # made by start()
     ema: Any = None  # optim.ema > 0: torch.optim.swa_utils.AveragedModel of the decoder (validated, kept as best/)
     steps_run: int = 0  # steps in this process (stop_after_steps)
+    lock: Any = None  # rank 0: the OutDirLock held on out_dir while the run trains
 
     @property
     def scst(self) -> bool:

@@ -10,9 +10,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from captioner.checks import shown
 from captioner.config import deep_update, from_dict
 from captioner.data.text import write_text_atomic
+from captioner.files import METADATA_BYTES, WEIGHTS_BYTES, open_regular, read_text
 from captioner.training.config import DataConfig, TrainConfig, TrainError, check_run
+from captioner.training.outdir import check_out_dir
 
 STAGE_KEEPS = ("arch", "data", "threads", "device", "precision", "progress")  # what a stage takes from the run
 STAGE_SETS = ("init_from", "out_dir", "model", "then", "arch", "threads", "device", "precision", "progress")
@@ -28,7 +31,8 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
     kept = {k: v for k, v in asdict(stages[0]).items() if k in STAGE_KEEPS}
     out = Path(cfg.out_dir)
     if cfg.then and out.name in ("", ".", ".."):
-        raise TrainError(f"out_dir={cfg.out_dir!r}: a run with stages (then) needs an out_dir with a name, e.g. "
+        raise TrainError(f"out_dir={shown(cfg.out_dir)}: a run with stages (then) needs an out_dir with a name, "
+                         "e.g. "
                          "runs/sat; its later stages go beside it, into runs/sat-<name>")
     names = set()
     for i, entry in enumerate(cfg.then):
@@ -38,7 +42,8 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
             raise TrainError(f"{where}: a stage needs a name (letters, digits, - _ .), e.g. `- name: scst`; "
                              f"it trains into out_dir-name ({cfg.out_dir}-scst)")
         if name in names:
-            raise TrainError(f"{where}: a second stage named {name!r}; each stage needs its own name (its out_dir)")
+            raise TrainError(f"{where}: a second stage named {shown(name)}; each stage needs its own name (its "
+                             "out_dir)")
         names.add(name)
         given = {k: v for k, v in entry.items() if k != "name"}
         fixed = sorted(set(given) & set(STAGE_SETS))
@@ -67,6 +72,8 @@ def check_stages(cfg: TrainConfig, stages: list[TrainConfig], world: int, resume
         if not resume and (Path(stage.out_dir) / "last.pt").exists():
             raise TrainError(f"{stage.out_dir} already holds a training run (last.pt), and stage {k + 1} of this "
                              "run would write there; use --resume to continue the run, or another out_dir")
+        if not (Path(stage.out_dir) / "last.pt").exists():
+            check_out_dir(Path(stage.out_dir))
 
 
 def _check_data_paths(data: DataConfig) -> None:
@@ -82,12 +89,21 @@ def same_start_model(stage: TrainConfig, rank: int) -> None:
     before it trained on (``--resume optim.epochs=30``) and wrote a new best/, it would go on from the
     old one, so that is refused."""
     record = Path(stage.out_dir) / "started_from.json"
-    digest = hashlib.sha256((Path(stage.init_from) / "model.safetensors").read_bytes()).hexdigest()
+    digest = _sha256(Path(stage.init_from) / "model.safetensors")
     if record.exists() and (Path(stage.out_dir) / "last.pt").exists():
-        if json.loads(record.read_text()).get("sha256") != digest:
+        if json.loads(read_text(record, "the stage's record", METADATA_BYTES)).get("sha256") != digest:
             raise TrainError(f"{stage.out_dir} started from an earlier {stage.init_from} than the one there now "
                              "(the stage before it has trained on since and found a better model): remove "
                              f"{stage.out_dir} to train this stage again from the new one")
     elif rank == 0:
         record.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(record, json.dumps({"init_from": stage.init_from, "sha256": digest}))
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a regular file, read in pieces."""
+    digest = hashlib.sha256()
+    with open_regular(path, "the starting model's weights file", WEIGHTS_BYTES) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

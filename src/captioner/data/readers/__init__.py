@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.data.corpus import Corpus, CorpusError, PathLike
+from captioner.data.readers.builder import read_head
 from captioner.data.readers.coco import read_coco
 from captioner.data.readers.flickr import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE, read_flickr8k_text, read_karpathy
 from captioner.data.readers.rows import read_folder, read_kaggle_csv
@@ -67,12 +68,13 @@ def detect_format(path: PathLike) -> str:
     if p.name == FLICKR8K_TOKEN_FILE:
         return "flickr8k-text"
     try:
-        with p.open("r", encoding="utf-8-sig") as f:
-            head = f.read(1 << 16)
+        head = read_head(p, 1 << 16)
     except FileNotFoundError:
         raise CorpusError(f"{p}: caption file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CorpusError(f"{p}: cannot read caption file: {e}") from None
+    except ValueError as e:  # not a regular file
+        raise CorpusError(str(e)) from None
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "folder"

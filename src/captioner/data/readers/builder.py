@@ -9,6 +9,7 @@ images and returns the :class:`~captioner.data.corpus.Corpus` (or raises a
 
 from __future__ import annotations
 
+import io
 import re
 import stat
 from collections import Counter
@@ -21,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from captioner.data.corpus import SPLITS, Corpus, CorpusError, Item, ValidationReport, hash_split
 from captioner.data.text import read_json_file, tokenize
+from captioner.files import DATA_BYTES, NotRegularFileError, open_regular, read_bytes
 
 
 @dataclass
@@ -205,18 +207,32 @@ def check_image_dir(image_dir: Path, check_images: bool, source: Path | str) -> 
 
 
 def read_text_lines(path: Path, what: str, hint: str) -> list[str]:
-    """The lines of a UTF-8 text file (a BOM is dropped); a CorpusError naming ``what`` if unreadable."""
+    """The lines of a UTF-8 text file (a BOM is dropped, any line ending read); a CorpusError naming
+    ``what`` if it is not a regular file of at most DATA_BYTES, or unreadable."""
     try:
-        with path.open("r", encoding="utf-8-sig", newline=None) as f:
-            return f.read().split("\n")
+        data = read_bytes(path, f"the {what}", DATA_BYTES)
     except FileNotFoundError:
         raise CorpusError(f"{path}: {what} not found; {hint}") from None
-    except IsADirectoryError:
-        raise CorpusError(f"{path}: is a folder, expected the {what}; {hint}") from None
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: {what} is not UTF-8 text ({e.reason})") from None
+    except NotRegularFileError as e:
+        if e.kind == "a folder":
+            raise CorpusError(f"{path}: is a folder, expected the {what}; {hint}") from None
+        raise CorpusError(str(e)) from None
+    except ValueError as e:  # too large
+        raise CorpusError(str(e)) from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: {what} is not UTF-8 text ({e.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def read_head(path: Path, chars: int) -> str:
+    """The first ``chars`` characters of a UTF-8 text file (to tell its format), opened as every file is
+    (:func:`captioner.files.open_regular`: a FIFO or a device is a ValueError naming it, never a hang)."""
+    with io.TextIOWrapper(open_regular(path, "the caption file"), encoding="utf-8-sig") as f:
+        return f.read(chars)
 
 
 def load_json(path: Path, what: str) -> Any:

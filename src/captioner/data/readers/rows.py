@@ -15,6 +15,7 @@ from captioner.data.readers.builder import (
     check_image_dir,
     check_ratios,
     image_name_problem,
+    read_head,
     read_text_lines,
 )
 
@@ -104,9 +105,8 @@ def _looks_like_jsonl(path: Path) -> bool:
     if suffix in (".csv", ".txt", ".tsv"):
         return False
     try:
-        with path.open("r", encoding="utf-8-sig") as f:
-            head = f.read(4096)
-    except (OSError, UnicodeDecodeError):
+        head = read_head(path, 4096)
+    except (OSError, ValueError):  # UnicodeDecodeError, not a regular file
         return False  # the CSV reader reports the problem
     return head.lstrip().startswith("{")
 
