@@ -97,3 +97,18 @@ def test_japanese_synthetic_data_is_learned_through_the_cli(tmp_path, capsys):
     assert main(["caption", str(image), "--model", str(run / "best"), "--json"]) == 0
     caption = json.loads(capsys.readouterr().out)["caption"]
     assert "の" in caption and "にある" in caption and " " not in caption, caption  # shown without spaces
+
+
+def test_an_english_only_validation_metric_is_refused_for_japanese_captions_before_training(tmp_path, capsys):
+    """val_metric=METEOR on Japanese captions: METEOR is not computed for them, so training refuses it at
+    once instead of failing after the first epoch (a KeyError before)."""
+    prepared = _prepare(tmp_path, "ja", n=30)
+    corpus, features = prepared / "corpus.json", tmp_path / "features"
+    assert main(["features", "--corpus", str(corpus), "--out", str(features), "--workers", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    status = main(["train", f"out_dir={run}", f"data.corpus={corpus}", f"data.features={features}", *SAT,
+                   "val_metric=METEOR"])
+    err = capsys.readouterr().err
+    assert status == 2 and "val_metric=METEOR" in err and "are not English; use CIDEr-D or BLEU-4" in err, err
+    assert not (run / "last.pt").exists()

@@ -11,6 +11,7 @@ import argparse
 from typing import Any, Callable
 
 from captioner.cli.args import nonneg_float, nonneg_int, positive, positive_float
+from captioner.inference import DEFAULT_MODEL
 from captioner.serving.config import LIMITS, Limit, ServeConfig
 
 
@@ -39,7 +40,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                    "never fetches URLs.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free port)")
-    s.add_argument("--model", default="flickr8k-sat", help="model directory or bundled model name")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="model directory or bundled model name")
     defaults = ServeConfig()
     groups: dict[str, Any] = {}
     for limit in LIMITS.values():
@@ -64,5 +65,5 @@ def run(a: argparse.Namespace) -> int:
     from captioner.serving.server import serve  # torch and the model: not for `captioner --help`
 
     cfg = ServeConfig.from_flags({**vars(a), **({"max_batch": 1} if a.no_batching else {})})
-    return serve(a.model, cfg.checked(), host=a.host, port=a.port, log_level=a.log_level, threads=a.threads,
+    return serve(a.model, cfg, host=a.host, port=a.port, log_level=a.log_level, threads=a.threads,
                  processes=a.processes)

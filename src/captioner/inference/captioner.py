@@ -127,7 +127,10 @@ class Captioner:
                         seed_offset: int = 0, **overrides: Any):
         """Hypotheses per image for a batch of encoder features (B, P, C). A model whose log-probabilities
         hold NaN or infinity is a :class:`~captioner.decoding.search.NonFiniteError` (a ValueError) naming it."""
-        s = self.decoding_settings(settings, **overrides)
+        return self._decode(features, self.decoding_settings(settings, **overrides), seed_offset)
+
+    def _decode(self, features: torch.Tensor, s: DecodingSettings, seed_offset: int):
+        """decode_features with settings already checked."""
         try:
             with autocast(self.device, self.precision):
                 return generate(self.decoder, self.vocab, features.to(self.device), s, seed_offset=seed_offset)
@@ -173,7 +176,7 @@ class Captioner:
         for batch, feats in self._encoded(batches):
             hyps = []
             if feats is not None:
-                hyps = self.decode_features(feats, s, seed_offset=seed_offset + readable)
+                hyps = self._decode(feats, s, seed_offset + readable)
                 readable += len(feats)
             it = iter(hyps)
             for p in batch:

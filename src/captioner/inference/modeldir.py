@@ -28,7 +28,6 @@ from captioner.files import (METADATA_BYTES, WEIGHTS_BYTES, FileTooLargeError, N
 from captioner.data.text import Vocab
 from captioner.decoding.settings import SETTINGS
 from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
-from captioner.inference import DEFAULT_MODEL
 from captioner.models import build_decoder, get_architecture
 from captioner.models.base import Decoder
 

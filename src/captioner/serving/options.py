@@ -56,7 +56,7 @@ def parse_option(s: Setting, text: str, cfg: ServeConfig) -> Any:
     """The value of one option's ``text``, checked against its bounds on this server; OptionError if bad."""
     bounded, note = _on_server(s, cfg)
     try:
-        value = dataclasses.replace(bounded, low=None, high=None).parse(text)  # a bool, a whole or a finite number
+        value = bounded.parse(text, check=False)  # a bool, a whole or a finite number; bounds below
     except ValueError as e:
         raise OptionError(str(e)) from None
     try:

@@ -1,6 +1,7 @@
 """Running the server: the listening socket, then the model loaded and served under uvicorn until
 interrupted (`captioner serve`)."""
 
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def serve(model_name: str, cfg: ServeConfig, *, host: str = "127.0.0.1", port: i
         name = display_name(model, model_name)
         print(running.started_line(name, model, sock, cfg, processes), flush=True)
         if processes == 1:
-            running.run_one(model, name, cfg, sock, log_level)
+            running.run_one(model, name, dataclasses.replace(cfg, warm_up=False), sock, log_level)  # warmed up above
             return 0
         del model
         return running.run_many(model_name, name, cfg, sock, log_level, processes, threads)

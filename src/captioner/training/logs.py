@@ -4,25 +4,19 @@ score per epoch), both rewritten whole from the checkpointed history."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from captioner.data.text import write_text_atomic
 from captioner.training.config import TrainError
 
 
 def write_logs(history: list[dict], out: Path, metric: str) -> None:
     """metrics.jsonl and curves.png, rewritten whole from the checkpointed history (no duplicates on resume)."""
-    tmp = out / "metrics.jsonl.tmp"
     try:
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        os.replace(tmp, out / "metrics.jsonl")
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         if history:
             plot_curves(history, out / "curves.png", metric)
     except OSError as e:  # full disk: the checkpoint holds the history, --resume writes the logs again
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise TrainError(f"{out}: cannot write metrics.jsonl / curves.png ({e.strerror or e}); the checkpoint "
                          "holds them: free some space, then --resume writes them again") from None
 

@@ -49,7 +49,8 @@ from captioner.data.features import FeatureStore
 from captioner.data.prepare import check_vocab_matches
 from captioner.data.text import Vocab
 from captioner.evaluation.evaluate import decode_images
-from captioner.evaluation.metrics import compute_metrics
+from captioner.evaluation.metrics import ENGLISH_ONLY, compute_metrics
+from captioner.evaluation.tokenization import choose_tokenizer
 from captioner.inference.modeldir import load_model_dir
 from captioner.models import build_decoder
 from captioner.runtime.devices import resolve_device
@@ -159,6 +160,9 @@ def _setup(cfg: TrainConfig, group: Group, resume: bool, out: Path) -> Run:
     enc = store.meta["encoder"]
     train_data = CaptionData(corpus, vocab, store, cfg.data.train_split, cfg.data.max_len)
     val_data = CaptionData(corpus, vocab, store, cfg.data.val_split, cfg.data.max_len)
+    if cfg.val_metric in ENGLISH_ONLY and choose_tokenizer("auto", val_data.refs) != "ptb":
+        raise TrainError(f"val_metric={cfg.val_metric}: {ENGLISH_ONLY[cfg.val_metric]}, and the captions of "
+                         f"{cfg.data.corpus} are not English; use CIDEr-D or BLEU-4")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP copies rank 0's anyway)
     random.seed(cfg.seed)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from captioner.data.captions import CaptionData
 from captioner.data.text import Vocab
+from captioner.decoding.search import NonFiniteError
 from captioner.decoding.settings import banned_ids
 from captioner.runtime.devices import autocast, module_device
 from captioner.runtime.distributed import Group
@@ -60,10 +61,15 @@ class BatchLoss(torch.nn.Module):
         share = len(mine) / len(batch)
         if self.cider is not None:
             images = [self.data.images[i] for i in mine.tolist()]
-            with autocast(device, precision):
-                loss, reward, baseline = scst_loss(self.decoder, self.data.features(mine).to(device), images,
-                                                   self.cider, self.vocab.itos, start_id=self.vocab.start_id,
-                                                   end_id=self.vocab.end_id, cfg=self.cfg.scst, banned=self.banned)
+            try:
+                with autocast(device, precision):
+                    loss, reward, baseline = scst_loss(self.decoder, self.data.features(mine).to(device), images,
+                                                       self.cider, self.vocab.itos, start_id=self.vocab.start_id,
+                                                       end_id=self.vocab.end_id, cfg=self.cfg.scst,
+                                                       banned=self.banned)
+            except NonFiniteError:  # diverged weights: a NaN loss, which stops every rank with the run's message
+                nan = torch.tensor(float("nan"), device=device)
+                return nan, {"reward": float("nan"), "baseline": float("nan")}
             return loss * share, {"reward": reward * share, "baseline": baseline * share}
         feats, tokens, lengths = (t.to(device) for t in self.data.batch(mine))
         with autocast(device, precision):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from captioner.checks import shown
 from captioner.config import deep_update, from_dict
-from captioner.data.text import write_text_atomic
-from captioner.files import METADATA_BYTES, WEIGHTS_BYTES, open_regular, read_text
+from captioner.data.text import read_json_file, write_text_atomic
+from captioner.files import METADATA_BYTES, WEIGHTS_BYTES, open_regular
 from captioner.training.config import DataConfig, TrainConfig, TrainError, check_run
 from captioner.training.outdir import check_out_dir
 
@@ -91,7 +91,8 @@ def same_start_model(stage: TrainConfig, rank: int) -> None:
     record = Path(stage.out_dir) / "started_from.json"
     digest = _sha256(Path(stage.init_from) / "model.safetensors")
     if record.exists() and (Path(stage.out_dir) / "last.pt").exists():
-        if json.loads(read_text(record, "the stage's record", METADATA_BYTES)).get("sha256") != digest:
+        recorded = read_json_file(record, what="the stage's record", max_bytes=METADATA_BYTES)
+        if not isinstance(recorded, dict) or recorded.get("sha256") != digest:
             raise TrainError(f"{stage.out_dir} started from an earlier {stage.init_from} than the one there now "
                              "(the stage before it has trained on since and found a better model): remove "
                              f"{stage.out_dir} to train this stage again from the new one")
