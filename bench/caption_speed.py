@@ -5,11 +5,15 @@ On the first N Flickr8k test photos (Karpathy split), in one run:
   `captioner features --images` over the same photos (a process): images/s of each, and the ratio
   of caption at beam 3 to features;
 - the encoder alone with `Captioner.iter_captions`'s own image pipeline (a decoding worker, 16 at a time);
+- `caption --json --beam 3` with `--concepts auto` against `--concepts off` (three alternating rounds, each
+  a whole process; the median ratio of images/s), on the same photos and on coco-dev's 126 photos (out of
+  domain: more captions are searched again for their concepts) when that folder exists;
 - decoder only, beam 3, on the same features: batched beam search (16 images per call) against a
   per-image beam search, with the largest score difference and whether the captions agree (three
   interleaved rounds; the fastest of each kind gives the ratio, each round's ratio is listed too).
 
-    python bench/caption_speed.py [--flickr8k ../shared/datasets/flickr8k] [--n 500]
+    python bench/caption_speed.py [--flickr8k ../shared/datasets/flickr8k] [--n 500] \
+        [--coco-dev ../shared/datasets/coco-dev]
 """
 
 from __future__ import annotations
@@ -43,10 +47,25 @@ def timed(cmd: list[str], stdin: str | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def concepts_on_vs_off(paths: list[str]) -> dict:
+    """images/s of `caption --beam 3 --json` with concepts on and off, alternating rounds; the median ratio."""
+    rates: dict[str, list[float]] = {"auto": [], "off": []}
+    for _ in range(ROUNDS):
+        for mode in ("off", "auto"):
+            secs = timed([str(BIN / "captioner"), "caption", "-", "--json", "--beam", "3", "--concepts", mode],
+                         stdin="\n".join(paths))
+            rates[mode].append(len(paths) / secs)
+    ratios = sorted(on / off for on, off in zip(rates["auto"], rates["off"]))
+    return {"images": len(paths), "off_images_per_s": [round(x, 1) for x in rates["off"]],
+            "auto_images_per_s": [round(x, 1) for x in rates["auto"]],
+            "auto_vs_off_median": round(ratios[len(ratios) // 2], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flickr8k", default="../shared/datasets/flickr8k")
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--coco-dev", default="../shared/datasets/coco-dev")
     a = ap.parse_args()
     from captioner.decoding.search import decode
     from captioner.inference.captioner import Captioner, _as_list, _PrepareDataset
@@ -73,6 +92,10 @@ def main() -> None:
         secs = timed([str(BIN / "captioner"), "caption", "-", "--json", "--beam", str(k)], stdin="\n".join(paths))
         res[f"caption_beam{k}_images_per_s"] = round(len(paths) / secs, 1)
     res["caption_beam3_vs_features"] = round(res["caption_beam3_images_per_s"] / res["features_images_per_s"], 2)
+    res["concepts"] = {"flickr8k_test": concepts_on_vs_off(paths)}
+    coco = sorted(str(p) for p in (Path(a.coco_dev) / "images").glob("*.jpg"))
+    if coco:
+        res["concepts"]["coco_dev"] = concepts_on_vs_off(coco)
 
     model = Captioner.from_pretrained()
     t0 = time.perf_counter()

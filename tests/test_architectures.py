@@ -1,17 +1,24 @@
 """Every registered architecture through the command line on the synthetic shapes dataset:
 `captioner train arch=NAME` learns it, and `captioner evaluate` / `captioner caption` work
-with the model directory it writes."""
+with the model directory it writes, guided decoding (--mention, --concepts) included."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 
 from captioner.cli.main import main
 from captioner.data.corpus import Corpus
+from captioner.data.features import FeatureStore
+from captioner.data.synthetic import COLORS, SHAPES
 from captioner.evaluation.metrics import compute_metrics
+from captioner.inference.captioner import Captioner
 from captioner.models import available_architectures
 
 # Sizes small enough for a 6-epoch run in seconds; the optimiser settings are the trainer's
@@ -40,13 +47,30 @@ def blind_cider(synthetic) -> float:
     return compute_metrics(refs, {k: blind for k in refs}, metrics=["CIDEr-D"]).scores["CIDEr-D"]
 
 
+@pytest.fixture(scope="module")
+def trained(synthetic, tmp_path_factory):
+    """``trained(arch)`` -> (run directory, training log): each architecture trained once for this module."""
+    runs: dict[str, tuple[Path, str]] = {}
+
+    def train(arch: str) -> tuple[Path, str]:
+        if arch not in runs:
+            run = tmp_path_factory.mktemp(f"run-{arch}")
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                status = main(["train", f"arch={arch}", f"out_dir={run}", f"data.corpus={synthetic.corpus}",
+                               f"data.features={synthetic.features}", "data.max_len=12", "optim.epochs=6",
+                               "optim.lr=3e-3", "optim.batch_size=32", "progress=false", *SIZES[arch]])
+            assert status == 0, log.getvalue()[-2000:]
+            runs[arch] = (run, log.getvalue())
+        return runs[arch]
+
+    return train
+
+
 @pytest.mark.parametrize("arch", available_architectures())
-def test_architecture_learns_the_synthetic_data_through_the_cli(arch, synthetic, blind_cider, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", f"arch={arch}", f"out_dir={run}", f"data.corpus={synthetic.corpus}",
-                 f"data.features={synthetic.features}", "data.max_len=12", "optim.epochs=6", "optim.lr=3e-3",
-                 "optim.batch_size=32", "progress=false", *SIZES[arch]]) == 0
-    log = capsys.readouterr().out
+def test_architecture_learns_the_synthetic_data_through_the_cli(arch, synthetic, trained, blind_cider, tmp_path,
+                                                               capsys):
+    run, log = trained(arch)
     if arch == "merge":  # pretrained word vectors by default, and the log counts the words they lack
         assert "word vectors glove-6b-50d:" in log and "initialised randomly" in log
 
@@ -63,3 +87,29 @@ def test_architecture_learns_the_synthetic_data_through_the_cli(arch, synthetic,
     assert main(["caption", str(image), "--model", str(run / "best"), "--json", "--n-best", "2"]) == 0
     line = json.loads(capsys.readouterr().out)
     assert line["caption"] and len(line["n_best"]) == 2
+
+
+def _caption(args: list[str], capsys) -> dict:
+    capsys.readouterr()
+    assert main(["caption", *args, "--json", "--quiet"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("arch", available_architectures())
+def test_every_architecture_says_the_words_it_is_asked_for(arch, synthetic, trained, capsys):
+    """The guided-decoding contract: ``--mention WORD`` puts WORD in the caption, for a word of the model's
+    vocabulary that its caption lacks and for a word it was never taught (GloVe knows it), and ``--concepts
+    auto`` runs, whatever the architecture."""
+    best = trained(arch)[0] / "best"
+    item = Corpus.load(synthetic.corpus).split("test")[1]
+    image = str(synthetic.root / "shapes" / "images" / item.image)
+    model = Captioner.from_pretrained(best)  # its plain caption, from the stored features (no encoder to build)
+    feats = torch.tensor(FeatureStore.open(synthetic.features).get(item.image), dtype=torch.float32).unsqueeze(0)
+    plain = model.vocab.decode(model.decode_features(feats)[0][0].tokens)
+    known = next(w for w in [*COLORS, *SHAPES] if w not in plain and w in model.vocab)
+    assert "giraffe" not in model.vocab
+    for word in (known, "giraffe"):
+        line = _caption([image, "--model", str(best), "--mention", word], capsys)
+        assert word in line["caption"].split(), (word, plain, line)
+    line = _caption([image, "--model", str(best), "--concepts", "auto"], capsys)
+    assert line["caption"] and isinstance(line["concepts"], list)  # the encoder (Lite0) has a classifier

@@ -132,6 +132,14 @@ def test_health_models_page_and_openapi(model):
         spec = c.get("/openapi.json").json()
         body = spec["paths"]["/v1/captions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert "images" in body["properties"] and "beam" in body["properties"]
+        props = body["properties"]
+        assert props["concepts"]["enum"] == ["auto", "off"] and "classifier" in props["concepts"]["description"]
+        assert "comma-separated" in props["mention"]["description"] and "repeated" in props["mention"]["description"]
+        for option in ("concept_threshold", "max_concepts", "concept_ban"):
+            assert option in body["properties"], option
+        assert "concepts" in spec["components"]["schemas"]["ImageResult"]["properties"]
+        # the page's toggle starts from the model's own decoding defaults
+        assert info["decoding"]["concepts"] == model.settings.concepts and info["concepts"] is True
         assert c.get("/docs").status_code == 200
 
 
@@ -212,6 +220,14 @@ BAD_OPTIONS = [  # (query or form fields, words the message must contain)
     ({"seed": "3"}, ["seed", "sample"]),
     ({"seed": "-3", "sample": "yes"}, ["seed -3"]),
     ({"beams": "5"}, ["unknown option 'beams'", "beam, n_best"]),
+    ({"concepts": "maybe"}, ["concepts 'maybe'", "auto, off"]),
+    ({"concept_threshold": "1.5"}, ["concept_threshold 1.5", "from 0.05 to 1.0"]),
+    ({"max_concepts": "4"}, ["max_concepts 4", "from 1 to 3"]),
+    ({"concept_ban": "-0.1"}, ["concept_ban -0.1"]),
+    ({"mention": "a,b,c,d"}, ["mention 'a,b,c,d'", "at most 3 words"]),
+    ({"mention": "dog, dog"}, ["mention 'dog, dog'", "listed twice"]),
+    ({"mention": "dog", "sample": "true"}, ["mention", "beam search", "sampling"]),
+    ({"concepts": "auto", "sample": "true"}, ["concepts", "beam search", "sampling"]),
 ]
 
 
@@ -237,6 +253,10 @@ def _good_value(s, model, cfg: ServeConfig):
     """A value of the setting ``s`` within its bounds on the server ``cfg`` and unlike the model's default."""
     if s.kind is bool:
         return True
+    if s.kind is str:
+        return next(c for c in s.choices if c != getattr(model.settings, s.name))
+    if s.kind is tuple:
+        return ("dog", "grass")  # words the model knows
     high = _server_high(s, cfg)
     step = 1 if s.kind is int or high is None else (high - s.low) / 4
     for value in (s.low + step, s.low + 2 * step):
@@ -250,9 +270,18 @@ def _bad_values(s, cfg: ServeConfig) -> list:
     """Values of the setting ``s`` out of its bounds on the server ``cfg`` (a bool: a value that is not one)."""
     if s.kind is bool:
         return ["maybe"]
+    if s.kind is str:
+        return ["sometimes"]
+    if s.kind is tuple:
+        return ["a,b,c,d", "dog,dog", "x" * 41]
     step = 1 if s.kind is int else 0.5
     high = _server_high(s, cfg)
     return [s.low - step] + ([] if high is None else [high + step])
+
+
+def _text(value) -> str:
+    """A setting's value as a form field: "true", "3", "auto", "dog,grass"."""
+    return ",".join(value) if isinstance(value, tuple) else str(value).lower()
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -269,7 +298,7 @@ def test_every_decoding_setting_is_a_rest_option_that_reaches_the_decoder(strict
     monkeypatch.setattr(model, "caption", spy)
     context = {"sample": "true"} if s.applies == "sample" else {}
     value = _good_value(s, model, cfg)
-    r = post(strict, [GOOD], data={**context, s.option: str(value).lower()})
+    r = post(strict, [GOOD], data={**context, s.option: _text(value)})
     assert r.status_code == 200, r.text
     assert getattr(seen[-1], name) == value and getattr(model.settings, name) != value
     for bad in _bad_values(s, cfg):
@@ -280,8 +309,61 @@ def test_every_decoding_setting_is_a_rest_option_that_reaches_the_decoder(strict
             assert error.startswith(f"bad option: {s.option} ") or error.startswith(f"bad option: {s.option}:"), error
             assert str(bad) in error, error
             limit = getattr(cfg, s.server_limit) if s.server_limit else None
-            if limit is not None and bad > limit:
+            if limit is not None and s.kind in (int, float) and bad > limit:
                 assert f"on this server ({LIMITS[s.server_limit].flag} {limit})" in error, error
+
+
+def test_concepts_and_mentions_reach_the_decoder_and_the_answer(client, model):
+    """concepts=auto names the cat the classifier sees; mention puts the words asked for in the caption,
+    sent comma-separated or as repeated fields (form or query); each result carries its concepts."""
+    chelsea = [("chelsea.png", example("chelsea.png"), "image/png")]
+    plain = post(client, chelsea, data={"concepts": "off"}).json()["results"][0]
+    assert "cat" not in plain["words"] and plain["concepts"][0]["word"] == "cat"  # seen, but not said
+    auto = post(client, chelsea, data={"concepts": "auto"})
+    assert auto.status_code == 200, auto.text
+    (res,) = auto.json()["results"]
+    want = model.caption(example("chelsea.png"), concepts="auto")[0]
+    assert "cat" in res["words"] and res["caption"] == want.caption
+    assert res["concepts"] == [{"word": w, "confidence": c} for w, c in want.concepts]
+    assert res["concepts"][0]["word"] == "cat" and res["concepts"][0]["confidence"] > 0.5
+    captions = []
+    for kw in ({"data": {"mention": "bicycle,dog"}}, {"data": {"mention": ["bicycle", "dog"]}},
+               {"params": [("mention", "bicycle"), ("mention", "dog")]}, {"params": {"mention": "bicycle dog"}},
+               {"data": {"mention": "bicycle,dog"}, "params": {"mention": "bicycle,dog"}}):
+        r = post(client, chelsea, **kw)
+        assert r.status_code == 200, (kw, r.text)
+        captions.append(r.json()["results"][0]["words"])
+    assert all(c == captions[0] for c in captions) and {"bicycle", "dog"} <= set(captions[0])
+    assert captions[0] == model.caption(example("chelsea.png"), mention=("bicycle", "dog"))[0].words
+    r = post(client, chelsea, data={"mention": "bicycle"}, params={"mention": "dog"})
+    assert r.status_code == 400 and "given twice with different values" in r.json()["error"]
+
+
+def test_a_mention_the_model_cannot_say_is_a_400_and_spares_the_others_of_its_batch(model, caplog):
+    """Requests asking for different words never share a model call; the ones asking for a word the model
+    cannot say (not in its vocabulary, its extension or the word vectors) get a 400 naming it, the others
+    of the same gathering their captions."""
+    app = create_app(model, ServeConfig(max_batch=8, max_wait_ms=1000, **FAST))
+    photos = [png_bytes(color=(50 * k, 90, 200 - 40 * k)) for k in range(5)]
+    reqs = [_one("p0.png", photos[0]), _one("p1.png", photos[1], mention="bicycle"),
+            _one("p2.png", photos[2], mention="xyzzyq"), _one("p3.png", photos[3], mention="ball"),
+            _one("p4.png", photos[4], mention="xyzzyq"), _one("p5.png", photos[0])]
+    try:
+        responses = asyncio.run(_gather(app, reqs))
+        assert [r.status_code for r in responses] == [200, 200, 400, 200, 400, 200], [r.text for r in responses]
+        for k in (2, 4):
+            error = responses[k].json()["error"]
+            assert error.startswith("bad option: mention xyzzyq:") and "word vectors" in error, error
+        words = [r.json()["results"][0]["words"] if r.status_code == 200 else None for r in responses]
+        assert "bicycle" in words[1] and "ball" not in words[1] and "ball" in words[3] and "bicycle" not in words[3]
+        assert words[1] == model.caption(photos[1], mention=("bicycle",))[0].words
+        assert [words[0], words[5]] == [r.words for r in model.caption([photos[0], photos[0]])]
+        assert sorted(app.state.batcher.batch_sizes) == [1, 1, 2]  # one call per setting; the failed one counts none
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]  # the client's error, not the server's
+        again = asyncio.run(_gather(app, [_one("p.png", photos[0])]))
+        assert again[0].status_code == 200
+    finally:
+        app.state.batcher.close()
 
 
 def test_malformed_requests_get_a_400_that_says_what_to_send(strict):
@@ -476,7 +558,7 @@ def test_captioner_serve_runs_uvicorn_on_loopback_and_stops_on_ctrl_c():
                 time.sleep(0.1)
         assert health.status_code == 200
         r = httpx.post(url + "v1/captions", files={"images": ("chelsea.png", example("chelsea.png"))}, timeout=30)
-        assert r.status_code == 200 and r.json()["results"][0]["caption"] == "a small white dog is playing with a toy"
+        assert r.status_code == 200 and r.json()["results"][0]["caption"] == "a small white cat is playing with a toy"
     finally:
         proc.send_signal(signal.SIGINT)
         try:

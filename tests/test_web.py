@@ -1,10 +1,15 @@
 """The web page end to end, in a real browser: the server runs under uvicorn on 127.0.0.1 and Debian's
 chromium (driven by Playwright, headless) opens the page, uploads a photo, waits for the caption,
-hovers and taps words, and checks the attention overlay is drawn on the photo's canvas.
+hovers and taps words, and checks the attention overlay is drawn on the photo's canvas, the concepts the
+classifier sees are listed, and the "Name what it sees" and "Must mention" options reach the caption.
 
 The browser is /usr/bin/chromium (`apt-get install chromium`; `make test` installs it; another path
 with CAPTIONER_CHROMIUM). Without it these tests FAIL and say so: they never skip.
-CAPTIONER_SERVE_SCREENSHOT=docs/serve-page.png also saves the desktop screenshot there (the README's)."""
+CAPTIONER_SERVE_SCREENSHOT=docs/serve-page.png also saves the desktop screenshot there (the README's: the
+bundled model on examples/chelsea.png with "Name what it sees" on, the attention map of "cat" laid over it):
+
+    CAPTIONER_SERVE_SCREENSHOT=docs/serve-page.png .venv/bin/python -m pytest -q tests/test_web.py -k overlays
+"""
 
 from __future__ import annotations
 
@@ -43,10 +48,31 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def sat_url():
+def sat():
+    """The bundled model's app, served: (app, url)."""
     app = create_app(Captioner.from_pretrained("flickr8k-sat"), ServeConfig())
     with ServerThread(app) as url:
-        yield url
+        yield app, url
+
+
+@pytest.fixture(scope="module")
+def sat_url(sat):
+    return sat[1]
+
+
+@pytest.fixture
+def decoded(sat, monkeypatch) -> list:
+    """The decoding settings of each request the served app takes from now on (the browser does not give
+    away the multipart bodies it sends)."""
+    batcher, seen = sat[0].state.batcher, []
+    submit = batcher.submit
+
+    def spy(images, settings):
+        seen.append(settings)
+        return submit(images, settings)
+
+    monkeypatch.setattr(batcher, "submit", spy)
+    return seen
 
 
 def _page(browser, **context):
@@ -70,21 +96,42 @@ def _pixels(page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
-def _upload(page, url, photo: Path):
+def _open(page, url):
     page.goto(url)
     page.wait_for_function("document.getElementById('model').textContent.startsWith('Model ')")
+
+
+def _upload(page, url, photo: Path, *, concepts: bool | None = None):
+    """Open the page, set "Name what it sees" (None: leave it as the page set it), choose the photo and wait
+    for its caption."""
+    _open(page, url)
+    if concepts is not None:
+        page.set_checked("#concepts", concepts)
     page.set_input_files("#file", str(photo))
     page.wait_for_selector(".chip", timeout=60_000)
 
 
+def _concepts(page) -> list[tuple[str, str]]:
+    """The concept chips under the caption: (word, confidence as shown)."""
+    return list(zip(page.locator(".concept-word").all_inner_texts(), page.locator(".confidence").all_inner_texts()))
+
+
+def _recaptioned(page, action) -> None:
+    """Do ``action`` (which sends the photo again) and wait for the new answer to be shown."""
+    with page.expect_response("**/v1/captions", timeout=60_000):
+        action()
+    page.wait_for_function("document.body.dataset.state !== 'busy'")
+
+
 def test_page_captions_a_photo_and_overlays_each_words_attention(browser, sat_url, tmp_path):
     page = _page(browser, viewport={"width": 1100, "height": 760})
-    _upload(page, sat_url, EXAMPLES / "chelsea.png")
+    _upload(page, sat_url, EXAMPLES / "chelsea.png", concepts=True)
     words = page.locator(".chip").all_inner_texts()
-    assert " ".join(words) == "a small white dog is playing with a toy"  # the bundled model's caption (README)
+    assert " ".join(words) == "a small white cat is playing with a toy"  # the bundled model's caption (README)
     n_best = page.locator("#nbest li").all_inner_texts()
-    assert len(n_best) == 3 and n_best[0].startswith("a small white dog is playing with a toy")
-    dog_chip, toy_chip = f".chip >> nth={words.index('dog')}", f".chip >> nth={words.index('toy')}"
+    assert len(n_best) == 3 and n_best[0].startswith("a small white cat is playing with a toy")
+    assert _concepts(page) == [("cat", "95 %")]  # what the classifier sees, under the caption
+    dog_chip, toy_chip = f".chip >> nth={words.index('cat')}", f".chip >> nth={words.index('toy')}"
     assert "chelsea.png" in page.inner_text("#status")
 
     photo = _pixels(page)
@@ -94,7 +141,7 @@ def test_page_captions_a_photo_and_overlays_each_words_attention(browser, sat_ur
     dog = _pixels(page)
     changed = np.abs(dog - photo).max(axis=-1) > 8
     assert changed.mean() > 0.5, "the overlay should tint most of the photo (jet colours at 50 %)"
-    assert "dog" in page.inner_text("#legend")
+    assert "cat" in page.inner_text("#legend")
     page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
     if os.environ.get("CAPTIONER_SERVE_SCREENSHOT"):
         shutil.copy(tmp_path / "serve-page.png", os.environ["CAPTIONER_SERVE_SCREENSHOT"])
@@ -111,6 +158,61 @@ def test_page_captions_a_photo_and_overlays_each_words_attention(browser, sat_ur
     page.hover("h1")
     assert np.array_equal(_pixels(page), photo)
     assert page.errors == []
+
+
+def test_the_concepts_are_listed_and_name_what_it_sees_puts_them_in_the_caption(browser, sat_url, decoded):
+    page = _page(browser, viewport={"width": 1100, "height": 760})
+    _upload(page, sat_url, EXAMPLES / "chelsea.png", concepts=False)
+    assert page.locator(".chip").all_inner_texts()[3] == "dog"  # the model's own caption: a dog
+    seen = page.locator(".concept")
+    assert _concepts(page) == [("cat", "95 %")] and "said" not in seen.first.get_attribute("class")
+    assert "It sees" in page.inner_text("#seen")
+
+    assert decoded[-1].concepts == "off"
+    _recaptioned(page, lambda: page.check("#concepts"))  # the toggle sends the photo again
+    assert len(decoded) == 2 and decoded[-1].concepts == "auto"
+    assert " ".join(page.locator(".chip").all_inner_texts()) == "a small white cat is playing with a toy"
+    assert "said" in seen.first.get_attribute("class")  # the concept the caption names
+    _recaptioned(page, lambda: page.uncheck("#concepts"))
+    assert decoded[-1].concepts == "off" and "dog" in page.locator(".chip").all_inner_texts()
+    assert page.errors == []
+
+
+def test_name_what_it_sees_starts_as_the_models_default(browser, sat_url):
+    page = _page(browser)
+    _open(page, sat_url)
+    default = Captioner.from_pretrained("flickr8k-sat").settings.concepts
+    assert page.is_checked("#concepts") == (default == "auto") and page.is_enabled("#concepts")
+    auto = Captioner.from_pretrained("flickr8k-sat")
+    auto.settings = auto.settings.replace(concepts="auto" if default == "off" else "off")
+    with ServerThread(create_app(auto, ServeConfig())) as url:
+        _open(page, url)
+        assert page.is_checked("#concepts") == (default == "off")
+    assert page.errors == []
+
+
+def test_a_mention_typed_in_is_in_the_caption_and_a_word_it_cannot_say_is_the_servers_message(browser, sat_url,
+                                                                                              decoded):
+    page = _page(browser, viewport={"width": 1100, "height": 760})
+    _upload(page, sat_url, EXAMPLES / "chelsea.png")
+    page.fill("#mention", "bicycle, ball")
+    _recaptioned(page, lambda: page.press("#mention", "Enter"))
+    assert len(decoded) == 2 and decoded[-1].mention == ("bicycle", "ball")
+    words = page.locator(".chip").all_inner_texts()
+    assert "bicycle" in words and "ball" in words
+    assert "asked" in page.get_attribute(f".chip >> nth={words.index('bicycle')}", "class")
+    assert page.locator("#nbest li").count() == 3
+
+    page.fill("#mention", "xyzzyq")
+    _recaptioned(page, lambda: page.press("#mention", "Enter"))
+    page.wait_for_selector("#status.error")
+    assert "mention xyzzyq: not a word the word vectors" in page.inner_text("#status")
+    assert page.is_hidden("#result")
+    page.fill("#mention", "")
+    _recaptioned(page, lambda: page.press("#mention", "Enter"))  # the same photo, without the word
+    assert len(decoded) == 4 and decoded[-1].mention == ()
+    assert page.is_visible("#result") and "bicycle" not in page.locator(".chip").all_inner_texts()
+    assert not [e for e in page.errors if "status of 400" not in e]
 
 
 def test_the_overlay_map_is_the_figures_map(browser, sat_url):

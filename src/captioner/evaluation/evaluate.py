@@ -16,25 +16,29 @@ from captioner.data.features import FeatureStore
 from captioner.evaluation.metrics import METRIC_NAMES, compute_metrics
 from captioner.decoding.search import NonFiniteError, generate
 from captioner.decoding.settings import EVALUATION_BEAMS, DecodingSettings
-from captioner.inference.modeldir import load_model_dir
+from captioner.inference.extension_file import ExtensionFileError, load_extension
+from captioner.inference.guidance import Guide
+from captioner.inference.modeldir import ModelDirError, load_model_dir, resolve_model_path
 
 
 def evaluate_split(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSettings, *,
                    batch_size: int = 100, metrics=None, limit: int = 0,
-                   precision: str = "fp32") -> tuple[dict, dict[str, str], dict[str, str]]:
+                   precision: str = "fp32", guide: Guide | None = None) -> tuple[dict, dict[str, str], dict[str, str]]:
     """Decode the images of ``data`` with ``settings`` and score them against their references.
 
-    Decoding runs where the decoder's weights are (each batch of features is moved there).
+    Decoding runs where the decoder's weights are (each batch of features is moved there); with a
+    ``guide``, concepts and mentions are used as `captioner caption` uses them.
     Returns (scores, candidate caption per image, metric -> why it could not be computed)."""
     n = len(data.images) if not limit else min(limit, len(data.images))
-    cands = decode_images(decoder, vocab, data, settings, range(n), batch_size=batch_size, precision=precision)
+    cands = decode_images(decoder, vocab, data, settings, range(n), batch_size=batch_size, precision=precision,
+                          guide=guide)
     refs = {k: data.refs[k] for k in cands}
     res = compute_metrics(refs, cands, metrics=metrics)
     return res.scores, cands, dict(res.unavailable)
 
 
 def decode_images(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSettings, positions: range, *,
-                  batch_size: int = 100, precision: str = "fp32") -> dict[str, str]:
+                  batch_size: int = 100, precision: str = "fp32", guide: Guide | None = None) -> dict[str, str]:
     """The best caption of each image ``data.images[i]`` for i in ``positions`` (a range: a share of
     the split under torchrun), in that order. Image i draws from the random stream of seed offset i
     when sampling, whatever share it is in."""
@@ -43,9 +47,13 @@ def decode_images(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSe
     for i in range(positions.start, positions.stop, batch_size):
         feats = data.features(slice(i, min(positions.stop, i + batch_size))).to(device)
         with autocast(device, precision):
-            hyps = generate(decoder, vocab, feats, settings, seed_offset=i)
+            if guide is not None:
+                hyps, _ = guide.generate(feats, settings, seed_offset=i)
+            else:
+                hyps = generate(decoder, vocab, feats, settings, seed_offset=i)
+        words = guide.vocab if guide is not None else vocab
         for j, h in enumerate(hyps):
-            cands[data.images[i + j]] = join_tokens(vocab.decode(h[0].tokens))
+            cands[data.images[i + j]] = join_tokens(words.decode(h[0].tokens))
     return cands
 
 
@@ -72,6 +80,10 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
     check_precision(precision, dev)
     decoder, vocab, cfg = load_model_dir(model)
     decoder.to(dev)
+    try:
+        guide = Guide(decoder, vocab, cfg, load_extension(resolve_model_path(model), decoder, vocab, cfg))
+    except ExtensionFileError as e:
+        raise ModelDirError(str(e)) from None
     store = FeatureStore.open(features)
     have, want = store.meta["encoder"], cfg["encoder"]
     for key in ("name", "image_size", "grid", "resize", "mean", "std"):
@@ -84,13 +96,18 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
     base = DecodingSettings.from_model(cfg).replace(**decoding)
     result = {"model": str(model), "split": split, "unk_allowed": base.allow_unk,
               "images": min(limit, len(data.images)) if limit else len(data.images),
-              "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram": base.no_repeat_ngram},
+              "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram": base.no_repeat_ngram,
+                           **({"concepts": base.concepts, "concept_threshold": base.concept_threshold,
+                               "max_concepts": base.max_concepts, "concept_ban": base.concept_ban,
+                               "concept_margin": base.concept_margin} if base.concepts != "off" else {}),
+                           **({"mention": list(base.mention)} if base.mention else {})},
               "beams": {}, "seconds": {}, "captions": {}}
     for k in beams:
         t0 = time.perf_counter()
         try:
             scores, cands, unavailable = evaluate_split(decoder, vocab, data, base.replace(beam_size=k),
-                                                        metrics=metrics, limit=limit, precision=precision)
+                                                        metrics=metrics, limit=limit, precision=precision,
+                                                        guide=guide)
         except NonFiniteError as e:  # a damaged model: named as the user gave it
             raise e.naming(str(model)) from None
         result["beams"][k] = scores

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -28,18 +29,24 @@ import torch
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from captioner.data.text import Vocab, join_tokens
-from captioner.decoding.search import NonFiniteError, generate
+from captioner.decoding.search import NonFiniteError
 from captioner.decoding.settings import DecodingSettings
 from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
 from captioner.inference import DEFAULT_MODEL
-from captioner.inference.modeldir import ModelDirError, load_model_dir, save_model_dir
+from captioner.inference.guidance import Decoded, Guide
+from captioner.inference.extension_file import ExtensionFileError, load_extension
+from captioner.inference.modeldir import ModelDirError, load_model_dir, resolve_model_path, save_model_dir
 from captioner.inference.results import Caption, CaptionResult
 from captioner.models.base import Decoder
+from captioner.models.extension import VocabExtension
 from captioner.runtime.devices import autocast, check_precision, resolve_device
 from captioner.runtime.workers import check_workers, worker_init
 
 
 ENCODER_BATCH = 8  # images per encoder call (the feature extractor's default too)
+# guided decoding: images to search again are gathered until there are this many, or this many batches wait
+AGAIN_IMAGES, AGAIN_BATCHES = 48, 8
+ENCODE_AHEAD = 3  # batches the encoder thread may run ahead of the decoder
 
 
 class _Prepared:
@@ -84,7 +91,7 @@ class Captioner:
     ``"bf16"`` runs them under bfloat16 autocast (default fp32)."""
 
     def __init__(self, decoder: Decoder, vocab: Vocab, config: dict, *, device: str | torch.device = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", extension: VocabExtension | None = None):
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
         self.decoder, self.vocab, self.config = decoder.to(self.device).eval(), vocab, config
@@ -94,19 +101,26 @@ class Captioner:
             raise ModelDirError(f"config.json: its decoding defaults are not usable: {e}") from None
         self._encoder = None
         self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
+        # concepts, mentions and the words the model was taught after training (captioner.inference.guidance)
+        self.guide = Guide(self.decoder, vocab, config, extension)
         self.source = str(config.get("name") or "the model")  # how errors name it (from_pretrained: its path)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                         precision: str = "fp32") -> "Captioner":
         check_precision(precision, resolve_device(device))  # before loading anything
-        model = cls(*load_model_dir(name_or_path), device=device, precision=precision)
+        decoder, vocab, config = load_model_dir(name_or_path)
+        try:
+            extension = load_extension(resolve_model_path(name_or_path), decoder, vocab, config)
+        except ExtensionFileError as e:
+            raise ModelDirError(str(e)) from None
+        model = cls(decoder, vocab, config, device=device, precision=precision, extension=extension)
         model.source = os.fspath(name_or_path)
         return model
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
         extra = {k: v for k, v in self.config.items() if k not in ("format", "version", "arch", "model")}
-        return save_model_dir(path, self.decoder, self.vocab, extra, dtype=dtype)
+        return save_model_dir(path, self.decoder, self.vocab, extra, dtype=dtype, extension=self.guide.extension)
 
     @property
     def encoder(self):
@@ -127,13 +141,14 @@ class Captioner:
                         seed_offset: int = 0, **overrides: Any):
         """Hypotheses per image for a batch of encoder features (B, P, C). A model whose log-probabilities
         hold NaN or infinity is a :class:`~captioner.decoding.search.NonFiniteError` (a ValueError) naming it."""
-        return self._decode(features, self.decoding_settings(settings, **overrides), seed_offset)
+        return self._decode(features, self.decoding_settings(settings, **overrides), seed_offset)[0]
 
     def _decode(self, features: torch.Tensor, s: DecodingSettings, seed_offset: int):
-        """decode_features with settings already checked."""
+        """(hypotheses, concepts) of a batch of features, with settings already checked; a hypothesis's
+        word ids are those of ``self.guide.vocab`` (the model's words, then any it was taught after)."""
         try:
             with autocast(self.device, self.precision):
-                return generate(self.decoder, self.vocab, features.to(self.device), s, seed_offset=seed_offset)
+                return self.guide.generate(features.to(self.device), s, seed_offset=seed_offset)
         except NonFiniteError as e:
             raise e.naming(self.source) from None
 
@@ -173,15 +188,42 @@ class Captioner:
             batches = ([_prepare(src, name, spec, limit, keep_images) for src, name in items[i:i + batch_size]]
                        for i in range(0, len(items), batch_size))
         readable = 0  # readable images so far: the k-th draws from the random stream (seed, seed_offset + k)
+        held: list[tuple[list[_Prepared], Decoded]] = []  # decoded batches waiting for their images' re-search
         for batch, feats in self._encoded(batches):
-            hyps = []
+            decoded = Decoded([], None)
             if feats is not None:
-                hyps = self._decode(feats, s, seed_offset + readable)
+                decoded = self._first_pass(feats, s, seed_offset + readable)
                 readable += len(feats)
-            it = iter(hyps)
+            held.append((batch, decoded))
+            # images to search again for their words are gathered over a few batches: one search for many
+            # images costs much less than one per batch (the results still come out in order)
+            waiting = sum(len(d.again) for _, d in held)
+            if waiting == 0 or waiting >= AGAIN_IMAGES or len(held) >= AGAIN_BATCHES:
+                yield from self._flush(held, s, return_attention)
+                held = []
+        yield from self._flush(held, s, return_attention)
+
+    def _first_pass(self, feats: torch.Tensor, s: DecodingSettings, seed_offset: int) -> Decoded:
+        try:
+            with autocast(self.device, self.precision):
+                return self.guide.first_pass(feats.to(self.device), s, seed_offset=seed_offset)
+        except NonFiniteError as e:
+            raise e.naming(self.source) from None
+
+    def _flush(self, held: list[tuple[list[_Prepared], Decoded]], s: DecodingSettings,
+               return_attention: bool) -> Iterator[CaptionResult]:
+        """The results of the held batches, in order, after the re-search of the images that need one."""
+        try:
+            with autocast(self.device, self.precision):
+                self.guide.search_again([d for _, d in held], s)
+        except NonFiniteError as e:
+            raise e.naming(self.source) from None
+        for batch, decoded in held:
+            concepts = decoded.concepts if decoded.concepts is not None else [None] * len(decoded.hyps)
+            it = iter(zip(decoded.hyps, concepts))
             for p in batch:
                 yield (CaptionResult(p.source, error=p.error) if p.error is not None
-                       else self._result(p, next(it), s, return_attention))
+                       else self._result(p, *next(it), s, return_attention))
 
     def _encode_batch(self, batch: list[_Prepared]) -> torch.Tensor | None:
         good = [p for p in batch if p.error is None]
@@ -194,27 +236,31 @@ class Captioner:
                           for i in range(0, len(arrays), ENCODER_BATCH)])
 
     def _encoded(self, batches: Iterable[list[_Prepared]]) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
-        """(batch, its features) with the next batch's encoder running in a thread while the caller decodes
-        this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill."""
+        """(batch, its features) with the next batches' encoder running in a thread while the caller decodes
+        this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill.
+        Up to ``ENCODE_AHEAD`` batches are encoded ahead, so that the encoder keeps working while the caller
+        searches several batches again for their concepts."""
         with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
-            pending = None
+            pending: deque = deque()
             for batch in batches:
-                future = pool.submit(self._encode_batch, batch)
-                if pending is not None:
-                    yield pending[0], pending[1].result()
-                pending = (batch, future)
-            if pending is not None:
-                yield pending[0], pending[1].result()
+                pending.append((batch, pool.submit(self._encode_batch, batch)))
+                if len(pending) > ENCODE_AHEAD:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
 
-    def _result(self, p: _Prepared, hyps, s: DecodingSettings, return_attention: bool) -> CaptionResult:
-        best = hyps[0]
+    def _result(self, p: _Prepared, hyps, concepts, s: DecodingSettings, return_attention: bool) -> CaptionResult:
+        best, vocab = hyps[0], self.guide.vocab
         # words and their attention rows together, skipping any special token the model emitted
         keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]
-        listed = [Caption(join_tokens(self.vocab.decode(h.tokens)), round(h.norm_score, 4)) for h in hyps]
-        r = CaptionResult(p.source, caption=join_tokens([self.vocab.itos[best.tokens[i]] for i in keep]),
+        listed = [Caption(join_tokens(vocab.decode(h.tokens)), round(h.norm_score, 4)) for h in hyps]
+        r = CaptionResult(p.source, caption=join_tokens([vocab.itos[best.tokens[i]] for i in keep]),
                           score=round(best.norm_score, 4), n_best=listed[:1] if s.sample else listed,
-                          samples=listed if s.sample else None, words=[self.vocab.itos[best.tokens[i]] for i in keep],
-                          grid=tuple(self.config["encoder"]["grid"]), image_size=tuple(p.size), image=p.image)
+                          samples=listed if s.sample else None, words=[vocab.itos[best.tokens[i]] for i in keep],
+                          grid=tuple(self.config["encoder"]["grid"]), image_size=tuple(p.size), image=p.image,
+                          concepts=concepts)
         if return_attention and self.decoder.has_attention:
             r.attention = best.attention[keep].tolist() if best.attention is not None else []
         return r

@@ -28,8 +28,10 @@ from captioner.files import (METADATA_BYTES, WEIGHTS_BYTES, FileTooLargeError, N
 from captioner.data.text import Vocab
 from captioner.decoding.settings import SETTINGS
 from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
+from captioner.inference.extension_file import write_extension
 from captioner.models import build_decoder, get_architecture
 from captioner.models.base import Decoder
+from captioner.models.extension import VocabExtension
 
 FORMAT = "captioner-model"
 VERSION = 1
@@ -53,17 +55,19 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, config: dict,
-                   *, dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json + vocab.json + model.safetensors (each written atomically)."""
+                   *, dtype: torch.dtype = torch.float32, extension: VocabExtension | None = None) -> Path:
+    """Write config.json + vocab.json + model.safetensors (each written atomically), and the vocabulary
+    ``extension`` if any (extension.safetensors; a stale one is removed)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in config.items() if k not in ("format", "version", "arch", "model")}
-    cfg = {"format": FORMAT, "version": VERSION, **config,
-           "arch": decoder.arch_name, "model": dataclasses.asdict(decoder.cfg)}
     state = {k: v.detach().to(dtype).contiguous() if v.is_floating_point() else v.detach().contiguous()
              for k, v in decoder.state_dict().items()}
     tmp, tmpc = out / "model.safetensors.tmp", out / "config.json.tmp"
     try:
+        config = write_extension(out, extension, config)  # with its record in config.json, or none
+        cfg = {"format": FORMAT, "version": VERSION, **config,
+               "arch": decoder.arch_name, "model": dataclasses.asdict(decoder.cfg)}
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # readable like the other files (the writer may create it private)
         os.replace(tmp, out / "model.safetensors")

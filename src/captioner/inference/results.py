@@ -35,6 +35,9 @@ class CaptionResult:
     image_size: tuple[int, int] | None = None  # (width, height) as decoded
     error: str | None = None
     attention_figure: str | None = None  # where the CLI wrote this image's figure
+    # what the encoder's ImageNet classifier sees, as caption words: [(word, confidence)], most confident first
+    # (None: the model's encoder has no classifier)
+    concepts: list[tuple[str, float]] | None = None
     image: Any = field(default=None, repr=False, compare=False)  # the decoded PIL image, with keep_images
 
     @property
@@ -62,6 +65,8 @@ class CaptionResult:
         if detail:
             d.update(words=self.words, grid=list(self.grid) if self.grid else None,
                      image_size=list(self.image_size) if self.image_size else None)
+        if self.concepts is not None:
+            d["concepts"] = [{"word": w, "confidence": c} for w, c in self.concepts]
         if self.samples is not None:
             d["samples"] = [dataclasses.asdict(c) for c in self.samples]
         if attention or (attention is None and self.attention is not None):

@@ -38,6 +38,7 @@ class BahdanauGRUConfig(DecoderConfig):
 
 @register_architecture("bahdanau-gru", BahdanauGRUConfig)
 class BahdanauGRUDecoder(Decoder):
+    output_name = "fc2"
     def __init__(self, cfg: BahdanauGRUConfig):
         super().__init__()
         self.cfg = cfg

@@ -12,7 +12,8 @@ them without knowing the architecture. ``forward`` is the teacher-forced pass fo
 
 Every architecture's config extends :class:`DecoderConfig` (vocabulary size, feature size,
 pretrained word vectors) and names its word embedding ``self.embed``, so pretrained vectors
-and freezing work the same way for all of them (:func:`captioner.models.build_decoder`).
+and freezing work the same way for all of them (:func:`captioner.models.build_decoder`); ``output_name``
+names its output projection, so new words can be added to any of them (:mod:`captioner.models.extension`).
 An architecture without spatial attention sets ``has_attention = False`` and returns
 ``None`` as the attention of each step.
 """
@@ -53,6 +54,7 @@ class Decoder(nn.Module):
 
     has_attention = True  # False: step and forward return no attention (no maps to draw)
     embed: nn.Embedding
+    output_name = "out"  # the nn.Linear that turns the hidden state into the vocabulary's scores
 
     def encode(self, features: torch.Tensor) -> Memory:
         """features (B, P, C) -> memory tuple (batch-first tensors)."""

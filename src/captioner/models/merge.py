@@ -33,6 +33,7 @@ class MergeConfig(DecoderConfig):
 
 @register_architecture("merge", MergeConfig)
 class MergeDecoder(Decoder):
+    output_name = "W_o"
     has_attention = False
 
     def __init__(self, cfg: MergeConfig):

