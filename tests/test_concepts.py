@@ -398,3 +398,9 @@ def test_a_mention_the_model_cannot_learn_is_refused(bundled, example_features):
     finally:  # the module's model as it was
         guide.extension = taught
         guide.vocab = guide._out_vocab()
+
+
+def test_a_special_token_is_not_a_word_to_mention(bundled, example_features):
+    for token in ("<unk>", "<start>", "<pad>"):
+        with pytest.raises(MentionError, match="special token"):
+            bundled.decode_features(example_features, mention=(token,))

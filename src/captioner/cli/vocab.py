@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,11 +30,10 @@ def add_parser(sub) -> None:
 
 def run_extend(a: argparse.Namespace) -> int:
     from captioner.encoders.concepts import default_mapping  # torch: not for `captioner --help`
-    from captioner.data.text import write_text_atomic
     from captioner.inference.captioner import Captioner
-    from captioner.inference.extension_file import write_extension
+    from captioner.inference.extension_file import discard, write_extension
     from captioner.inference.modeldir import resolve_model_path
-    from captioner.models.extension import transfer, unknown_words
+    from captioner.models.extension import MAX_EXTENSION_WORDS, transfer, unknown_words
 
     model = Captioner.from_pretrained(a.model)
     words = [w.strip().lower() for w in a.words.split(",") if w.strip()]
@@ -42,12 +42,16 @@ def run_extend(a: argparse.Namespace) -> int:
     if not words:
         raise ValueError("vocab extend: no words to add; give --words w1,w2 and/or --concept-words")
     have = set(model.vocab.itos) | set(model.guide.extension.words)
-    new = [w for w in dict.fromkeys(words) if w not in have]
+    words = list(dict.fromkeys(words))
+    new = [w for w in words if w not in have]
     unknown = unknown_words(new, model.guide.extension.vectors)
     if unknown and not a.concept_words:
         raise ValueError(f"vocab extend: {', '.join(unknown[:10])}: not known to the word vectors, so they cannot "
                          "be added")
     new = [w for w in new if w not in unknown]
+    if len(model.guide.extension) + len(new) > MAX_EXTENSION_WORDS:
+        raise ValueError(f"vocab extend: {a.model} holds {len(model.guide.extension)} added words; {len(new)} more "
+                         f"would pass the limit of {MAX_EXTENSION_WORDS}")
     extension = model.guide.extension.merged(transfer(model.decoder, model.vocab, new))
     out = Path(a.out)
     source = resolve_model_path(a.model)
@@ -55,8 +59,16 @@ def run_extend(a: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "vocab.json"):
             shutil.copyfile(source / name, out / name)
-    config = write_extension(out, extension, model.config)
-    write_text_atomic(out / "config.json", json.dumps(config, indent=2))
+    config, place_extension = write_extension(out, extension, model.config)
+    tmp = out / "config.json.tmp"
+    try:  # both files written before either replaces the old one
+        tmp.write_text(json.dumps(config, indent=2))
+        place_extension()
+        os.replace(tmp, out / "config.json")
+    except OSError as e:
+        discard(out)
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{out}: cannot write the model directory ({e.strerror or e}); is the disk full?") from None
     print_json({"model": str(out), "added": len(new), "already_known": len(words) - len(new) - len(unknown),
                 "not_in_word_vectors": unknown, "extension_words": len(extension)})
     return 0

@@ -31,6 +31,7 @@ MAX_SEED = 2**63 - 1
 # guided decoding keeps a beam for each subset of the words a caption must hold (2**words beams per image)
 MAX_MENTIONS, MAX_CONCEPTS, MAX_WORD_CHARS = 3, 3, 40
 CONCEPT_MODES = ("auto", "off")
+MAX_MARGIN = 10.0  # concept_margin at this value keeps every caption searched again for its concepts
 EVALUATION_BEAMS = (1, 3, 5)  # the beam sizes `captioner evaluate` scores by default (the papers' tables)
 
 
@@ -187,7 +188,7 @@ class DecodingSettings:
                                   "with concepts auto: a caption searched again for its concepts may not hold the "
                                   "mapped words the classifier gives less than this confidence (0 = none banned)",
                                   applies="beam")
-    concept_margin: float = _setting(10.0, float, 0.0, 10.0, "concept margin", "--concept-margin",
+    concept_margin: float = _setting(MAX_MARGIN, float, 0.0, MAX_MARGIN, "concept margin", "--concept-margin",
                                      "with concepts auto: keep a caption searched again for its concepts only if "
                                      "its score is at most this much, times the confidence of its least confident "
                                      "concept, below the caption without them (10 = always)",

@@ -119,5 +119,5 @@ def concept_head(encoder_name: str) -> ConceptHead | None:
     """The concept head of a registered encoder, or None when it has no ImageNet classifier."""
     try:
         return _head_for(encoder_name)
-    except ValueError:  # not a registered encoder
+    except (ValueError, RuntimeError):  # not a registered encoder, or its weights package is not installed
         return None

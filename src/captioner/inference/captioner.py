@@ -139,8 +139,10 @@ class Captioner:
 
     def decode_features(self, features: torch.Tensor, settings: DecodingSettings | None = None, *,
                         seed_offset: int = 0, **overrides: Any):
-        """Hypotheses per image for a batch of encoder features (B, P, C). A model whose log-probabilities
-        hold NaN or infinity is a :class:`~captioner.decoding.search.NonFiniteError` (a ValueError) naming it."""
+        """Hypotheses per image for a batch of encoder features (B, P, C); their word ids are those of
+        ``self.guide.vocab`` (the model's vocabulary, then the words added to it: decode them with that). A
+        model whose log-probabilities hold NaN or infinity is a
+        :class:`~captioner.decoding.search.NonFiniteError` (a ValueError) naming it."""
         return self._decode(features, self.decoding_settings(settings, **overrides), seed_offset)[0]
 
     def _decode(self, features: torch.Tensor, s: DecodingSettings, seed_offset: int):
@@ -163,7 +165,8 @@ class Captioner:
                       return_attention: bool = False, max_pixels: int | None = None, batch_size: int = 16,
                       workers: int | None = None, keep_images: bool = False, seed_offset: int = 0,
                       **overrides: Any) -> Iterator[CaptionResult]:
-        """Yield one :class:`CaptionResult` per image, in input order, each batch as soon as it is done.
+        """Yield one :class:`CaptionResult` per image, in input order, each batch as soon as it is done (with
+        concepts or mentions, the images to search again are gathered over up to ``AGAIN_BATCHES`` batches first).
 
         ``overrides`` are fields of :class:`DecodingSettings` (beam_size=5, n_best=3, sample=True, ...).
         Paths are loaded and resized in ``workers`` processes (default: 1 when there is more than one

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,22 +29,28 @@ class ExtensionFileError(ValueError):
     pass
 
 
-def write_extension(out: Path, ext: VocabExtension | None, config: dict) -> dict:
-    """Write ``ext`` into the model directory ``out`` (or remove a stale one); returns ``config`` with its record."""
+def write_extension(out: Path, ext: VocabExtension | None, config: dict) -> tuple[dict, Callable[[], None]]:
+    """Write ``ext``'s rows beside the model directory ``out``'s files, to a temporary file: returns ``config``
+    with its record (or without one, for no extension) and the function that puts the file in place (or
+    removes a stale one), to be called once config.json is written, just before it replaces the old one, so
+    that a failed write (a full disk) leaves the directory as it was. ``discard`` of the pair: :func:`discard`."""
     config = {k: v for k, v in config.items() if k != KEY}
-    target = out / FILE
+    target, tmp = out / FILE, out / (FILE + ".tmp")
     if ext is None or not len(ext):
-        target.unlink(missing_ok=True)
-        return config
-    tmp = out / (FILE + ".tmp")
+        return config, lambda: target.unlink(missing_ok=True)
     try:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in ext.tensors().items()}, str(tmp),
                   metadata={"format": "pt"})
         os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {**config, KEY: ext.record()}
+    except Exception:
+        discard(out)
+        raise
+    return {**config, KEY: ext.record()}, lambda: os.replace(tmp, target)
+
+
+def discard(out: Path) -> None:
+    """Remove an extension's temporary file left by a write that failed."""
+    (out / (FILE + ".tmp")).unlink(missing_ok=True)
 
 
 def _words_problem(record: Any, vocab: Vocab) -> str | None:

@@ -34,11 +34,11 @@ import torch
 from captioner.data.text import Vocab
 from captioner.decoding.constrained import constrained_beam_search
 from captioner.decoding.search import Hypothesis, generate
-from captioner.decoding.settings import DecodingSettings, banned_ids
+from captioner.decoding.settings import MAX_MARGIN, DecodingSettings, banned_ids
 from captioner.encoders.concepts import ConceptHead, concept_head
 from captioner.models.base import Decoder
 from captioner.models.extension import (MAX_EXTENSION_WORDS, ExtensionError, VocabExtension, extended_view,
-                                        transfer)
+                                        transfer, unknown_words)
 from captioner.models.wordvec import WordVectorError, WordVectorsMissing
 
 MAX_GROUPS = 4  # words one caption is made to hold (the search keeps 2**4 beams per image at most)
@@ -127,7 +127,16 @@ class Guide:
     def _learn(self, words: list[str], *, strict: bool) -> None:
         """Extend the vocabulary with ``words`` from the word vectors; MentionError (strict) or a warning."""
         if len(self.extension) + len(words) > MAX_EXTENSION_WORDS:
-            raise MentionError(f"this model already holds {len(self.extension)} added words; it takes no more")
+            if strict:
+                raise MentionError(f"this model already holds {len(self.extension)} added words; it takes no more")
+            return
+        if not strict:  # the concept words the vectors know are learnt, whatever the others
+            try:
+                words = [w for w in words if w not in set(unknown_words(words))]
+            except WordVectorError:
+                pass  # not installed: said below
+            if not words:
+                return
         try:
             new = transfer(self.decoder, self.base, words)
         except (ExtensionError, WordVectorError) as e:
@@ -150,6 +159,9 @@ class Guide:
         """Per image, the groups of ids its caption must hold one word of each of, and the confidence of the
         least confident concept among them (1.0 when it holds none)."""
         mentions = list(settings.mention)
+        special = [w for w in mentions if w in self.base and self.base.stoi[w] <= self.base.unk_id]
+        if special:
+            raise MentionError(f"mention {special[0]!r}: a special token, not a word a caption can hold")
         with self._lock:
             missing = [w for w in mentions if self._id(w) is None]
             if missing:
@@ -205,18 +217,24 @@ class Guide:
         """Search again, all together, the images of ``batches`` whose captions lack their words, and keep each
         new caption that the model finds likely enough (mentions: always)."""
         todo = [(d, *item) for d in batches for item in d.again]
-        # searched together by how many groups they hold: the search keeps 2**groups beams per image
-        by_size: dict[int, list[tuple]] = {}
+        # searched together by how many groups they hold (the search keeps 2**groups beams per image) and the added
+        # words they need (those join the vocabulary, so an image's scores never depend on another's words)
+        V = len(self.base)
+        by_size: dict[tuple, list[tuple]] = {}
         for item in todo:
-            by_size.setdefault(len(item[3]), []).append(item)
+            added = frozenset(i for g in item[3] for i in g if i >= V)
+            by_size.setdefault((len(item[3]), added), []).append(item)
         for items in by_size.values():
             found = self._constrained(torch.stack([it[2] for it in items]), [it[3] for it in items],
                                       [it[4] for it in items], settings)
-            for (d, b, _, _, _, weakest), h in zip(items, found):
+            for (d, b, _, groups, _, weakest), h in zip(items, found):
                 # a caption made to hold concepts (not mentions) is kept only if the model finds it nearly as
                 # likely as its own, the more so the less sure the classifier is: in domain, that leaves alone
                 # the captions the model is sure of
-                if settings.mention or h[0].norm_score >= d.hyps[b][0].norm_score - settings.concept_margin * weakest:
+                if not settings.mention and not _holds(h[:1], groups):  # a concept it could not place: keep its own
+                    continue
+                if (settings.mention or settings.concept_margin >= MAX_MARGIN
+                        or h[0].norm_score >= d.hyps[b][0].norm_score - settings.concept_margin * weakest):
                     d.hyps[b] = h
         for d in batches:
             d.again = []

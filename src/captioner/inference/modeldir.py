@@ -28,7 +28,7 @@ from captioner.files import (METADATA_BYTES, WEIGHTS_BYTES, FileTooLargeError, N
 from captioner.data.text import Vocab
 from captioner.decoding.settings import SETTINGS
 from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
-from captioner.inference.extension_file import write_extension
+from captioner.inference.extension_file import discard as discard_extension, write_extension
 from captioner.models import build_decoder, get_architecture
 from captioner.models.base import Decoder
 from captioner.models.extension import VocabExtension
@@ -65,7 +65,7 @@ def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, conf
              for k, v in decoder.state_dict().items()}
     tmp, tmpc = out / "model.safetensors.tmp", out / "config.json.tmp"
     try:
-        config = write_extension(out, extension, config)  # with its record in config.json, or none
+        config, place_extension = write_extension(out, extension, config)  # its record in config.json, or none
         cfg = {"format": FORMAT, "version": VERSION, **config,
                "arch": decoder.arch_name, "model": dataclasses.asdict(decoder.cfg)}
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -73,8 +73,10 @@ def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, conf
         os.replace(tmp, out / "model.safetensors")
         vocab.save(out / "vocab.json")
         tmpc.write_text(json.dumps(cfg, indent=2))
+        place_extension()
         os.replace(tmpc, out / "config.json")
     except Exception as e:  # full disk, quota, unwritable folder: no temporary file left behind
+        discard_extension(out)
         for t in (tmp, tmpc):
             try:
                 t.unlink(missing_ok=True)

@@ -147,7 +147,7 @@ def extended_view(decoder: Decoder, ext: VocabExtension, rows: torch.Tensor) -> 
     view._modules = dict(decoder._modules)  # a shallow copy shares the module table: give the view its own
     out = output_layer(decoder)
     E = decoder.embed.weight
-    rows = rows.to(E.device)
+    rows = rows.to(ext.embed.device)  # the extension may live elsewhere than the decoder (loaded on the CPU)
     with torch.no_grad():  # built from the rows as they are (no random initialisation to overwrite)
         embed = nn.Embedding(E.shape[0] + len(rows), E.shape[1], padding_idx=decoder.embed.padding_idx,
                              _weight=torch.cat([E, ext.embed[rows].to(E)]), _freeze=True)
