@@ -20,8 +20,7 @@ import time
 from captioner.data.captions import CaptionData
 from captioner.data.corpus import Corpus
 from captioner.data.features import FeatureStore
-from captioner.evaluation.evaluate import decode_images
-from captioner.evaluation.metrics import compute_metrics
+from captioner.evaluation.evaluate import evaluate_split
 from captioner.inference.captioner import Captioner
 
 
@@ -43,15 +42,12 @@ def main() -> None:
 
     model = Captioner.from_pretrained(a.model)
     data = CaptionData(Corpus.load(a.corpus), model.vocab, FeatureStore.open(a.features), a.split, 10_000)
-    refs = {k: data.refs[k] for k in data.images}
 
     def run(**overrides) -> tuple[dict, dict, float]:
         s = model.decoding_settings(beam_size=a.beam, **overrides)
         t0 = time.perf_counter()
-        cands = decode_images(model.decoder, model.vocab, data, s, range(len(data.images)), guide=model.guide)
-        seconds = time.perf_counter() - t0
-        res = compute_metrics(refs, cands, metrics=a.metrics)
-        return {k: round(100 * v, 2) for k, v in res.scores.items()}, cands, seconds
+        scores, cands, _ = evaluate_split(model.decoder, model.vocab, data, s, metrics=a.metrics, guide=model.guide)
+        return {k: round(100 * v, 2) for k, v in scores.items()}, cands, time.perf_counter() - t0
 
     for lp in a.length_penalty:
         off_scores, off, secs = run(concepts="off", length_penalty=lp)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -148,9 +149,15 @@ class Captioner:
     def _decode(self, features: torch.Tensor, s: DecodingSettings, seed_offset: int):
         """(hypotheses, concepts) of a batch of features, with settings already checked; a hypothesis's
         word ids are those of ``self.guide.vocab`` (the model's words, then any it was taught after)."""
+        with self._running():
+            return self.guide.generate(features.to(self.device), s, seed_offset=seed_offset)
+
+    @contextmanager
+    def _running(self):
+        """The decoder runs under the model's precision; non-finite log-probabilities name this model."""
         try:
             with autocast(self.device, self.precision):
-                return self.guide.generate(features.to(self.device), s, seed_offset=seed_offset)
+                yield
         except NonFiniteError as e:
             raise e.naming(self.source) from None
 
@@ -207,20 +214,14 @@ class Captioner:
         yield from self._flush(held, s, return_attention)
 
     def _first_pass(self, feats: torch.Tensor, s: DecodingSettings, seed_offset: int) -> Decoded:
-        try:
-            with autocast(self.device, self.precision):
-                return self.guide.first_pass(feats.to(self.device), s, seed_offset=seed_offset)
-        except NonFiniteError as e:
-            raise e.naming(self.source) from None
+        with self._running():
+            return self.guide.first_pass(feats.to(self.device), s, seed_offset=seed_offset)
 
     def _flush(self, held: list[tuple[list[_Prepared], Decoded]], s: DecodingSettings,
                return_attention: bool) -> Iterator[CaptionResult]:
         """The results of the held batches, in order, after the re-search of the images that need one."""
-        try:
-            with autocast(self.device, self.precision):
-                self.guide.search_again([d for _, d in held], s)
-        except NonFiniteError as e:
-            raise e.naming(self.source) from None
+        with self._running():
+            self.guide.search_again([d for _, d in held], s)
         for batch, decoded in held:
             concepts = decoded.concepts if decoded.concepts is not None else [None] * len(decoded.hyps)
             it = iter(zip(decoded.hyps, concepts))

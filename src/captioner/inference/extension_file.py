@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from captioner.data.text import Vocab
+from captioner.data.text import Vocab, _itos_problem, _unprintable_word
 from captioner.files import WEIGHTS_BYTES, FileTooLargeError, NotRegularFileError, check_regular
 from captioner.models.base import Decoder
 from captioner.models.extension import MAX_EXTENSION_WORDS, VocabExtension, output_layer
@@ -61,14 +61,13 @@ def _words_problem(record: Any, vocab: Vocab) -> str | None:
         return "words must be a list of strings"
     if len(words) > MAX_EXTENSION_WORDS:
         return f"holds {len(words)} words, more than {MAX_EXTENSION_WORDS}"
-    if len(set(words)) != len(words):
-        return "lists a word twice"
-    bad = [w for w in words if not w or len(w) > 100 or any(c.isspace() or not c.isprintable() for c in w)]
-    if bad:
-        return f"{bad[0]!r} is not a word"
     inside = [w for w in words if w in vocab]
     if inside:
         return f"{inside[0]!r} is in vocab.json already"
+    # the vocabulary's own rules (vocab.json's): no empty word, none twice, no whitespace or control character
+    problem = _itos_problem(vocab.itos + words) or _unprintable_word(vocab.itos + words)
+    if problem:
+        return problem.replace("'itos' entry", "word")
     if record.get("vectors") not in WORD_VECTORS:
         return f"vectors must be one of {', '.join(WORD_VECTORS)}, got {record.get('vectors')!r}"
     return None

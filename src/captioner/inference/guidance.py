@@ -267,4 +267,4 @@ class Guide:
 
 def _holds(hyps: Sequence[Hypothesis], groups: list[list[int]]) -> bool:
     """Every hypothesis holds a word of every group."""
-    return bool(hyps) and all(any(i in set(h.tokens) for i in g) for h in hyps for g in groups)
+    return bool(hyps) and all(not set(g).isdisjoint(h.tokens) for h in hyps for g in groups)
