@@ -23,7 +23,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,serve,lite12,glove]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,serve,lite12,glove,fast]"
 	touch $(STAMP)
 
 demo: $(STAMP)

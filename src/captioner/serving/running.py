@@ -65,19 +65,20 @@ def run_one(model: Captioner, name: str, cfg: ServeConfig, sock: socket.socket, 
     DrainingServer(uvicorn_config(create_app(model, cfg, name=name), cfg, log_level)).run(sockets=[sock])
 
 
-def _child(model_name: str, name: str, cfg: ServeConfig, sock: socket.socket, log_level: str, threads: int) -> None:
+def _child(model_name: str, name: str, cfg: ServeConfig, sock: socket.socket, log_level: str, threads: int,
+           model_kw: dict | None = None) -> None:
     """One of ``--processes N``: its share of threads, its own model, the shared socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM for each process
     torch.set_num_threads(threads)
     try:
-        run_one(Captioner.from_pretrained(model_name), name, cfg, sock, log_level)
+        run_one(Captioner.from_pretrained(model_name, **(model_kw or {})), name, cfg, sock, log_level)
     except Exception as e:  # one line, as the command's own errors (the parent stops the other processes)
         print(f"error: server process {os.getpid()}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
 def run_many(model_name: str, name: str, cfg: ServeConfig, sock: socket.socket, log_level: str, processes: int,
-             threads: int) -> int:
+             threads: int, model_kw: dict | None = None) -> int:
     """``processes`` servers on ``sock``, each loading the model with ``threads`` torch threads, until SIGTERM
     or SIGINT, which each process gets as SIGTERM (a drain). The status: 0 after a clean drain of every
     process, 130 after Ctrl-C, 1 when a process ended by itself (its error is on stderr)."""
@@ -85,7 +86,7 @@ def run_many(model_name: str, name: str, cfg: ServeConfig, sock: socket.socket, 
     if not os.environ.get(MULTIPROCESS_DIR):  # the processes' metrics in one place: any scrape reports them all
         own_dir = os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="captioner-metrics-")
     spawn = multiprocessing.get_context("spawn")
-    children = [spawn.Process(target=_child, args=(model_name, name, cfg, sock, log_level, threads),
+    children = [spawn.Process(target=_child, args=(model_name, name, cfg, sock, log_level, threads, model_kw),
                               name=f"captioner-serve-{k}") for k in range(processes)]
     got: list[int] = []  # the signals received
 

@@ -46,10 +46,12 @@ def display_name(model: Captioner, model_name: str) -> str:
 
 
 def serve(model_name: str, cfg: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", threads: int | None = None, processes: int = 1) -> int:
+          log_level: str = "info", threads: int | None = None, processes: int = 1, runtime: str = "auto",
+          calibration: str | None = None) -> int:
     """Load the model, bind, and serve until SIGTERM (a clean drain: returns 0) or Ctrl-C (KeyboardInterrupt).
     ``processes`` > 1: that many server processes on the one socket, each loading the model, each with
-    ``threads`` torch threads (default: torch's threads shared out between them)."""
+    ``threads`` torch threads (default: torch's threads shared out between them). ``runtime`` runs the image
+    encoder (:mod:`captioner.encoders.runtime`; ``calibration``: onnx-int8's images, the first time)."""
     try:  # the serve extra (FastAPI, uvicorn, prometheus-client, Swagger UI) is optional: imported once found
         from captioner.serving import running
     except ImportError as e:
@@ -62,7 +64,8 @@ def serve(model_name: str, cfg: ServeConfig, *, host: str = "127.0.0.1", port: i
     cfg = cfg.checked()
     sock = bind_socket(host, port)  # first: a port in use is reported before the model is loaded
     try:
-        model = Captioner.from_pretrained(model_name)  # in this process too: a bad model is exit 2 at once
+        model_kw = {"runtime": runtime, "calibration": calibration}
+        model = Captioner.from_pretrained(model_name, **model_kw)  # in this process too: a bad model is exit 2 at once
         if cfg.warm_up:  # and one that cannot caption (non-finite probabilities): exit 2 here, not in uvicorn
             warm_up(model)
         name = display_name(model, model_name)
@@ -71,6 +74,6 @@ def serve(model_name: str, cfg: ServeConfig, *, host: str = "127.0.0.1", port: i
             running.run_one(model, name, dataclasses.replace(cfg, warm_up=False), sock, log_level)  # warmed up above
             return 0
         del model
-        return running.run_many(model_name, name, cfg, sock, log_level, processes, threads)
+        return running.run_many(model_name, name, cfg, sock, log_level, processes, threads, model_kw)
     finally:
         sock.close()
