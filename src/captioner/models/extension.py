@@ -108,6 +108,8 @@ def transfer(decoder: Decoder, vocab: Vocab, words: list[str], *, vectors: str =
              known: tuple[list[int], np.ndarray] | None = None) -> VocabExtension:
     """Rows for ``words`` (none of them in ``vocab``; each known to the word vectors) from their nearest known
     words. ExtensionError names a word that is in the vocabulary already or that the vectors do not know."""
+    if hasattr(decoder, "transfer_words"):  # an ensemble (captioner.models.ensemble): each member's own rows
+        return decoder.transfer_words(vocab, words, vectors=vectors)
     index, table = load_word_vectors(vectors)
     inside = [w for w in words if w in vocab]
     if inside:
@@ -143,6 +145,8 @@ def transfer(decoder: Decoder, vocab: Vocab, words: list[str], *, vectors: str =
 def extended_view(decoder: Decoder, ext: VocabExtension, rows: torch.Tensor) -> Decoder:
     """The decoder with ``ext``'s rows ``rows`` appended to its vocabulary (word ``V + j`` is ``ext`` word
     ``rows[j]``), sharing every other weight with ``decoder`` (nothing is copied but the two enlarged layers)."""
+    if hasattr(decoder, "extended"):  # an ensemble (captioner.models.ensemble): the ensemble of its members' views
+        return decoder.extended(ext, rows)
     view = copy.copy(decoder)
     view._modules = dict(decoder._modules)  # a shallow copy shares the module table: give the view its own
     out = output_layer(decoder)
