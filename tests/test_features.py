@@ -160,13 +160,18 @@ _CHILD = textwrap.dedent("""
     from captioner.encoders import network as encoders
     from captioner.encoders.extract import extract_features
 
-    # Slow every batch down (the values are untouched) so the kill surely lands mid-run.
-    _encode = encoders.ImageEncoder.encode_arrays
-    def slow_encode(self, batch):
-        out = _encode(self, batch)
-        time.sleep(0.4)
-        return out
-    encoders.ImageEncoder.encode_arrays = slow_encode
+    from captioner.encoders import runtime
+
+    # Slow every batch down (the values are untouched) so the kill surely lands mid-run, whichever runtime
+    # (torch, or ONNX Runtime when it is installed) encodes.
+    def slowed(encode):
+        def slow_encode(self, batch):
+            out = encode(self, batch)
+            time.sleep(0.4)
+            return out
+        return slow_encode
+    encoders.ImageEncoder.encode_arrays = slowed(encoders.ImageEncoder.encode_arrays)
+    runtime.OnnxImageEncoder.encode_arrays = slowed(runtime.OnnxImageEncoder.encode_arrays)
 
     names = sys.argv[3].split(",")
     extract_features(sys.argv[1], names, sys.argv[2], batch_size=%d, workers=0, progress=False)

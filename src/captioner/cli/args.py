@@ -63,6 +63,21 @@ def print_json(obj, **kw) -> None:
     print(json.dumps(json_safe(obj), allow_nan=False), **kw)
 
 
+# the names of captioner.encoders.runtime.RUNTIMES, kept here so that `--help` does not import torch
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+
+
+def runtime_options(s: argparse.ArgumentParser) -> None:
+    """--runtime and --calibration: what runs the image encoder (:mod:`captioner.encoders.runtime`)."""
+    s.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="what runs the image encoder: auto (default: onnx when ONNX Runtime is installed and the "
+                        "encoder runs on the CPU in fp32, else torch), torch, onnx (ONNX Runtime, fp32, 4-5x "
+                        "torch's speed on a CPU), onnx-int8 (quantized: faster, slightly different features)")
+    s.add_argument("--calibration", default=None, metavar="DIR",
+                   help="--runtime onnx-int8: a folder of a few hundred photos like the ones to encode (e.g. "
+                        "training images) to calibrate the quantized encoder on, once; later runs reuse it")
+
+
 def device_options(s: argparse.ArgumentParser, default: str | None = "cpu", where: str = "") -> None:
     """--device and --precision (checked when the command runs: an absent GPU is exit status 2)."""
     s.add_argument("--device", default=default, metavar="{cpu,cuda,auto}",
@@ -109,3 +124,18 @@ def decoding_overrides(a: argparse.Namespace, names: list[str] | None = None) ->
     """The decoding settings given on the command line (None: not given)."""
     return {name: tuple(v) if isinstance(v, list) else v
             for name in names or list(SETTINGS) if hasattr(a, name) for v in [getattr(a, name)]}
+
+
+def model_option(parser: argparse.ArgumentParser, *, required: bool = False, what: str = "") -> None:
+    """--model, repeatable: several models are decoded as one ensemble (:func:`model_arg` reads it)."""
+    default = "" if required else " (default: the bundled one)"
+    parser.add_argument("--model", action="append", required=required, metavar="MODEL",
+                        help=f"model directory or bundled model name{default}; give it again (--model A --model B) "
+                             f"to decode several models as one ensemble{what} (they must share the vocabulary and "
+                             "the encoder)")
+
+
+def model_arg(a: argparse.Namespace, default: str | None = None) -> Any:
+    """The --model given: one path or name as a string, several as a list (an ensemble), ``default`` if none."""
+    models = a.model or ([default] if default else [])
+    return models[0] if len(models) == 1 else list(models)

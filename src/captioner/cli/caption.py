@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioner.cli.args import decoding_flags, decoding_overrides, device_options, positive, print_json, workers
+from captioner.cli.args import (decoding_flags, decoding_overrides, device_options, model_arg, model_option, positive,
+                                print_json, runtime_options, workers)
 from captioner.data.images import DEFAULT_MAX_PIXELS, display_name, expand_image_args, name_fields
 from captioner.decoding.settings import SETTINGS
 from captioner.inference import DEFAULT_MODEL
@@ -22,7 +23,7 @@ def add_parser(sub) -> None:
     s = sub.add_parser("caption", help="caption images with a model (default: the bundled one)")
     s.add_argument("images", nargs="+", help="image files, folders (recursively), quoted globs ('photos/*.jpg'), "
                    "or - for one path per line on stdin")
-    s.add_argument("--model", default=DEFAULT_MODEL, help="model directory or bundled model name")
+    model_option(s, what=" (their log-probabilities averaged at each word)")
     s.add_argument("--json", action="store_true", help="one JSON object per line per image")
     s.add_argument("--attention", default=None, metavar="OUT.png", help="write an attention figure")
     s.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
@@ -34,21 +35,28 @@ def add_parser(sub) -> None:
     s.add_argument("--batch-size", type=positive, default=16, help="images encoded and decoded together")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     device_options(s)
+    runtime_options(s)
     s.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
-    from captioner.inference.captioner import Captioner  # torch: not for `captioner --help`
-
     images = expand_image_args(a.images)
     if not images:
         raise ValueError(f"no images to caption in {' '.join(a.images)}")
     if a.attention:
         figure_format(a.attention)  # an unsupported figure format is a bad command, before any work
-    model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision)
-    settings = model.decoding_settings(**decoding_overrides(a))  # checked before any image is read
+    a.model = model_arg(a, DEFAULT_MODEL)  # several: one ensemble
+    overrides = decoding_overrides(a)
+    for name, value in overrides.items():  # each flag's own type and bounds before the model loads (seconds)
+        if value is not None:  # None: not given
+            SETTINGS[name].check(value)
+    from captioner.inference.captioner import Captioner  # torch: not for `captioner --help` or a bad flag
+
+    model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision, runtime=a.runtime,
+                                      calibration=a.calibration)
+    settings = model.decoding_settings(**overrides)  # with the model's defaults, checked before any image is read
     if a.attention and not model.decoder.has_attention:
-        raise ValueError(f"--attention: the model {a.model} ({model.config['arch']}) has no attention over image "
+        raise ValueError(f"--attention: the model {model.source} ({model.config['arch']}) has no attention over image "
                          "regions, so there is no map to draw; use an attention model (sat, bahdanau-gru, "
                          "gru-residual, transformer)")
     crop = model.config.get("encoder", {}).get("resize") == "center-crop"

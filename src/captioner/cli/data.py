@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from captioner.cli.args import device_options, positive, print_json, ratios, workers
+from captioner.cli.args import device_options, positive, print_json, ratios, runtime_options, workers
 from captioner.data.corpus import DEFAULT_RATIOS
 from captioner.data.prepare import prepare_corpus
 from captioner.data.readers import FORMATS
@@ -49,7 +49,8 @@ def cmd_features(a: argparse.Namespace) -> int:
     summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
                                batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
                                overwrite=a.overwrite, progress=not a.quiet, device=a.device,
-                               precision=a.precision)
+                               precision=a.precision, grid=a.grid, cut=a.cut, runtime=a.runtime,
+                               calibration=a.calibration)
     if env_world()[0] == 0:  # under torchrun, one summary (rank 0's holds the totals of all ranks)
         print_json(summary)
         if summary["failed"]:
@@ -105,6 +106,11 @@ def _add_features(sub) -> None:
     s.add_argument("--encoder", default="efficientnet-lite0")
     s.add_argument("--resize", choices=["squash", "center-crop"], default=None)
     s.add_argument("--image-size", type=positive, default=None)
+    s.add_argument("--grid", type=positive, default=None,
+                   help="average-pool the grid to N x N at any image size (e.g. --image-size 448 --grid 7)")
+    s.add_argument("--cut", type=int, default=0,
+                   help="a trunk store for fine-tuning the encoder's last N units (1 = its head, 2 = the head and "
+                        "the last block, ...): the maps before them (default 0: the encoder's grids)")
     s.add_argument("--batch-size", type=positive, default=8)
     s.add_argument("--workers", type=workers, default=1,
                    help=f"image decoding processes, up to {MAX_WORKERS} (0: decode in this process)")
@@ -112,6 +118,7 @@ def _add_features(sub) -> None:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
     device_options(s)
+    runtime_options(s)
     s.set_defaults(func=cmd_features)
 
 

@@ -3,7 +3,7 @@
 Each command lives in its own module with ``add_parser(s)`` and a ``run`` function that parses and
 prints, the work itself being done by the library: :mod:`captioner.cli.data` (prepare, features,
 synth), :mod:`captioner.cli.training` (train, evaluate), :mod:`captioner.cli.caption`,
-:mod:`captioner.cli.serve`, :mod:`captioner.cli.vocab`.
+:mod:`captioner.cli.serve`, :mod:`captioner.cli.vocab`, :mod:`captioner.cli.ensemble`, :mod:`captioner.cli.export`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import select
 import sys
 
 from captioner import __version__
-from captioner.cli import caption, data, serve, training, vocab
+from captioner.cli import caption, data, ensemble, export, serve, training, vocab
 
 # Exit statuses (README, "Exit status"): the same for every command. A command returns 0 when everything
 # was done and 1 when some inputs failed (each named on stderr) and the rest were done.
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_parser(sub)
     serve.add_parser(sub)
     vocab.add_parser(sub)
+    ensemble.add_parser(sub)
+    export.add_parser(sub)
     data.add_parsers(sub, ("synth",))
     return p
 

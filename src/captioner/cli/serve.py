@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from captioner.cli.args import nonneg_float, nonneg_int, positive, positive_float
+from captioner.cli.args import (model_arg, model_option, nonneg_float, nonneg_int, positive, positive_float,
+                                runtime_options)
 from captioner.inference import DEFAULT_MODEL
 from captioner.serving.config import LIMITS, Limit, ServeConfig
 
@@ -40,7 +41,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                    "never fetches URLs.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free port)")
-    s.add_argument("--model", default=DEFAULT_MODEL, help="model directory or bundled model name")
+    model_option(s)
     defaults = ServeConfig()
     groups: dict[str, Any] = {}
     for limit in LIMITS.values():
@@ -56,6 +57,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--threads", type=positive, default=None,
                    help="torch threads of each process (default: torch's, shared out between the processes)")
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    runtime_options(s)
     s.set_defaults(func=run)
     return s
 
@@ -65,5 +67,5 @@ def run(a: argparse.Namespace) -> int:
     from captioner.serving.server import serve  # torch and the model: not for `captioner --help`
 
     cfg = ServeConfig.from_flags({**vars(a), **({"max_batch": 1} if a.no_batching else {})})
-    return serve(a.model, cfg, host=a.host, port=a.port, log_level=a.log_level, threads=a.threads,
-                 processes=a.processes)
+    return serve(model_arg(a, DEFAULT_MODEL), cfg, host=a.host, port=a.port, log_level=a.log_level,
+                 threads=a.threads, processes=a.processes, runtime=a.runtime, calibration=a.calibration)

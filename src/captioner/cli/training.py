@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from captioner.cli.args import decoding_flags, decoding_overrides, device_options, positive, print_json
+from captioner.cli.args import (decoding_flags, decoding_overrides, device_options, model_arg, model_option, positive,
+                                print_json)
 from captioner.config import load_config
 from captioner.decoding.settings import EVALUATION_BEAMS
 from captioner.runtime.distributed import env_world
@@ -26,7 +27,7 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=run_train)
 
     s = sub.add_parser("evaluate", help="score a model on a split (JSON + Markdown)")
-    s.add_argument("--model", required=True)
+    model_option(s, required=True)
     s.add_argument("--corpus", required=True)
     s.add_argument("--features", required=True)
     s.add_argument("--split", default="test")
@@ -67,8 +68,9 @@ def run_train(a: argparse.Namespace) -> int:
 def run_evaluate(a: argparse.Namespace) -> int:
     from captioner.evaluation.evaluate import evaluate_model  # torch: not for `captioner --help`
 
-    res = evaluate_model(a.model, a.corpus, a.features, split=a.split, beams=a.beam, out=a.out, limit=a.limit or 0,
-                         device=a.device, precision=a.precision, **decoding_overrides(a, EVALUATE_DECODING))
+    res = evaluate_model(model_arg(a), a.corpus, a.features, split=a.split, beams=a.beam, out=a.out,
+                         limit=a.limit or 0, device=a.device, precision=a.precision,
+                         **decoding_overrides(a, EVALUATE_DECODING))
     print(res["markdown"])
     for k, s in res["seconds"].items():
         print(f"beam {k}: {s} s")

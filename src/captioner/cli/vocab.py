@@ -31,8 +31,10 @@ def add_parser(sub) -> None:
 def run_extend(a: argparse.Namespace) -> int:
     from captioner.encoders.concepts import default_mapping  # torch: not for `captioner --help`
     from captioner.inference.captioner import Captioner
+    from captioner.inference.ensemble_dir import extend_ensemble_dir
     from captioner.inference.extension_file import discard, write_extension
     from captioner.inference.modeldir import resolve_model_path
+    from captioner.models.ensemble import Ensemble
     from captioner.models.extension import MAX_EXTENSION_WORDS, transfer, unknown_words
 
     model = Captioner.from_pretrained(a.model)
@@ -55,10 +57,15 @@ def run_extend(a: argparse.Namespace) -> int:
     extension = model.guide.extension.merged(transfer(model.decoder, model.vocab, new))
     out = Path(a.out)
     source = resolve_model_path(a.model)
+    if isinstance(model.decoder, Ensemble):  # each member's rows in its own directory
+        extend_ensemble_dir(source, out, model.decoder, extension)
+        _report(out, words, new, unknown, extension)
+        return 0
     if out.resolve() != source.resolve():  # the weights are copied as they are (their dtype kept), not rewritten
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("model.safetensors", "vocab.json"):
-            shutil.copyfile(source / name, out / name)
+        for name in ("model.safetensors", "vocab.json", "encoder.safetensors"):  # the last: a tuned encoder's
+            if name != "encoder.safetensors" or (source / name).exists():
+                shutil.copyfile(source / name, out / name)
     config, place_extension = write_extension(out, extension, model.config)
     tmp = out / "config.json.tmp"
     try:  # both files written before either replaces the old one
@@ -69,9 +76,13 @@ def run_extend(a: argparse.Namespace) -> int:
         discard(out)
         tmp.unlink(missing_ok=True)
         raise ValueError(f"{out}: cannot write the model directory ({e.strerror or e}); is the disk full?") from None
+    _report(out, words, new, unknown, extension)
+    return 0
+
+
+def _report(out: Path, words: list[str], new: list[str], unknown: list[str], extension) -> None:
     print_json({"model": str(out), "added": len(new), "already_known": len(words) - len(new) - len(unknown),
                 "not_in_word_vectors": unknown, "extension_words": len(extension)})
-    return 0
 
 
 def run_show(a: argparse.Namespace) -> int:

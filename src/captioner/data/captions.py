@@ -75,6 +75,7 @@ class CaptionData:
         # (the OS page cache keeps hot rows in RAM), so COCO-sized stores need no more memory than a batch
         self.rows = np.array([store.row_of[im] for im in self.images])
         self.store = store
+        self.finish = None  # maps -> (grids, concept input): evaluation on a trunk store (encoders/tail.py Finisher)
         seqs, owner = [], []
         for i, it in enumerate(items):
             for toks in it.tokens:
@@ -102,6 +103,27 @@ class CaptionData:
         rng.shuffle(out)
         return out
 
+    def image_batches(self, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
+        """Batches of about ``batch_size`` captions made of whole images (all of an image's captions together, so
+        one encoder pass serves them: fine-tuning), each sorted longest first."""
+        per_image = np.bincount(self.owner.numpy(), minlength=len(self.images))
+        images = max(1, round(batch_size / max(per_image.mean(), 1)))
+        by_owner = np.argsort(self.owner.numpy(), kind="stable")
+        starts = np.concatenate([[0], np.cumsum(per_image)])
+        out = []
+        for chunk in np.array_split(rng.permutation(len(self.images)), max(1, -(-len(self.images) // images))):
+            idx = np.concatenate([by_owner[starts[i]:starts[i + 1]] for i in chunk])
+            if len(idx):
+                out.append(torch.from_numpy(idx[np.argsort(-self.lengths[idx].numpy(), kind="stable")].copy()))
+        return out
+
+    def image_batch(self, idx: np.ndarray):
+        """(features of each image of the captions ``idx`` once, the row of each caption's image among them,
+        tokens, lengths)."""
+        images, inverse = np.unique(self.owner[idx].numpy(), return_inverse=True)
+        lengths = self.lengths[idx]
+        return self.features(images), inverse, self.tokens[idx, :int(lengths.max())], lengths
+
     def batch(self, idx: torch.Tensor):
         lengths = self.lengths[idx]
         T = int(lengths.max())
@@ -109,5 +131,14 @@ class CaptionData:
 
     def features(self, images: np.ndarray | slice) -> torch.Tensor:
         """float32 (n, P, C) grids of images (positions in ``self.images``), read from the store (a
-        FeatureStoreError names an image whose row holds NaN or infinity)."""
-        return torch.from_numpy(self.store.read(self.rows[images])).float()
+        FeatureStoreError names an image whose row holds NaN or infinity); with a ``finish`` (a trunk store's
+        maps to a model's grids, :class:`captioner.encoders.tail.Finisher`), its grids."""
+        return self.features_and_concepts(images)[0]
+
+    def features_and_concepts(self, images: np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(:meth:`features`, the concept head's input when ``finish`` gives it apart, else None)."""
+        x = torch.from_numpy(self.store.read(self.rows[images])).float()
+        if self.finish is None:
+            return x, None
+        grid, concepts = self.finish(x.to(next(self.finish.parameters()).device))
+        return grid, concepts.cpu()

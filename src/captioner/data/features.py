@@ -67,6 +67,14 @@ def store_meta(encoder: dict, shape: Sequence[int], image_root: Path, images: Se
     }
 
 
+def stored_dims(encoder: dict) -> tuple:
+    """([rows, columns], channels) of the maps a store holds: the encoder's grid, or for a trunk store (``cut``
+    units left to run, :mod:`captioner.encoders.tail`) the front's map."""
+    if encoder.get("cut"):
+        return encoder.get("trunk_grid"), encoder.get("trunk_channels")
+    return encoder.get("grid"), encoder.get("channels")
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
 
@@ -114,10 +122,11 @@ def _check_store_json(path: Path, meta, index) -> None:
     if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(n) and n >= 0 for n in shape)):
         raise fail("meta.json", f"'shape' must be [N, H*W, C], three whole numbers, got {shape!r}")
     enc = meta.get("encoder")
-    grid = enc.get("grid") if isinstance(enc, dict) else None
+    grid, channels = stored_dims(enc) if isinstance(enc, dict) else (None, None)
     if not (isinstance(enc, dict) and isinstance(enc.get("name"), str) and isinstance(grid, list) and len(grid) == 2
-            and all(is_int(g) and g >= 1 for g in grid)
-            and grid[0] * grid[1] == shape[1] and enc.get("channels") == shape[2]):
+            and all(is_int(g) and g >= 1 for g in grid) and is_int(enc.get("cut", 0)) and enc.get("cut", 0) >= 0
+            and is_int(enc.get("channels")) and enc["channels"] >= 1
+            and grid[0] * grid[1] == shape[1] and channels == shape[2]):
         raise fail("meta.json", f"'encoder' must name the encoder and give its grid and channels matching "
                                 f"the shape {shape}, got {enc!r}")
     images = index.get("images") if isinstance(index, dict) else None

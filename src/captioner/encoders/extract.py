@@ -21,9 +21,12 @@ import numpy as np
 import torch
 
 from captioner.data.corpus import Corpus, PathLike
-from captioner.data.features import DONE, FAILED, TODO, FeatureStoreError, create_store, store_meta, write_meta
+from captioner.data.features import (DONE, FAILED, TODO, FeatureStoreError, create_store, store_meta, stored_dims,
+                                     write_meta)
 from captioner.data.images import DEFAULT_MAX_PIXELS, display_name, list_images, name_fields, try_load_image
+from captioner.encoders.tail import TailError, trunk_dims
 from captioner.encoders.network import EncoderSpec, ImageEncoder, get_encoder_spec, image_to_array
+from captioner.encoders.runtime import precision_flags, resolve_runtime, store_precision, with_runtime
 from captioner.files import METADATA_BYTES, check_regular, read_bytes
 from captioner.runtime.devices import check_precision, resolve_device
 from captioner.runtime.distributed import env_world, one_node, process_group
@@ -94,6 +97,10 @@ def extract_features(
     limit_batches: int | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    cut: int = 0,
+    grid: int | None = None,
+    runtime: str = "auto",
+    calibration: str | Path | None = None,
 ) -> dict:
     """Compute (or finish computing) the features of ``images`` into ``out_dir``.
 
@@ -101,12 +108,17 @@ def extract_features(
     ``limit_batches`` stops after that many batches (for tests and benchmarks).
     ``device`` runs the encoder there (cpu, cuda, auto); ``precision="bf16"`` under bfloat16 autocast
     (recorded in meta.json: a store is finished in the precision it was started in).
+    ``runtime`` runs the encoder (:mod:`captioner.encoders.runtime`; onnx-int8, calibrated on the images of
+    the folder ``calibration``, is recorded as precision int8: such a store is finished only with it).
     Under torchrun (WORLD_SIZE > 1, one node) each process encodes every WORLD_SIZE-th image into the
     same store, which ends up exactly as a single-process run leaves it.
+    ``cut`` > 0 makes a trunk store: the maps before the encoder's last ``cut`` units
+    (:mod:`captioner.encoders.tail`), what fine-tuning those units trains on.
     """
     check_workers(workers)
     dev = resolve_device(device)  # a GPU that is not there: an error before any file is touched
     check_precision(precision, dev)
+    runtime = resolve_runtime(runtime, dev, precision, calibration)  # an unusable one: before any file
     _, world = env_world()
     if world > 1 and not one_node(world):
         raise FeatureStoreError(
@@ -116,11 +128,13 @@ def extract_features(
     with process_group() as group:
         return _extract(group, image_root, images, out_dir, encoder=encoder, resize=resize, image_size=image_size,
                         batch_size=batch_size, workers=workers, max_pixels=max_pixels, overwrite=overwrite,
-                        progress=progress, limit_batches=limit_batches, device=dev, precision=precision)
+                        progress=progress, limit_batches=limit_batches, device=dev, precision=precision, cut=cut,
+                        grid=grid, runtime=runtime, calibration=calibration)
 
 
 def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size, batch_size, workers, max_pixels,
-             overwrite, progress, limit_batches, device, precision) -> dict:
+             overwrite, progress, limit_batches, device, precision, cut=0, grid=None, runtime="torch",
+             calibration=None) -> dict:
     """extract_features in one process of ``group``: rank r encodes the rows i with i % world == r.
 
     Rank 0 alone creates (or checks) the store and finally writes meta.json; every rank writes its
@@ -130,11 +144,16 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
     names = list(images)
     if len(set(names)) != len(names):
         raise FeatureStoreError("the image list has duplicates; each image must appear once")
-    spec = get_encoder_spec(encoder, resize=resize, image_size=image_size)
+    try:
+        spec = get_encoder_spec(encoder, resize=resize, image_size=image_size, grid=grid)
+    except ValueError as e:
+        raise FeatureStoreError(str(e)) from None
     if max_pixels is None:
         max_pixels = DEFAULT_MAX_PIXELS
     # the others wait for the files to exist
-    meta, already, left = group.on_rank0(lambda: _open_store(out, root, names, spec, precision, overwrite))
+    meta, already, left = group.on_rank0(lambda: _open_store(out, root, names, spec,
+                                                                        store_precision(runtime, precision),
+                                                                        overwrite, cut))
     status = np.load(out / "status.npy", mmap_mode="r+")
     feats = np.load(out / "features.npy", mmap_mode="r+")
     # this rank's share; no other rank writes these rows, so reading their status here is safe
@@ -142,7 +161,8 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
     t0 = time.perf_counter()
     done_now = failed_now = 0
     if todo:
-        enc = ImageEncoder(spec, device=device, precision=precision)
+        enc = with_runtime(ImageEncoder(spec, device=device, precision=precision, cut=cut), runtime,
+                           calibration=calibration)
         ds = _DecodeDataset(root, names, todo, spec, max_pixels)
         done_now, failed_now = _encode_rows(enc, ds, out, status, feats, group=group, batch_size=batch_size,
                                             workers=workers, progress=progress, limit_batches=limit_batches)
@@ -171,10 +191,17 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
 
 
 def _open_store(out: Path, root: Path, names: list[str], spec: EncoderSpec, precision: str,
-                overwrite: bool) -> tuple[dict, int, bool]:
+                overwrite: bool, cut: int = 0) -> tuple[dict, int, bool]:
     """Create or check the store (rank 0); returns its meta, rows already done, rows left to do."""
-    meta = store_meta(spec.to_dict(), [len(names), spec.grid[0] * spec.grid[1], spec.channels], root, names,
-                      precision)
+    encoder = spec.to_dict()
+    if cut:
+        try:
+            grid, channels = trunk_dims(spec, cut)
+        except TailError as e:
+            raise FeatureStoreError(f"--cut {cut}: {e}") from None
+        encoder.update(cut=cut, trunk_grid=grid, trunk_channels=channels)
+    grid, channels = stored_dims(encoder)
+    meta = store_meta(encoder, [len(names), grid[0] * grid[1], channels], root, names, precision)
     out.mkdir(parents=True, exist_ok=True)
     fresh = overwrite or not (out / "meta.json").exists()
     if not fresh:
@@ -247,7 +274,7 @@ def _check_resumable(out: Path, meta: dict) -> None:
     was = old.get("precision", "fp32")  # stores from before precision was recorded are fp32
     if was != meta["precision"]:
         raise FeatureStoreError(f"{out}: this store was started in {was} precision; finish it with "
-                                f"--precision {was}, or start again with --overwrite")
+                                f"{precision_flags(was)}, or start again with --overwrite")
 
 
 def _reserve_disk_space(path: Path, out: Path, n_images: int) -> None:

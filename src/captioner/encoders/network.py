@@ -19,7 +19,7 @@ import copy
 import functools
 import importlib
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from PIL import Image
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from captioner.encoders.tail import Front, TunedNet, load_tail
 from captioner.runtime.devices import autocast, check_precision, resolve_device
 
 RESIZE_POLICIES = ("squash", "center-crop")
@@ -75,21 +76,42 @@ def available_encoders() -> list[str]:
     return sorted(_ENCODERS)
 
 
-def get_encoder_spec(name: str, *, resize: str | None = None, image_size: int | None = None) -> EncoderSpec:
+def native_grid(image_size: int) -> tuple[int, int]:
+    """The grid an EfficientNet-style net (downsampling by 32) gives at ``image_size`` pixels."""
+    side = -(-image_size // 32)
+    return side, side
+
+
+def get_encoder_spec(name: str, *, resize: str | None = None, image_size: int | None = None,
+                     grid: int | Sequence[int] | None = None) -> EncoderSpec:
+    """The spec of encoder ``name``, at ``image_size`` pixels (default: its own) with ``resize``; ``grid``
+    (a side, or [rows, columns]) average-pools the net's output to that grid at any input size (system S5's
+    14x14), e.g. 448 px pooled to 7x7; it may not be finer than the net's own grid."""
     if name not in _ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
     spec = _ENCODERS[name]()
-    changes = {}
+    changes, build_kw = {}, {}
     if resize is not None:
         if resize not in RESIZE_POLICIES:
             raise ValueError(f"unknown resize policy {resize!r}; use one of {RESIZE_POLICIES}")
         changes["resize"] = resize
     if image_size is not None and image_size != spec.image_size:
-        # EfficientNet-style nets downsample by 32: the grid follows the input size.
-        side = -(-image_size // 32)
-        changes.update(image_size=image_size, grid=(side, side))
-        if spec.build is not None:  # the Lite nets bake "same" padding for one input size into the convs
-            changes["build"] = functools.partial(spec.build, image_size=image_size)
+        changes.update(image_size=image_size, grid=native_grid(image_size))
+        build_kw["image_size"] = image_size  # the Lite nets bake "same" padding for one input size into the convs
+    if grid is not None:
+        want = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        have = changes.get("grid", spec.grid)
+        if len(want) != 2 or not all(isinstance(g, int) and g >= 1 for g in want):
+            raise ValueError(f"grid {grid!r}: give a side (e.g. 7) or [rows, columns] of whole numbers >= 1")
+        if want[0] > have[0] or want[1] > have[1]:
+            raise ValueError(f"grid {list(want)}: finer than the {list(have)} grid {name} gives at "
+                             f"{changes.get('image_size', spec.image_size)} px; use a larger image size or a "
+                             "coarser grid")
+        if want != have:
+            changes["grid"] = want
+            build_kw["pool"] = want
+    if build_kw and spec.build is not None:
+        changes["build"] = functools.partial(spec.build, **build_kw)
     if changes:
         spec = EncoderSpec(**{**spec.__dict__, **changes})
     return spec
@@ -100,14 +122,17 @@ def get_encoder_spec(name: str, *, resize: str | None = None, image_size: int | 
 
 
 class _LiteTrunk(torch.nn.Module):
-    """EfficientNet-Lite without pooling and classifier: (B,3,S,S) -> (B,1280,S/32,S/32)."""
+    """EfficientNet-Lite without its classifier: (B,3,S,S) -> (B,1280,S/32,S/32), or average-pooled to
+    ``pool`` (rows, columns). :mod:`captioner.encoders.tail` splits it into a frozen front and a tail to fine-tune."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, pool: tuple[int, int] | None = None):
         super().__init__()
         self.net = net
+        self.pool = tuple(pool) if pool else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x)
+        x = self.net.extract_features(x)
+        return torch.nn.functional.adaptive_avg_pool2d(x, self.pool) if self.pool else x
 
 
 def _lite_weights_path(variant: int) -> str:
@@ -131,7 +156,7 @@ def _lite_classifier(variant: int) -> Callable[[], tuple[torch.Tensor, torch.Ten
 
 
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
-    def build(image_size: int | None = None) -> torch.nn.Module:
+    def build(image_size: int | None = None, pool: tuple[int, int] | None = None) -> torch.nn.Module:
         path = _lite_weights_path(variant)
         # The convs use TF "same" padding precomputed for one input size (default: the native one);
         # at another size the padding must be computed for it, or the grid comes out wrong (240 -> 7x7).
@@ -139,7 +164,7 @@ def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
         net = EfficientNet.from_name(f"efficientnet-lite{variant}", **overrides)
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no pickle code
         net.load_state_dict(state)
-        return _LiteTrunk(net).eval()
+        return _LiteTrunk(net, pool).eval()
 
     return build
 
@@ -238,14 +263,25 @@ class ImageEncoder:
     """A frozen backbone in inference mode: uint8 images in, ``(B, H*W, C)`` float32 features out.
 
     ``device`` is where the network runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the features come
-    back on it); ``precision="bf16"`` runs it under bfloat16 autocast (:mod:`captioner.runtime.devices`)."""
+    back on it); ``precision="bf16"`` runs it under bfloat16 autocast (:mod:`captioner.runtime.devices`).
+    ``cut`` > 0 runs only the front of the net (:mod:`captioner.encoders.tail`: the maps a trunk store
+    holds); ``tuned`` (weights of the last ``tuned_units`` units, from a model's encoder.safetensors) runs
+    the fine-tuned net, whose concept features still come from the pretrained units (:meth:`encode_all`)."""
 
     def __init__(self, spec: EncoderSpec | str, *, fuse: bool = True, device: str | torch.device = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", cut: int = 0, tuned: dict[str, torch.Tensor] | None = None,
+                 tuned_units: int = 0, where: str = "encoder.safetensors"):
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
         self.spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
+        self.cut, self.tuned_units = cut, tuned_units if tuned is not None else 0
         net = self.spec.build().eval()
+        if cut:
+            net = Front(net, cut).eval()
+        elif tuned is not None:
+            own = self.spec.build().eval()
+            load_tail(own, tuned, tuned_units, where)
+            net = TunedNet(net, own, tuned_units).eval()
         for p in net.parameters():
             p.requires_grad_(False)
         net = _fold_batchnorm(net) if fuse else net
@@ -258,13 +294,20 @@ class ImageEncoder:
         return np.stack([image_to_array(im, self.spec) for im in images])
 
     @torch.inference_mode()
-    def encode_arrays(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, S, S, 3)`` -> float32 ``(B, H*W, C)`` on the encoder's device."""
+    def encode_all(self, batch: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 ``(B, S, S, 3)`` -> (float32 ``(B, H*W, C)`` features, the concept head's input ``(B, 1, C)``
+        when it is not the mean of those features (a tuned encoder), else None), on the encoder's device."""
         x = torch.as_tensor(batch, device=self.device).permute(0, 3, 1, 2).float()  # (B,3,S,S), channels_last
         x = ((x - self._mean) * self._inv_std).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            fmap = self.net(x)  # (B, C, H, W)
-        return fmap.flatten(2).transpose(1, 2).float().contiguous()  # (B, H*W, C)
+            out = self.net(x)  # (B, C, H, W), or with the pretrained units' pooled map
+        fmap, pooled = out if isinstance(out, tuple) else (out, None)
+        grid = fmap.flatten(2).transpose(1, 2).float().contiguous()  # (B, H*W, C)
+        return grid, None if pooled is None else pooled.flatten(2).transpose(1, 2).float().contiguous()
+
+    def encode_arrays(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, S, S, 3)`` -> float32 ``(B, H*W, C)`` on the encoder's device."""
+        return self.encode_all(batch)[0]
 
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
         return self.encode_arrays(self.preprocess(images))

@@ -16,9 +16,12 @@ from captioner.data.features import FeatureStore
 from captioner.evaluation.metrics import METRIC_NAMES, compute_metrics
 from captioner.decoding.search import NonFiniteError, generate
 from captioner.decoding.settings import EVALUATION_BEAMS, DecodingSettings
-from captioner.inference.extension_file import ExtensionFileError, load_extension
+from captioner.encoders.network import get_encoder_spec
+from captioner.encoders.tail import Finisher, TailError, check_trunk
+from captioner.inference.encoder_file import EncoderFileError, read_encoder_file
+from captioner.inference.ensemble_dir import ModelArg, encoder_dir, load_model, model_name, several, short_name
+from captioner.inference.modeldir import ModelDirError
 from captioner.inference.guidance import Guide
-from captioner.inference.modeldir import ModelDirError, load_model_dir, resolve_model_path
 
 
 def evaluate_split(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSettings, *,
@@ -45,16 +48,39 @@ def decode_images(decoder, vocab: Vocab, data: CaptionData, settings: DecodingSe
     device = module_device(decoder)
     cands: dict[str, str] = {}
     for i in range(positions.start, positions.stop, batch_size):
-        feats = data.features(slice(i, min(positions.stop, i + batch_size))).to(device)
+        feats, concept_feats = data.features_and_concepts(slice(i, min(positions.stop, i + batch_size)))
+        feats = feats.to(device)
         with autocast(device, precision):
             if guide is not None:
-                hyps, _ = guide.generate(feats, settings, seed_offset=i)
+                hyps, _ = guide.generate(feats, settings, seed_offset=i, concept_features=concept_feats)
             else:
                 hyps = generate(decoder, vocab, feats, settings, seed_offset=i)
         words = guide.vocab if guide is not None else vocab
         for j, h in enumerate(hyps):
             cands[data.images[i + j]] = join_tokens(words.decode(h[0].tokens))
     return cands
+
+
+def _finisher(model: ModelArg, cfg: dict, have: dict, features: str) -> Finisher | None:
+    """What turns a trunk store's maps into the model's grids (its encoder's last units, tuned or not), or None for
+    a store of grids, which must then come from the model's own encoder: the packaged one, not a tuned one."""
+    try:
+        tuned = read_encoder_file(encoder_dir(model[0] if several(model) else model), cfg)
+    except EncoderFileError as e:
+        raise ModelDirError(str(e)) from None
+    if not have.get("cut"):
+        if tuned is not None:
+            raise ValueError(f"{features}: grids of the packaged encoder, but this model's encoder was fine-tuned (its "
+                             f"last {tuned[1]} units); evaluate it on a trunk store: `captioner features --corpus "
+                             f"CORPUS.json --out DIR --cut {tuned[1]}`")
+        return None
+    spec = get_encoder_spec(have["name"], resize=have.get("resize"), image_size=have.get("image_size"),
+                            grid=have.get("grid"))
+    try:
+        check_trunk(spec, have, f"{features}/meta.json")
+        return Finisher(spec, have["cut"], have["trunk_grid"], tuned)
+    except TailError as e:
+        raise ValueError(f"{features}: {e}") from None
 
 
 def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str:
@@ -68,7 +94,7 @@ def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str
     return "\n".join(lines) + "\n"
 
 
-def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test",
+def evaluate_model(model: ModelArg, corpus: str, features: str, *, split: str = "test",
                    beams: Sequence[int] = EVALUATION_BEAMS, out: str | None = None, limit: int = 0,
                    metrics: Sequence[str] | None = None, device: str = "cpu", precision: str = "fp32",
                    **decoding) -> dict:
@@ -78,12 +104,9 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
     runs."""
     dev = resolve_device(device)
     check_precision(precision, dev)
-    decoder, vocab, cfg = load_model_dir(model)
+    decoder, vocab, cfg, extension = load_model(model)  # a list of models: one ensemble
     decoder.to(dev)
-    try:
-        guide = Guide(decoder, vocab, cfg, load_extension(resolve_model_path(model), decoder, vocab, cfg))
-    except ExtensionFileError as e:
-        raise ModelDirError(str(e)) from None
+    guide = Guide(decoder, vocab, cfg, extension)
     store = FeatureStore.open(features)
     have, want = store.meta["encoder"], cfg["encoder"]
     for key in ("name", "image_size", "grid", "resize", "mean", "std"):
@@ -92,9 +115,12 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                              f"was trained with {want.get(key)!r}; run `captioner features` with the model's "
                              "encoder settings")
     data = CaptionData(Corpus.load(corpus), vocab, store, split, 10_000)
+    data.finish = _finisher(model, cfg, have, features)
+    if data.finish is not None:  # the encoder's last units run where the decoder runs
+        data.finish.to(dev)
     # decoded as `captioner caption` decodes with this model, at each beam size
     base = DecodingSettings.from_model(cfg).replace(**decoding)
-    result = {"model": str(model), "split": split, "unk_allowed": base.allow_unk,
+    result = {"model": model_name(model), "split": split, "unk_allowed": base.allow_unk,
               "images": min(limit, len(data.images)) if limit else len(data.images),
               "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram": base.no_repeat_ngram,
                            **({"concepts": base.concepts, "concept_threshold": base.concept_threshold,
@@ -109,12 +135,12 @@ def evaluate_model(model: str, corpus: str, features: str, *, split: str = "test
                                                         metrics=metrics, limit=limit, precision=precision,
                                                         guide=guide)
         except NonFiniteError as e:  # a damaged model: named as the user gave it
-            raise e.naming(str(model)) from None
+            raise e.naming(model_name(model)) from None
         result["beams"][k] = scores
         result["seconds"][k] = round(time.perf_counter() - t0, 1)
         result["captions"][k] = cands
     result["unavailable"] = unavailable
-    result["markdown"] = markdown_table(result["beams"], title=f"{Path(str(model)).name} on {split} "
+    result["markdown"] = markdown_table(result["beams"], title=f"{short_name(model)} on {split} "
                                                               f"({result['images']} images)")
     for name, why in result["unavailable"].items():
         result["markdown"] += f"\n{name}: not computed: {why}\n"

@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,10 +35,13 @@ from captioner.data.text import Vocab, join_tokens
 from captioner.decoding.search import NonFiniteError
 from captioner.decoding.settings import DecodingSettings
 from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
+from captioner.encoders.tail import TailError, load_tail
+from captioner.encoders.runtime import resolve_runtime, with_runtime
 from captioner.inference import DEFAULT_MODEL
+from captioner.inference.encoder_file import EncoderFileError, read_encoder_file
 from captioner.inference.guidance import Decoded, Guide
-from captioner.inference.extension_file import ExtensionFileError, load_extension
-from captioner.inference.modeldir import ModelDirError, load_model_dir, resolve_model_path, save_model_dir
+from captioner.inference.ensemble_dir import ModelArg, encoder_dir, load_model, model_name, several
+from captioner.inference.modeldir import ModelDirError, save_model_dir
 from captioner.inference.results import Caption, CaptionResult
 from captioner.models.base import Decoder
 from captioner.models.extension import VocabExtension
@@ -85,43 +90,80 @@ def _as_list(batch):
     return batch
 
 
+_ENCODERS: "OrderedDict[tuple, Any]" = OrderedDict()  # the last few encoders built, shared by Captioners
+_ENCODERS_LOCK = threading.Lock()
+SHARED_ENCODERS = 4
+
+
+def _shared_encoder(key: tuple, build):
+    """The encoder ``key`` names, built once per process (an encoder in inference mode holds no per-call state; a
+    Captioner made again, as the tests and a server's reload do, reuses it instead of folding the net again)."""
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
+            _ENCODERS[key] = build()
+            while len(_ENCODERS) > SHARED_ENCODERS:
+                _ENCODERS.popitem(last=False)
+        _ENCODERS.move_to_end(key)
+        return _ENCODERS[key]
+
+
 class Captioner:
     """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``.
 
     ``device`` (cpu, cuda, cuda:N, auto) is where the encoder and the decoder run; ``precision``
-    ``"bf16"`` runs them under bfloat16 autocast (default fp32)."""
+    ``"bf16"`` runs them under bfloat16 autocast (default fp32). ``runtime`` runs the image encoder
+    (:mod:`captioner.encoders.runtime`: auto, torch, onnx, onnx-int8; ``calibration``: the image folder
+    onnx-int8 is calibrated on the first time)."""
 
     def __init__(self, decoder: Decoder, vocab: Vocab, config: dict, *, device: str | torch.device = "cpu",
-                 precision: str = "fp32", extension: VocabExtension | None = None):
+                 precision: str = "fp32", extension: VocabExtension | None = None,
+                 encoder_weights: tuple[dict[str, torch.Tensor], int] | None = None, runtime: str = "auto",
+                 calibration: str | os.PathLike | None = None):
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
+        self.runtime = resolve_runtime(runtime, self.device, self.precision, calibration)  # unusable: an error now
+        self.calibration = calibration  # onnx-int8's calibration images (encoders/quantize.py)
         self.decoder, self.vocab, self.config = decoder.to(self.device).eval(), vocab, config
         try:
             self.settings = DecodingSettings.from_model(config)  # this model's decoding defaults
         except (TypeError, ValueError) as e:
             raise ModelDirError(f"config.json: its decoding defaults are not usable: {e}") from None
         self._encoder = None
+        self.encoder_weights = encoder_weights  # a fine-tuned encoder's (weights, units) (inference/encoder_file.py)
+        if (config.get("encoder") or {}).get("tuned") and encoder_weights is None:
+            raise ModelDirError("config.json says the encoder was fine-tuned (encoder.tuned), but no tuned weights were "
+                                "given; load the directory with Captioner.from_pretrained, which reads them")
         self._specials = {vocab.pad_id, vocab.start_id, vocab.end_id}
         # concepts, mentions and the words the model was taught after training (captioner.inference.guidance)
         self.guide = Guide(self.decoder, vocab, config, extension)
         self.source = str(config.get("name") or "the model")  # how errors name it (from_pretrained: its path)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
-                        precision: str = "fp32") -> "Captioner":
+    def from_pretrained(cls, name_or_path: ModelArg = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
+                        precision: str = "fp32", runtime: str = "auto",
+                        calibration: str | os.PathLike | None = None) -> "Captioner":
+        """A model directory or bundled name (an ensemble's directory too), or a list of them: one ensemble."""
         check_precision(precision, resolve_device(device))  # before loading anything
-        decoder, vocab, config = load_model_dir(name_or_path)
+        resolve_runtime(runtime, resolve_device(device), precision, calibration)  # an unusable runtime: before loading
+        decoder, vocab, config, extension = load_model(name_or_path)
+        where = encoder_dir(name_or_path[0] if several(name_or_path) else name_or_path)
         try:
-            extension = load_extension(resolve_model_path(name_or_path), decoder, vocab, config)
-        except ExtensionFileError as e:
+            tuned = read_encoder_file(where, config)
+            if tuned is not None:  # names and shapes now, not at the first caption
+                e = config["encoder"]
+                load_tail(get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"),
+                                           grid=e.get("grid")).build(), *tuned, str(where / "encoder.safetensors"))
+        except (EncoderFileError, TailError) as e:
             raise ModelDirError(str(e)) from None
-        model = cls(decoder, vocab, config, device=device, precision=precision, extension=extension)
-        model.source = os.fspath(name_or_path)
+        model = cls(decoder, vocab, config, device=device, precision=precision, extension=extension,
+                    encoder_weights=tuned, runtime=runtime, calibration=calibration)
+        model.source = model_name(name_or_path)
         return model
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
         extra = {k: v for k, v in self.config.items() if k not in ("format", "version", "arch", "model")}
-        return save_model_dir(path, self.decoder, self.vocab, extra, dtype=dtype, extension=self.guide.extension)
+        return save_model_dir(path, self.decoder, self.vocab, extra, dtype=dtype, extension=self.guide.extension,
+                              encoder_weights=self.encoder_weights[0] if self.encoder_weights else None)
 
     @property
     def encoder(self):
@@ -130,8 +172,16 @@ class Captioner:
             if not e:
                 raise ModelDirError("this model's config.json names no encoder, so it can only caption features "
                                     "(decode_features), not images")
-            spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"))
-            self._encoder = ImageEncoder(spec, device=self.device, precision=self.precision)
+            def build():
+                spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"),
+                                        grid=e.get("grid"))
+                weights, units = self.encoder_weights or (None, 0)
+                return with_runtime(ImageEncoder(spec, device=self.device, precision=self.precision, tuned=weights,
+                                                 tuned_units=units), self.runtime, calibration=self.calibration)
+
+            # the same encoder (spec, tuned weights' digest, device, precision, runtime) is built once per process
+            key = (json.dumps(e, sort_keys=True), str(self.device), self.precision, self.runtime, str(self.calibration))
+            self._encoder = _shared_encoder(key, build)
         return self._encoder
 
     def decoding_settings(self, settings: DecodingSettings | None = None, **overrides: Any) -> DecodingSettings:
@@ -202,8 +252,8 @@ class Captioner:
         for batch, feats in self._encoded(batches):
             decoded = Decoded([], None)
             if feats is not None:
-                decoded = self._first_pass(feats, s, seed_offset + readable)
-                readable += len(feats)
+                decoded = self._first_pass(*feats, s, seed_offset + readable)
+                readable += len(feats[0])
             held.append((batch, decoded))
             # images to search again for their words are gathered over a few batches: one search for many
             # images costs much less than one per batch (the results still come out in order)
@@ -213,9 +263,11 @@ class Captioner:
                 held = []
         yield from self._flush(held, s, return_attention)
 
-    def _first_pass(self, feats: torch.Tensor, s: DecodingSettings, seed_offset: int) -> Decoded:
+    def _first_pass(self, feats: torch.Tensor, concept_feats: torch.Tensor | None, s: DecodingSettings,
+                    seed_offset: int) -> Decoded:
         with self._running():
-            return self.guide.first_pass(feats.to(self.device), s, seed_offset=seed_offset)
+            return self.guide.first_pass(feats.to(self.device), s, seed_offset=seed_offset,
+                                         concept_features=concept_feats)
 
     def _flush(self, held: list[tuple[list[_Prepared], Decoded]], s: DecodingSettings,
                return_attention: bool) -> Iterator[CaptionResult]:
@@ -229,15 +281,20 @@ class Captioner:
                 yield (CaptionResult(p.source, error=p.error) if p.error is not None
                        else self._result(p, *next(it), s, return_attention))
 
-    def _encode_batch(self, batch: list[_Prepared]) -> torch.Tensor | None:
+    def _encode_batch(self, batch: list[_Prepared]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(grids, the concept head's input when a tuned encoder gives it apart, else None) of the readable images."""
         good = [p for p in batch if p.error is None]
         if not good:
             return None
         arrays = np.stack([p.array for p in good])
         # the encoder runs fastest in small batches that stay in cache (as `features` does);
         # the decoder gains from large ones
-        return torch.cat([self.encoder.encode_arrays(arrays[i:i + ENCODER_BATCH])
-                          for i in range(0, len(arrays), ENCODER_BATCH)])
+        enc, chunks = self.encoder, [arrays[i:i + ENCODER_BATCH] for i in range(0, len(arrays), ENCODER_BATCH)]
+        # a tuned encoder gives the concept head's input apart; for any other the grids are all (their mean is it)
+        parts = ([enc.encode_all(c) for c in chunks] if self.encoder_weights is not None
+                 else [(enc.encode_arrays(c), None) for c in chunks])
+        concepts = [c for _, c in parts if c is not None]
+        return torch.cat([g for g, _ in parts]), torch.cat(concepts) if concepts else None
 
     def _encoded(self, batches: Iterable[list[_Prepared]]) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
         """(batch, its features) with the next batches' encoder running in a thread while the caller decodes

@@ -188,18 +188,21 @@ class Guide:
 
     # --- decoding ---
 
-    def generate(self, features: torch.Tensor, settings: DecodingSettings, *, seed_offset: int = 0
-                 ) -> tuple[list[list[Hypothesis]], list[Concepts] | None]:
+    def generate(self, features: torch.Tensor, settings: DecodingSettings, *, seed_offset: int = 0,
+                 concept_features: torch.Tensor | None = None) -> tuple[list[list[Hypothesis]], list[Concepts] | None]:
         """Hypotheses per image (ids of :attr:`vocab`) and each image's concepts (None without a classifier)."""
-        decoded = self.first_pass(features, settings, seed_offset=seed_offset)
+        decoded = self.first_pass(features, settings, seed_offset=seed_offset, concept_features=concept_features)
         self.search_again([decoded], settings)
         return decoded.hyps, decoded.concepts
 
-    def first_pass(self, features: torch.Tensor, settings: DecodingSettings, *, seed_offset: int = 0) -> "Decoded":
+    def first_pass(self, features: torch.Tensor, settings: DecodingSettings, *, seed_offset: int = 0,
+                   concept_features: torch.Tensor | None = None) -> "Decoded":
         """The ordinary search of a batch, its concepts and which of its images must be searched again
         (:meth:`search_again`, which may take the images of several batches at once: a search's cost is
-        mostly per step, so one search for many images costs much less than one per batch)."""
-        conf = self.confidences(features)
+        mostly per step, so one search for many images costs much less than one per batch). The concepts come
+        from ``concept_features`` when given (a fine-tuned encoder's pretrained units, (B, 1, C)), else from
+        the mean of ``features``."""
+        conf = self.confidences(features if concept_features is None else concept_features)
         concepts = self.concepts(conf)
         hyps = generate(self.decoder, self.base, features, settings, seed_offset=seed_offset)
         decoded = Decoded(hyps, concepts)

@@ -6,8 +6,10 @@ A model directory holds::
                         defaults, how it was trained, its measured metrics
     vocab.json          the vocabulary (captioner.data.text.Vocab)
     model.safetensors   the decoder weights (safetensors: loading never unpickles anything)
+    encoder.safetensors only when the encoder's last units were fine-tuned: their weights
+                        (:mod:`captioner.inference.encoder_file`)
 
-The encoder is not stored: it is named in config.json and rebuilt from its packaged weights.
+The encoder is named in config.json and rebuilt from its packaged weights (with the tuned units' own).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from captioner.files import (METADATA_BYTES, WEIGHTS_BYTES, FileTooLargeError, N
 from captioner.data.text import Vocab
 from captioner.decoding.settings import SETTINGS
 from captioner.encoders.network import RESIZE_POLICIES, available_encoders, get_encoder_spec
+from captioner.encoders.tail import weights_digest
+from captioner.inference.encoder_file import check_tuned_record, write_encoder_file
 from captioner.inference.extension_file import discard as discard_extension, write_extension
 from captioner.models import build_decoder, get_architecture
 from captioner.models.base import Decoder
+from captioner.models.ensemble import Ensemble
 from captioner.models.extension import VocabExtension
 
 FORMAT = "captioner-model"
@@ -55,9 +60,19 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, config: dict,
-                   *, dtype: torch.dtype = torch.float32, extension: VocabExtension | None = None) -> Path:
+                   *, dtype: torch.dtype = torch.float32, extension: VocabExtension | None = None,
+                   encoder_weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write config.json + vocab.json + model.safetensors (each written atomically), and the vocabulary
-    ``extension`` if any (extension.safetensors; a stale one is removed)."""
+    ``extension`` if any (extension.safetensors; a stale one is removed), and a fine-tuned encoder's
+    ``encoder_weights`` (encoder.safetensors; config's encoder.tuned must describe them)."""
+    if isinstance(decoder, Ensemble):  # its members' directories inside this one (inference/ensemble_dir.py)
+        from captioner.inference.ensemble_dir import save_ensemble_dir  # (it imports this module)
+        return save_ensemble_dir(path, decoder, vocab, config, dtype=dtype, extension=extension,
+                                 encoder_weights=encoder_weights)
+    tuned = (config.get("encoder") or {}).get("tuned")
+    if bool(tuned) != (encoder_weights is not None) or (tuned and tuned.get("digest") != weights_digest(encoder_weights)):
+        raise ModelDirError(f"{path}: config.json's encoder.tuned and the encoder weights given do not match (a tuned "
+                            "encoder's weights must be saved with its record); nothing was written")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in config.items() if k not in ("format", "version", "arch", "model")}
@@ -68,6 +83,7 @@ def save_model_dir(path: str | os.PathLike, decoder: Decoder, vocab: Vocab, conf
         config, place_extension = write_extension(out, extension, config)  # its record in config.json, or none
         cfg = {"format": FORMAT, "version": VERSION, **config,
                "arch": decoder.arch_name, "model": dataclasses.asdict(decoder.cfg)}
+        write_encoder_file(out, encoder_weights)
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # readable like the other files (the writer may create it private)
         os.replace(tmp, out / "model.safetensors")
@@ -99,6 +115,9 @@ def load_model_dir(path: str | os.PathLike) -> tuple[Decoder, Vocab, dict]:
         raise ModelDirError(f"{p / 'config.json'}: cannot read ({e.strerror or e})") from None
     except ValueError as e:  # not a regular file, too large
         raise ModelDirError(str(e)) from None
+    if isinstance(cfg, dict) and "ensemble" in cfg:  # a directory naming its members (inference/ensemble_dir.py)
+        from captioner.inference.ensemble_dir import load_ensemble_dir  # (it imports this module)
+        return load_ensemble_dir(p, cfg)
     try:
         vocab = Vocab.load(p / "vocab.json")
     except ValueError as e:
@@ -229,6 +248,9 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     if not isinstance(cfg, dict):
         raise fail(f"expected a JSON object at the top level, got {type(cfg).__name__}; "
                    "not a captioner model configuration")
+    if "ensemble" in cfg:  # a directory naming its members (inference/ensemble_dir.py)
+        from captioner.inference.ensemble_dir import validate_ensemble_config  # (it imports this module)
+        return validate_ensemble_config(cfg, where, vocab_size=vocab_size)
     if cfg.get("format") != FORMAT:
         raise fail(f"not a captioner model (format={cfg.get('format')!r})")
     version = cfg.get("version", VERSION)
@@ -350,6 +372,8 @@ def _validate_encoder(enc: Any, model: dict, fail) -> None:
     if not isinstance(enc, dict):
         raise fail(f"'encoder' must be an object, got {type(enc).__name__}")
     missing = [k for k in ("name", "image_size", "grid", "channels", "mean", "std", "resize") if k not in enc]
+    if "tuned" in enc:
+        check_tuned_record(enc["tuned"], fail)
     if missing:
         raise fail(f"encoder: missing {', '.join(missing)} (expected the spec written by training, e.g. "
                    f"{{\"name\": \"efficientnet-lite0\", \"image_size\": 224, \"grid\": [7, 7], ...}})")
@@ -367,7 +391,10 @@ def _validate_encoder(enc: Any, model: dict, fail) -> None:
     grid = enc["grid"]
     if not (isinstance(grid, list) and len(grid) == 2 and all(is_int(g) and 1 <= g <= 256 for g in grid)):
         raise fail(f"encoder.grid must be [rows, columns], two whole numbers from 1 to 256, got {grid!r}")
-    spec = get_encoder_spec(name, resize=enc["resize"], image_size=enc["image_size"])
+    try:
+        spec = get_encoder_spec(name, resize=enc["resize"], image_size=enc["image_size"], grid=grid)
+    except ValueError as e:
+        raise fail(f"encoder: {e}") from None
     if list(spec.grid) != grid or spec.channels != enc["channels"]:
         raise fail(f"encoder: {name} at {enc['image_size']} px gives a {list(spec.grid)} grid of {spec.channels} "
                    f"channels, but config.json says grid {grid!r}, channels {enc['channels']!r}")

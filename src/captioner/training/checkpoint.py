@@ -21,9 +21,10 @@ from captioner.data.text import Vocab
 from captioner.files import WEIGHTS_BYTES, check_regular, open_regular
 from captioner.inference.modeldir import save_model_dir
 from captioner.runtime.distributed import Group
-from captioner.training.config import TrainConfig, TrainError
+from captioner.training.config import OptimConfig, TrainConfig, TrainError
 from captioner.training.logs import write_logs
 from captioner.training.run import Run
+from captioner.training.tuned import TunedDecoder, restore_tuned
 
 RESUMABLE_CHANGES = {"optim.epochs", "optim.max_minutes", "progress", "threads", "device"}
 
@@ -50,9 +51,15 @@ def save_checkpoint(run: Run, best_scores: dict | None) -> None:
 
 
 def save_best(run: Run, scores: dict, epoch: int) -> None:
-    """best/: a model directory of the kept weights, with what the run records and the validation scores."""
-    save_model_dir(run.out / "best", run.kept, run.vocab, {**run.info, "metrics": {"val": {
-        "split": run.cfg.data.val_split, "beam": run.cfg.val_beam, "epoch": epoch, **scores}}})
+    """best/: a model directory of the kept weights, with what the run records and the validation scores (and the
+    encoder's tuned units, on a trunk store)."""
+    kept, info, weights = run.kept, run.info, None
+    if isinstance(kept, TunedDecoder):
+        info = {**info, "encoder": kept.encoder_record(info["encoder"])}
+        kept, weights = kept.inner, kept.encoder_weights()
+    save_model_dir(run.out / "best", kept, run.vocab, {**info, "metrics": {"val": {
+        "split": run.cfg.data.val_split, "beam": run.cfg.val_beam, "epoch": epoch, **scores}}},
+        encoder_weights=weights)
 
 
 def restore_best(run: Run) -> bool:
@@ -69,7 +76,11 @@ def restore_best(run: Run) -> bool:
 def _restore_weights(decoder, model_dir: Path) -> bool:
     check_regular(model_dir / "model.safetensors", "best/'s weights file", WEIGHTS_BYTES)
     weights = load_file(str(model_dir / "model.safetensors"))
-    decoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    if isinstance(decoder, TunedDecoder):
+        restore_tuned(decoder, model_dir, state)
+    else:
+        decoder.load_state_dict(state)
     return True
 
 
@@ -78,8 +89,10 @@ def load_checkpoint(ckpt: Path, cfg: TrainConfig, group: Group, decoder, opt, sc
     """--resume: weights, optimizer, scheduler and this rank's random state from last.pt; returns the state."""
     with open_regular(ckpt, "the checkpoint", WEIGHTS_BYTES) as f:  # not a FIFO: that would block for ever
         c = torch.load(f, map_location="cpu", weights_only=True)
-    # a setting added since the checkpoint was written counts as its default
-    changed = config_changes(_over(asdict(TrainConfig()), json.loads(c["config"])), asdict(cfg)) if "config" in c else []
+    # a setting added since the checkpoint was written counts as its default; optim.warmup as 0 (there was no
+    # warm-up before it): its default (None, the architecture's) is resolved to a number in the config compared
+    old = _over(asdict(TrainConfig(optim=OptimConfig(warmup=0))), json.loads(c["config"])) if "config" in c else None
+    changed = config_changes(old, asdict(cfg)) if old is not None else []
     if changed:
         raise TrainError(f"--resume: {cfg.out_dir} was trained with another config ({'; '.join(changed[:5])}); "
                          "resume with the same settings (only optim.epochs, progress, threads and device may change)")

@@ -14,12 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from captioner.checks import is_number, shown
+from captioner.checks import is_int, is_number, shown
 from captioner.decoding.settings import STORED, DecodingSettings
 from captioner.evaluation.metrics import METRIC_NAMES, java_available
 from captioner.inference.modeldir import resolve_model_path
 from captioner.models import get_architecture
 from captioner.runtime.devices import check_precision, resolve_device
+from captioner.training.warmup import default_warmup
+
+
+MAX_WARMUP = 10_000_000  # optimizer steps of warm-up at most (a config's typo, not a schedule, beyond it)
 
 
 class TrainError(ValueError):
@@ -66,8 +70,20 @@ class OptimConfig:
     #                            to 0 over optim.epochs, or over max_minutes when a budget is set
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, updated after each
     #                   step as avg = ema * avg + (1 - ema) * weights (0.998 averages about the last 500 steps)
+    warmup: int | None = None  # the lr rises linearly over this many optimizer steps, from lr/warmup to the
+    #   schedule's lr (training/warmup.py); 0 = none; unset (null) = the architecture's default from random
+    #   weights (transformer: TransformerDecoder.default_warmup, the others 0), 0 from init_from. The config
+    #   a run records (config.yaml, best/config.json) holds the number used
 
-    def checked(self) -> "OptimConfig":
+    def checked(self, default_warmup: int = 0) -> "OptimConfig":
+        """The checks, and an unset ``warmup`` set to ``default_warmup`` (:func:`TrainConfig.checked` passes the
+        architecture's)."""
+        if self.warmup is None:
+            self.warmup = default_warmup
+        if not (is_int(self.warmup) and 0 <= self.warmup <= MAX_WARMUP):
+            raise TrainError(f"optim.warmup={shown(self.warmup)}: must be a whole number of optimizer steps from 0 "
+                             f"(no warm-up) to {MAX_WARMUP}, or null for the architecture's default (e.g. 1000; an "
+                             f"epoch is about training captions / optim.batch_size steps)")
         if self.batch_size < 1 or self.epochs < 1:
             raise TrainError("optim.batch_size and optim.epochs must be >= 1")
         if not (is_number(self.lr) and self.lr > 0):
@@ -135,6 +151,31 @@ class ScheduledSamplingConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """``encoder``: fine-tuning the encoder's last units with the decoder (system S5's second stage). It trains on a
+    trunk store (`captioner features --cut N`: the maps before the last N units), running those units each step."""
+
+    train_blocks: int = 0  # train the encoder's last N units (1 = its final 1x1 convolution, 2 = that and the last
+    #                        block, ...; at most the store's cut); 0 = the encoder stays as it is
+    lr: float = 1e-4  # their learning rate (the decoder's is optim.lr); schedules and warm-up scale both alike
+    batchnorm: str = "frozen"  # "frozen": BatchNorm statistics and scales stay as ImageNet left them; "train": they
+    #                            learn, with batch statistics in training mode
+
+    def checked(self) -> "EncoderConfig":
+        if not (is_int(self.train_blocks) and 0 <= self.train_blocks <= MAX_TRAIN_BLOCKS):
+            raise TrainError(f"encoder.train_blocks={shown(self.train_blocks)}: a whole number of the encoder's last "
+                             f"units to train, from 0 (none) to {MAX_TRAIN_BLOCKS}")
+        if not (is_number(self.lr) and self.lr > 0):
+            raise TrainError(f"encoder.lr={shown(self.lr)}: must be a finite number > 0 (e.g. 1e-4)")
+        if self.batchnorm not in ("frozen", "train"):
+            raise TrainError(f"encoder.batchnorm={shown(self.batchnorm)}: use frozen (ImageNet's statistics) or train")
+        return self
+
+
+MAX_TRAIN_BLOCKS = 64
+
+
+@dataclass
 class TrainConfig:
     """A training run: what a YAML config file (plus ``key=value`` overrides) sets."""
 
@@ -151,6 +192,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # xe: this much of each target word's probability spread over the vocabulary
     scst: ScstConfig = field(default_factory=ScstConfig)
     scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)  # xe only
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # fine-tuning the encoder's last units
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave the default
     out_dir: str = "runs/sat"
@@ -175,7 +217,7 @@ class TrainConfig:
         if self.val_metric not in METRIC_NAMES or self.val_metric == "SPICE":
             raise TrainError(f"val_metric={shown(self.val_metric)}: use one of BLEU-1..4, METEOR, ROUGE-L, CIDEr-D")
         get_architecture(self.arch)  # raises with the list of architectures
-        self.optim.checked()
+        self.optim.checked(default_warmup(self.arch, self.init_from))  # records the warm-up an unset one gets
         if self.val_beam < 1 or self.data.max_len < 1:
             raise TrainError("val_beam and data.max_len must be >= 1")
         if not 0 <= self.threads <= 1024:
@@ -184,6 +226,7 @@ class TrainConfig:
             raise TrainError(f"label_smoothing={self.label_smoothing}: must be from 0 (off) to below 1 (e.g. 0.1)")
         self._check_decoding()
         self.scheduled_sampling.checked()
+        self.encoder.checked()
         self._check_objective()
         return self
 

@@ -65,6 +65,8 @@ from captioner.training.outdir import OutDirLock, check_out_dir
 from captioner.training.ranks import process_group_for, same_start, seed_rank, warnings_on_rank0_only
 from captioner.training.run import Run
 from captioner.training.stages import check_stages, same_start_model, stage_configs
+from captioner.training.tuned import TunedDecoder, on_store, param_groups
+from captioner.training.warmup import warmed_up, warmup_factor
 
 ENCODER_KEYS = ("name", "image_size", "grid", "resize", "mean", "std")  # what init_from's features must share
 
@@ -167,12 +169,11 @@ def _setup(cfg: TrainConfig, group: Group, resume: bool, out: Path) -> Run:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP copies rank 0's anyway)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    decoder = _build_decoder(cfg, vocab, vocab_path, enc, group)
-    decoder.to(device)
+    decoder, init_cfg = _build_decoder(cfg, vocab, vocab_path, enc, group)
+    decoder = on_store(cfg, decoder, enc, init_cfg).to(device)  # on a trunk store: with the encoder's last units
     if group.rank:  # dropout and sampling draw other numbers on each rank
         seed_rank(cfg.seed, group.rank)
-    opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                           weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.Adam(param_groups(cfg, decoder), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.optim.lr_decay,
                                                        patience=cfg.optim.lr_patience, threshold=0.0)
     ema = _moving_average(decoder, cfg.optim.ema) if cfg.optim.ema else None
@@ -229,7 +230,8 @@ def train_epoch(run: Run, epoch: int, stop_after_steps: int | None = None) -> di
         order = torch.from_numpy(rng.permutation(len(run.train_data.images)))
         batches = list(order.split(cfg.scst.images_per_batch))
     else:
-        batches = run.train_data.batches(cfg.optim.batch_size, rng)
+        batches = (run.train_data.image_batches(cfg.optim.batch_size, rng) if isinstance(run.decoder, TunedDecoder)
+                   else run.train_data.batches(cfg.optim.batch_size, rng))  # encoder units: one pass per image
     ss_prob = 0.0 if run.scst else cfg.scheduled_sampling.prob(epoch)
     run.model.train()
     t0 = time.perf_counter()
@@ -243,8 +245,9 @@ def train_epoch(run: Run, epoch: int, stop_after_steps: int | None = None) -> di
         if cfg.optim.schedule == "cosine":
             frac = used if run.budget.seconds else (epoch - 1 + b / len(batches)) / cfg.optim.epochs
             for g in run.opt.param_groups:
-                g["lr"] = cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-        loss, stats = train_step(run, idx.numpy(), ss_prob, epoch)
+                g["lr"] = g.get("base_lr", cfg.optim.lr) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        with warmed_up(run.opt, warmup_factor(run.state["step"], cfg.optim.warmup)):  # the first optim.warmup steps
+            loss, stats = train_step(run, idx.numpy(), ss_prob, epoch)
         tot += loss * len(idx)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v * len(idx)
@@ -287,6 +290,8 @@ def validate(run: Run) -> tuple[dict, dict[str, str], float]:
     t0 = time.perf_counter()
     if run.ema is not None:  # batch norm's running statistics come from each rank's share: rank 0's for all
         group.broadcast_tensors(list(run.ema.module.buffers()))
+    elif isinstance(run.decoder, TunedDecoder):  # the encoder's BatchNorm statistics (encoder.batchnorm=train) too
+        group.broadcast_tensors(list(run.decoder.buffers()))
     n = len(data.images) if not cfg.data.val_images else min(cfg.data.val_images, len(data.images))
     settings = cfg.val_decoding()
     share = range(n * group.rank // group.world, n * (group.rank + 1) // group.world)
@@ -338,8 +343,10 @@ def end_epoch(run: Run, epoch: int, stats: dict, scores: dict, cands: dict[str, 
 
 # ----------------------------------------------------------------------------- setup and run details
 
-def _build_decoder(cfg: TrainConfig, vocab: Vocab, vocab_path: str, enc: dict, group: Group) -> torch.nn.Module:
-    """Random weights for ``cfg.arch``, or those of ``init_from`` (checked to fit the vocabulary and features)."""
+def _build_decoder(cfg: TrainConfig, vocab: Vocab, vocab_path: str, enc: dict, group: Group
+                   ) -> tuple[torch.nn.Module, dict | None]:
+    """(random weights for ``cfg.arch``, None), or (those of ``init_from``, its config), checked to fit the vocabulary
+    and features."""
     if cfg.init_from:  # staged training: start from the weights of a model directory
         decoder, init_vocab, init_cfg = load_model_dir(cfg.init_from)
         if init_vocab.itos != vocab.itos:
@@ -351,12 +358,12 @@ def _build_decoder(cfg: TrainConfig, vocab: Vocab, vocab_path: str, enc: dict, g
                 raise TrainError(f"init_from={cfg.init_from}: trained on features with encoder {key}="
                                  f"{init_cfg.get('encoder', {}).get(key)!r}, but {cfg.data.features} has "
                                  f"{enc.get(key)!r}")
-        return decoder.train()
+        return decoder.train(), init_cfg
     model_cfg = {**cfg.model, "vocab_size": len(vocab), "feature_dim": enc["channels"]}
     decoder = build_decoder(cfg.arch, model_cfg, vocab=vocab)
     if decoder.word_vector_report is not None and group.rank == 0:
         print(decoder.word_vector_report.summary(), flush=True)
-    return decoder
+    return decoder, None
 
 
 def _moving_average(decoder: torch.nn.Module, decay: float):

@@ -20,6 +20,7 @@ from captioner.runtime.distributed import Group
 from captioner.training.config import TrainConfig
 from captioner.training.scheduled_sampling import scheduled_sampling_forward
 from captioner.training.scst import CiderD, scst_loss
+from captioner.training.tuned import TunedDecoder
 
 
 def caption_loss(out, tokens: torch.Tensor, lengths: torch.Tensor,
@@ -71,10 +72,17 @@ class BatchLoss(torch.nn.Module):
                 nan = torch.tensor(float("nan"), device=device)
                 return nan, {"reward": float("nan"), "baseline": float("nan")}
             return loss * share, {"reward": reward * share, "baseline": baseline * share}
-        feats, tokens, lengths = (t.to(device) for t in self.data.batch(mine))
+        owner = None
+        if isinstance(self.decoder, TunedDecoder) and ss_prob == 0:  # the encoder's units: once per image
+            feats, owner, tokens, lengths = self.data.image_batch(mine)
+            feats, tokens, lengths = feats.to(device), tokens.to(device), lengths.to(device)
+        else:
+            feats, tokens, lengths = (t.to(device) for t in self.data.batch(mine))
         with autocast(device, precision):
             if ss_prob > 0:
                 out = scheduled_sampling_forward(self.decoder, feats, tokens, lengths, ss_prob)
+            elif owner is not None:
+                out = self.decoder(feats, tokens, lengths, owner=owner)
             else:
                 out = self.decoder(feats, tokens, lengths)
             total, ce = caption_loss(out, tokens, lengths, self.cfg.label_smoothing)

@@ -15,6 +15,7 @@ from captioner.config import deep_update, from_dict
 from captioner.data.text import read_json_file, write_text_atomic
 from captioner.files import METADATA_BYTES, WEIGHTS_BYTES, open_regular
 from captioner.training.config import DataConfig, TrainConfig, TrainError, check_run
+from captioner.inference.modeldir import resolve_model_path
 from captioner.training.outdir import check_out_dir
 
 STAGE_KEEPS = ("arch", "data", "threads", "device", "precision", "progress")  # what a stage takes from the run
@@ -62,6 +63,7 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
 def check_stages(cfg: TrainConfig, stages: list[TrainConfig], world: int, resume: bool) -> None:
     """Every stage's mistakes before the first one trains: its settings, its data when it has its own, and
     an out_dir that already holds a run (unless ``resume``)."""
+    tuned = 0
     for k, stage in enumerate(stages):
         try:
             check_run(stage, world, init_from_exists=k == 0)
@@ -69,11 +71,43 @@ def check_stages(cfg: TrainConfig, stages: list[TrainConfig], world: int, resume
                 _check_data_paths(stage.data)
         except ValueError as e:
             raise (TrainError(f"then[{k - 1}] ({cfg.then[k - 1]['name']}): {e}") if k else e) from None
+        tuned = _check_trunk_store(cfg, k, stage, tuned if k else _tuned_units(stage.init_from))
         if not resume and (Path(stage.out_dir) / "last.pt").exists():
             raise TrainError(f"{stage.out_dir} already holds a training run (last.pt), and stage {k + 1} of this "
                              "run would write there; use --resume to continue the run, or another out_dir")
         if not (Path(stage.out_dir) / "last.pt").exists():
             check_out_dir(Path(stage.out_dir))
+
+
+def _tuned_units(init_from: str) -> int:
+    """How many of the encoder's last units the model directory ``init_from`` has tuned (0: none, or unreadable: its
+    own checks report that)."""
+    try:
+        cfg = read_json_file(resolve_model_path(init_from) / "config.json", what="config.json",
+                             max_bytes=METADATA_BYTES) if init_from else None
+        units = ((cfg.get("encoder") or {}).get("tuned") or {}).get("units", 0) if isinstance(cfg, dict) else 0
+        return units if isinstance(units, int) else 0
+    except (ValueError, OSError):
+        return 0
+
+
+def _check_trunk_store(cfg: TrainConfig, k: int, stage: TrainConfig, tuned: int) -> int:
+    """Stage ``k`` must train on a trunk store when it fine-tunes the encoder or starts from a model that did
+    (``tuned`` units by the stages before it): checked before the first stage trains. Returns the units tuned after it."""
+    need = max(stage.encoder.train_blocks, tuned)
+    meta = Path(stage.data.features) / "meta.json"
+    if need and meta.is_file():
+        store = read_json_file(meta, what="the store's meta.json", max_bytes=METADATA_BYTES)
+        cut = ((store.get("encoder") or {}).get("cut") or 0) if isinstance(store, dict) else 0
+        if not isinstance(cut, int) or cut < need:
+            where = f"then[{k - 1}] ({cfg.then[k - 1]['name']})" if k else "the run"
+            why = (f"its encoder.train_blocks={stage.encoder.train_blocks}" if stage.encoder.train_blocks >= tuned
+                   else f"it starts from a model whose encoder's last {tuned} units were fine-tuned")
+            raise TrainError(f"{where}: {why}, so it trains on a trunk store cut at {need} units or more, but "
+                             f"data.features={stage.data.features} is {'cut at ' + str(cut) if cut else 'a store of grids'}; "
+                             f"make one with `captioner features --corpus CORPUS.json --out DIR --cut {need}` and set the "
+                             "stage's data: {features: DIR}")
+    return need
 
 
 def _check_data_paths(data: DataConfig) -> None:
