@@ -4,11 +4,8 @@ with the model directory it writes, guided decoding (--mention, --concepts) incl
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,17 +18,7 @@ from captioner.evaluation.metrics import compute_metrics
 from captioner.inference.captioner import Captioner
 from captioner.models import available_architectures
 
-# Sizes small enough for a 6-epoch run in seconds; the optimiser settings are the trainer's
-# defaults except lr 3e-3 and batch 32. merge keeps its defaults' frozen GloVe vectors.
-SIZES = {
-    "sat": ["model.embed_dim=48", "model.hidden_dim=96", "model.attention_dim=48", "model.dropout=0.1"],
-    "bahdanau-gru": ["model.embed_dim=48", "model.proj_dim=48", "model.hidden_dim=96", "model.attention_dim=48",
-                     "model.dropout=0.1"],
-    "gru-residual": ["model.embed_dim=48", "model.hidden_dim=96", "model.heads=2", "model.dropout=0.1"],
-    "merge": ["model.hidden_dim=96", "model.dropout=0.1"],
-    "transformer": ["model.embed_dim=64", "model.d_model=64", "model.heads=4", "model.num_layers=2",
-                    "model.ff_dim=128", "model.dropout=0.1"],
-}
+from .conftest import ARCH_SIZES as SIZES  # each architecture's sizes for a 6-epoch run in seconds
 
 
 def test_every_architecture_has_sizes_here():
@@ -48,23 +35,9 @@ def blind_cider(synthetic) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic, tmp_path_factory):
-    """``trained(arch)`` -> (run directory, training log): each architecture trained once for this module."""
-    runs: dict[str, tuple[Path, str]] = {}
-
-    def train(arch: str) -> tuple[Path, str]:
-        if arch not in runs:
-            run = tmp_path_factory.mktemp(f"run-{arch}")
-            log = io.StringIO()
-            with contextlib.redirect_stdout(log):
-                status = main(["train", f"arch={arch}", f"out_dir={run}", f"data.corpus={synthetic.corpus}",
-                               f"data.features={synthetic.features}", "data.max_len=12", "optim.epochs=6",
-                               "optim.lr=3e-3", "optim.batch_size=32", "progress=false", *SIZES[arch]])
-            assert status == 0, log.getvalue()[-2000:]
-            runs[arch] = (run, log.getvalue())
-        return runs[arch]
-
-    return train
+def trained(trained_arch):
+    """``trained(arch)`` -> (run directory, training log): each architecture trained once (tests/conftest.py)."""
+    return trained_arch
 
 
 @pytest.mark.parametrize("arch", available_architectures())

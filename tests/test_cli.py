@@ -29,7 +29,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True)
 
 
-def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
+def test_prepare_features_evaluate_on_synthetic(synthetic, sat_two_epochs, tmp_path, capsys):
     shapes = synthetic.root / "shapes"
     out = tmp_path / "prep"
     assert main(["prepare", "folder", str(shapes / "captions.csv"), "--images", str(shapes / "images"),
@@ -44,15 +44,11 @@ def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["complete"] and summary["computed"] == report["images_per_split"]["test"]
 
-    # a model trained for one epoch is enough to check the evaluate command's outputs
-    from captioner.training.config import DataConfig, OptimConfig, TrainConfig
-    from captioner.training.loop import train
-
-    train(TrainConfig(model={"embed_dim": 32, "hidden_dim": 32, "attention_dim": 32},
-                      data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),
-                      optim=OptimConfig(epochs=1, batch_size=64), out_dir=str(tmp_path / "run"), progress=False))
+    # a model trained for a few epochs is enough to check the evaluate command's outputs (one shared with other
+    # tests: tests/conftest.py)
+    model = sat_two_epochs[0] / "best"
     ev = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(tmp_path / "run" / "best"), "--corpus", str(synthetic.corpus),
+    assert main(["evaluate", "--model", str(model), "--corpus", str(synthetic.corpus),
                  "--features", str(feats), "--beam", "1,2", "--out", str(ev)]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((ev / "metrics.json").read_text())
@@ -71,7 +67,7 @@ def test_prepare_features_evaluate_on_synthetic(synthetic, tmp_path, capsys):
     assert repeats  # "a red circle above a blue square": "a" twice
 
     # decoding settings to compare on val: no word twice in a caption
-    assert main(["evaluate", "--model", str(tmp_path / "run" / "best"), "--corpus", str(synthetic.corpus),
+    assert main(["evaluate", "--model", str(model), "--corpus", str(synthetic.corpus),
                  "--features", str(feats), "--beam", "2", "--out", str(ev), "--length-penalty", "1.5",
                  "--no-repeat-ngram", "1"]) == 0
     assert json.loads((ev / "metrics.json").read_text())["decoding"] == {"length_penalty": 1.5, "no_repeat_ngram": 1}

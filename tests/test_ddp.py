@@ -19,13 +19,14 @@ from .test_train import _cli_args, assert_same_training_state
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 EPOCHS = 3
+KILLED_EPOCHS = 2  # the killed run and its reference: killed inside their last epoch (equality needs no more)
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CAPTIONER_DEBUG")},
        "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train_args(out_dir: Path, data, *extra: str) -> list[str]:
+def train_args(out_dir: Path, data, *extra: str, epochs: int = EPOCHS) -> list[str]:
     """`train` and the settings of tests/test_train.py's runs (SAT, small sizes, batch 32, lr 3e-3)."""
-    return [*_cli_args(out_dir, data, EPOCHS)[3:], *extra]
+    return [*_cli_args(out_dir, data, epochs)[3:], *extra]
 
 
 def torchrun_train(*args: str) -> subprocess.Popen:
@@ -96,12 +97,12 @@ def test_two_ranks_learn_as_one_process_with_the_same_global_batch(synthetic, tm
 
 
 def test_a_killed_ddp_run_resumes_and_ends_as_an_uninterrupted_one(synthetic, tmp_path):
-    """Launcher and both ranks killed at once inside epoch 2; `--resume` under torchrun: every rank
+    """Launcher and both ranks killed at once inside epoch 2 (the last); `--resume` under torchrun: every rank
     loads last.pt (weights, optimizer, scheduler and its own random state; dropout on), and the run
     ends bit-identical to an uninterrupted one."""
-    reference = torchrun_train(*train_args(tmp_path / "reference", synthetic))
+    reference = torchrun_train(*train_args(tmp_path / "reference", synthetic, epochs=KILLED_EPOCHS))
     killed = tmp_path / "killed"
-    proc = torchrun_train(*train_args(killed, synthetic))
+    proc = torchrun_train(*train_args(killed, synthetic, epochs=KILLED_EPOCHS))
     try:
         deadline = time.monotonic() + 300
         while not (killed / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -112,8 +113,8 @@ def test_a_killed_ddp_run_resumes_and_ends_as_an_uninterrupted_one(synthetic, tm
         kill_tree(proc.pid)
         proc.communicate()
     assert alive, "the run ended before it could be killed"
-    assert json.loads(checkpoint(killed)["state"])["epoch"] < EPOCHS
-    code, out, err = finish(torchrun_train(*train_args(killed, synthetic), "--resume"))
+    assert json.loads(checkpoint(killed)["state"])["epoch"] < KILLED_EPOCHS
+    code, out, err = finish(torchrun_train(*train_args(killed, synthetic, epochs=KILLED_EPOCHS), "--resume"))
     assert code == 0, err[-3000:]
     code, _, err = finish(reference)
     assert code == 0, err[-3000:]
@@ -123,7 +124,7 @@ def test_a_killed_ddp_run_resumes_and_ends_as_an_uninterrupted_one(synthetic, tm
     assert len(a["rng_ranks"]) == 2 and not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])
     for ra, rb in zip(a["rng_ranks"], b["rng_ranks"]):
         assert torch.equal(ra["torch"], rb["torch"])
-    assert (killed / "metrics.jsonl").read_text().count("\n") == EPOCHS
+    assert (killed / "metrics.jsonl").read_text().count("\n") == KILLED_EPOCHS
 
 
 def test_rank_0s_clock_stops_both_ranks_and_a_failure_on_one_stops_both(synthetic, tmp_path):

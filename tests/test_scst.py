@@ -64,11 +64,11 @@ def test_scst_loss_pushes_up_captions_that_beat_the_baseline():
     assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10 + 0.5  # the mean sampled CIDEr-D rose
 
 
-def test_scst_fine_tuning_through_train_raises_the_sampled_reward(synthetic, tmp_path):
-    xe = small_config(synthetic, tmp_path / "xe", epochs=2)
-    start = train(xe)["best"]
+def test_scst_fine_tuning_through_train_raises_the_sampled_reward(synthetic, tmp_path, sat_two_epochs):
+    xe, xe_summary = sat_two_epochs  # small_config trained for 2 epochs (tests/conftest.py)
+    start = xe_summary["best"]
     cfg = small_config(synthetic, tmp_path / "scst", epochs=3, lr_patience=100)
-    cfg.model, cfg.init_from, cfg.objective = {}, str(tmp_path / "xe" / "best"), "scst"
+    cfg.model, cfg.init_from, cfg.objective = {}, str(xe / "best"), "scst"
     cfg.optim.lr = 5e-4
     cfg.scst = ScstConfig(samples=5, max_len=12, images_per_batch=16)
     summary = train(cfg)

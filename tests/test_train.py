@@ -27,6 +27,8 @@ from captioner.training.config import DataConfig, OptimConfig, TrainConfig
 from captioner.training.loop import train
 from captioner.training.loss import caption_loss
 
+from .conftest import ARCH_SIZES
+
 BEAM3 = DecodingSettings(beam_size=3, max_len=12)
 SMALL = {"embed_dim": 48, "hidden_dim": 96, "attention_dim": 48, "dropout": 0.1}
 
@@ -50,24 +52,24 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
 
 
-def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
+def test_sat_learns_the_synthetic_dataset(synthetic, trained_arch):
     """Trained on ~320 images for a few epochs, the model must describe held-out images far
     better than (a) the untrained model and (b) a "blind" model that ignores the image and
     always says the most frequent training caption. (b) is the real bar: it already gets the
     grammar and some n-grams right ("a ... above a ..."), so only a model that reads colours,
     shapes and positions from the features can beat it by a wide margin. Measured on this
     dataset (test split, beam 3): untrained 0.03 CIDEr-D / 0.00 BLEU-4, blind 1.55 / 0.23,
-    trained 5.1 / 0.81 after 8 epochs (~30 s). We require trained CIDEr-D >= blind + 1.5 and
-    >= 2x blind, and BLEU-4 >= blind + 0.3: margins of about half the measured gap.
+    trained 4.0 / 0.69 after the 6 epochs of the run judged here (the sat run of
+    tests/test_architectures.py, trained once per session: tests/conftest.py), 5.1 / 0.81 after 8.
+    We require trained CIDEr-D >= blind + 1.5 and >= 2x blind, and BLEU-4 >= blind + 0.3.
     """
-    cfg = small_config(synthetic, tmp_path / "run", epochs=8)
-    t0 = time.perf_counter()
-    summary = train(cfg)
-    train_seconds = time.perf_counter() - t0
+    assert ARCH_SIZES["sat"] == [f"model.{k}={v}" for k, v in SMALL.items()]  # the sizes of SMALL
+    run, log = trained_arch("sat")  # lr 3e-3, batch 32, as small_config
+    summary = json.loads(log[log.rindex("\n{") + 1:])
 
     corpus = Corpus.load(synthetic.corpus)
     store = FeatureStore.open(synthetic.features)
-    decoder, vocab, model_cfg = load_model_dir(tmp_path / "run" / "best")
+    decoder, vocab, model_cfg = load_model_dir(run / "best")
     test = CaptionData(corpus, vocab, store, "test", 12)
     metrics = ["BLEU-4", "CIDEr-D"]
     trained, cands, _ = evaluate_split(decoder, vocab, test, BEAM3, metrics=metrics)
@@ -80,9 +82,8 @@ def test_sat_learns_the_synthetic_dataset(synthetic, tmp_path):
     blind_caption = train_caps.most_common(1)[0][0]
     blind = compute_metrics(test.refs, {k: blind_caption for k in test.refs}, metrics=metrics).scores
 
-    print(json.dumps({"train_seconds": round(train_seconds, 1), "trained": trained, "untrained": untrained,
-                      "blind": blind, "example": next(iter(cands.items()))}))
-    # the time (printed above; ~30 s on 2 cores) is not asserted: speed belongs to benchmarks, not unit tests
+    print(json.dumps({"trained": trained, "untrained": untrained, "blind": blind,
+                      "example": next(iter(cands.items()))}))
     assert trained["CIDEr-D"] >= blind["CIDEr-D"] + 1.5
     assert trained["CIDEr-D"] >= 2 * blind["CIDEr-D"]
     assert trained["BLEU-4"] >= blind["BLEU-4"] + 0.3
@@ -112,11 +113,9 @@ def _untimed(state: dict) -> dict:
 
 
 def test_sigkill_mid_run_then_resume_ends_in_the_same_state(synthetic, tmp_path):
-    epochs = 3
+    epochs = 2  # killed inside the last epoch: the resumed run has a partial epoch to redo
     reference = tmp_path / "reference"
-    p = _run_cli_train(reference, synthetic, epochs)
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out.decode()
+    ref = _run_cli_train(reference, synthetic, epochs)  # runs beside the killed run (its own thread count)
 
     killed = tmp_path / "killed"
     p = _run_cli_train(killed, synthetic, epochs)
@@ -134,6 +133,8 @@ def test_sigkill_mid_run_then_resume_ends_in_the_same_state(synthetic, tmp_path)
 
     r = subprocess.run([*_cli_args(killed, synthetic, epochs), "--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out.decode()
 
     a = torch.load(reference / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
@@ -165,17 +166,16 @@ def test_config_yaml_and_overrides(tmp_path):
         load_config(TrainConfig, bad)
 
 
-def test_init_from_starts_at_the_given_model_and_keeps_it_unless_beaten(synthetic, tmp_path):
-    first = small_config(synthetic, tmp_path / "stage1", epochs=2)
-    s1 = train(first)
+def test_init_from_starts_at_the_given_model_and_keeps_it_unless_beaten(synthetic, tmp_path, sat_two_epochs):
+    stage1, s1 = sat_two_epochs
     stage2 = small_config(synthetic, tmp_path / "stage2", epochs=1, lr_decay=0.5)
     stage2.model = {}
-    stage2.init_from = str(tmp_path / "stage1" / "best")
+    stage2.init_from = str(stage1 / "best")
     stage2.optim.lr = 1e-9  # too small to change anything: the starting model must stay "best"
     s2 = train(stage2)
     assert s2["best"] == pytest.approx(s1["best"])  # epoch 0 = the stage-1 model, scored again
     assert s2["best_epoch"] == 0
-    start, _, _ = load_model_dir(tmp_path / "stage1" / "best")
+    start, _, _ = load_model_dir(stage1 / "best")
     kept, _, cfg = load_model_dir(tmp_path / "stage2" / "best")
     assert cfg["metrics"]["val"]["epoch"] == 0
     for k, v in start.state_dict().items():
@@ -195,14 +195,13 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_an_old_dir(synt
     assert train(longer, resume=True)["epochs"] == 2
 
 
-def test_restore_best_goes_back_to_the_best_weights_when_the_lr_decays(synthetic, tmp_path):
-    first = small_config(synthetic, tmp_path / "stage1", epochs=1)
-    train(first)
+def test_restore_best_goes_back_to_the_best_weights_when_the_lr_decays(synthetic, tmp_path, sat_two_epochs):
+    stage1, _ = sat_two_epochs
     runs = {}
     for restore in (False, True):
         cfg = small_config(synthetic, tmp_path / f"restore-{restore}", epochs=1, lr_decay=0.5, lr_patience=0,
                            restore_best=restore)
-        cfg.model, cfg.init_from = {}, str(tmp_path / "stage1" / "best")
+        cfg.model, cfg.init_from = {}, str(stage1 / "best")
         cfg.optim.lr = 1e-7  # epoch 1 cannot beat the starting model (epoch 0), so the lr decays
         train(cfg)
         out = tmp_path / f"restore-{restore}"
@@ -215,12 +214,12 @@ def test_restore_best_goes_back_to_the_best_weights_when_the_lr_decays(synthetic
     assert "restored_epoch" not in runs[False][0] and not runs[False][1]  # the trained weights went on
 
 
-def test_ema_validates_and_keeps_the_moving_average_and_resumes_exactly(synthetic, tmp_path):
+def test_ema_validates_and_keeps_the_moving_average_and_resumes_exactly(synthetic, tmp_path, sat_two_epochs):
     """optim.ema: training itself is unchanged (the raw weights match a run without it); best/ holds the
     average, scored as val says; a run resumed after epoch 1 ends with the same average as one run."""
-    plain = train(small_config(synthetic, tmp_path / "plain", epochs=2))
+    plain_dir, plain = sat_two_epochs  # the same config without optim.ema
     averaged = train(small_config(synthetic, tmp_path / "ema", epochs=2, ema=0.9))
-    a = torch.load(tmp_path / "plain" / "last.pt", map_location="cpu", weights_only=True)
+    a = torch.load(plain_dir / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "ema" / "last.pt", map_location="cpu", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -333,3 +332,15 @@ def test_21_a_second_run_into_the_same_out_dir_at_once_is_refused(synthetic, tmp
     assert summary["epochs"] == 1
     cfg.optim.epochs = 2
     assert train(cfg, resume=True)["epochs"] == 2  # the first run let go of the folder when it ended
+
+
+def test_a_checkpoint_from_before_warmup_resumes(synthetic, tmp_path):
+    """A checkpoint written before optim.warmup existed trained without warm-up: its missing key means 0."""
+    cfg = small_config(synthetic, tmp_path / "run", epochs=1)  # sat: no warm-up by default
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    old = json.loads(ckpt["config"])
+    del old["optim"]["warmup"]  # as written before optim.warmup existed
+    ckpt["config"] = json.dumps(old)
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert train(small_config(synthetic, tmp_path / "run", epochs=2), resume=True)["epochs"] == 2
