@@ -542,8 +542,12 @@ def _env() -> dict:
 
 
 def test_captioner_serve_runs_uvicorn_on_loopback_and_stops_on_ctrl_c():
+    # the command as a terminal starts it: Ctrl-C's signal not ignored, whatever this test process inherited
+    # (a SIGINT ignored here would be ignored in the child too, and uvicorn's re-raise of it would do nothing)
+    inherited = signal.getsignal(signal.SIGINT)
     proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--port", "0", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert "serving flickr8k-sat (sat) on http://127.0.0.1:" in line, (line, proc.stderr.read())
@@ -567,7 +571,7 @@ def test_captioner_serve_runs_uvicorn_on_loopback_and_stops_on_ctrl_c():
             proc.kill()
     err = proc.stderr.read()
     # uvicorn shuts down gracefully, then the interrupt ends the command as for any other: status 130
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert proc.returncode == 130 and "Traceback" not in err, (inherited, err)
     assert "Shutting down" in err or "Finished server process" in err or err.strip().endswith("interrupted"), err
 
 
