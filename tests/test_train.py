@@ -333,14 +333,3 @@ def test_21_a_second_run_into_the_same_out_dir_at_once_is_refused(synthetic, tmp
     cfg.optim.epochs = 2
     assert train(cfg, resume=True)["epochs"] == 2  # the first run let go of the folder when it ended
 
-
-def test_a_checkpoint_from_before_warmup_resumes(synthetic, tmp_path):
-    """A checkpoint written before optim.warmup existed trained without warm-up: its missing key means 0."""
-    cfg = small_config(synthetic, tmp_path / "run", epochs=1)  # sat: no warm-up by default
-    train(cfg)
-    ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
-    old = json.loads(ckpt["config"])
-    del old["optim"]["warmup"]  # as written before optim.warmup existed
-    ckpt["config"] = json.dumps(old)
-    torch.save(ckpt, tmp_path / "run" / "last.pt")
-    assert train(small_config(synthetic, tmp_path / "run", epochs=2), resume=True)["epochs"] == 2

@@ -26,11 +26,11 @@ from typing import Any, Sequence
 
 import torch
 
-from captioner.checks import is_int
 from captioner.data.text import Vocab
 from captioner.files import METADATA_BYTES, read_bytes
 from captioner.inference.extension_file import ExtensionFileError, load_extension, write_extension
 from captioner.inference.modeldir import (FORMAT, VERSION, ModelDirError, _validate_decoding, _validate_encoder,
+                                          check_format_version,
                                           load_model_dir, resolve_model_path, save_model_dir)
 from captioner.models.base import Decoder
 from captioner.models.ensemble import MAX_MEMBERS, Ensemble, EnsembleExtension, harmonised
@@ -55,13 +55,7 @@ def validate_ensemble_config(cfg: dict, where: str | os.PathLike, *, vocab_size:
     def fail(problem: str) -> ModelDirError:
         return ModelDirError(f"{where}: {problem}")
 
-    if cfg.get("format") != FORMAT:
-        raise fail(f"not a captioner model (format={cfg.get('format')!r})")
-    version = cfg.get("version", VERSION)
-    if not is_int(version) or version < 1:
-        raise fail(f"'version' must be a whole number >= 1, got {version!r}")
-    if version > VERSION:
-        raise fail(f"written by a newer captioner (version {version}; this one reads {VERSION}): upgrade captioner")
+    check_format_version(cfg, fail)
     if cfg.get("arch", ARCH) != ARCH:
         raise fail(f"'arch' is {cfg['arch']!r} but the file names ensemble members; an ensemble's arch is "
                    f"{ARCH!r} (each member's architecture is in its own config.json)")

@@ -233,6 +233,17 @@ def _check_bounds(where: str, value: Any, bounds: tuple[int, int], fail) -> None
         raise fail(f"{where} must be a whole number from {lo} to {hi}, got {value!r}")
 
 
+def check_format_version(cfg: dict, fail) -> None:
+    """config.json's ``format`` and ``version`` (a single model's or an ensemble's)."""
+    if cfg.get("format") != FORMAT:
+        raise fail(f"not a captioner model (format={cfg.get('format')!r})")
+    version = cfg.get("version", VERSION)
+    if not is_int(version) or version < 1:
+        raise fail(f"'version' must be a whole number >= 1, got {version!r}")
+    if version > VERSION:
+        raise fail(f"written by a newer captioner (version {version}; this one reads {VERSION}): upgrade captioner")
+
+
 def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int | None = None) -> dict:
     """Check a model directory's config.json against its schema before anything is built.
 
@@ -251,13 +262,7 @@ def validate_model_config(cfg: Any, where: str | os.PathLike, *, vocab_size: int
     if "ensemble" in cfg:  # a directory naming its members (inference/ensemble_dir.py)
         from captioner.inference.ensemble_dir import validate_ensemble_config  # (it imports this module)
         return validate_ensemble_config(cfg, where, vocab_size=vocab_size)
-    if cfg.get("format") != FORMAT:
-        raise fail(f"not a captioner model (format={cfg.get('format')!r})")
-    version = cfg.get("version", VERSION)
-    if not is_int(version) or version < 1:
-        raise fail(f"'version' must be a whole number >= 1, got {version!r}")
-    if version > VERSION:
-        raise fail(f"written by a newer captioner (version {version}; this one reads {VERSION}): upgrade captioner")
+    check_format_version(cfg, fail)
     missing_keys = [k for k in ("arch", "model") if k not in cfg]
     if missing_keys:
         raise fail(f"missing {', '.join(missing_keys)}")
