@@ -16,10 +16,15 @@ in the output); the script prints ONE JSON object.
 Achieved GFLOP/s are counted from the layer sizes and the words each run actually predicted
 (useful work only, forward x 3 for forward + backward; the reference's recomputed projections
 are not counted as work), so the GFLOP/s ratio compares equal work even though the two runs'
-batches differ in caption length. The machine's ceiling is a 2048x2048 float32 matrix multiply
-on the same threads.
+batches differ in caption length. The machine's ceilings are 2048x2048 matrix multiplies in float32
+and in bfloat16 on the same threads.
 
-    python bench/train_speed.py --corpus work/f8k/corpus.json --features work/f8k-lite0 [--steps 60]
+The two sides run in ``--rounds`` alternating rounds (ours, reference, ours, ...), so a change in the
+machine's speed touches both; each round's figures are listed, and ``speedup_captions_per_s`` /
+``speedup_gflop_per_s`` are the medians of the rounds' ratios. ``--bf16`` adds a third side, ours with
+``precision: bf16`` (autocast), and its median ratio to the reference (``speedup_bf16_captions_per_s``).
+
+    python bench/train_speed.py --corpus work/f8k/corpus.json --features work/f8k-lite0 [--steps 60] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -130,14 +135,14 @@ def reference_loop(data, steps: int, V: int) -> tuple[float, int, int]:
     return time.perf_counter() - t0, seen, words
 
 
-def ours(corpus: str, features: str, steps: int, data) -> tuple[float, int, int]:
+def ours(corpus: str, features: str, steps: int, data, precision: str = "fp32") -> tuple[float, int, int]:
     """Seconds, captions and predicted words of ``steps`` steps of ``captioner.training.loop.train``."""
     def run(n: int) -> float:
         with tempfile.TemporaryDirectory() as d:
             cfg = TrainConfig(arch="sat", model={"embed_dim": E, "hidden_dim": H, "attention_dim": A, "dropout": 0.5},
                               data=DataConfig(corpus=corpus, features=features, max_len=30),
                               optim=OptimConfig(lr=4e-4, batch_size=BATCH, epochs=1, grad_clip=5.0),
-                              out_dir=str(Path(d) / "run"), progress=False, seed=0)
+                              out_dir=str(Path(d) / "run"), progress=False, seed=0, precision=precision)
             t0 = time.perf_counter()
             train(cfg, stop_after_steps=n)
             return time.perf_counter() - t0
@@ -150,8 +155,8 @@ def ours(corpus: str, features: str, steps: int, data) -> tuple[float, int, int]
     return long - short, captions, words
 
 
-def matmul_gflops(seconds: float = 2.0) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_gflops(seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -160,31 +165,53 @@ def matmul_gflops(seconds: float = 2.0) -> float:
     return 2 * 2048 ** 3 * n / (time.perf_counter() - t0) / 1e9
 
 
+def figures(secs: float, caps: int, words: int, P: int, C: int, V: int) -> dict:
+    gflop = sat_gflop(caps, words, P, C, V)
+    return {"captions_per_s": round(caps / secs, 1), "words_per_caption": round(words / caps, 2),
+            "gflop_per_caption": round(gflop / caps, 3), "gflop_per_s": round(gflop / secs, 1)}
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="work/f8k/corpus.json")
     ap.add_argument("--features", default="work/f8k-lite0")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the sides (odd: a median)")
+    ap.add_argument("--bf16", action="store_true", help="also ours with precision: bf16 (bfloat16 autocast)")
     a = ap.parse_args()
     load = os.getloadavg()[0]
     vocab = Vocab.load(Path(a.corpus).with_name("vocab.json"))
     data = CaptionData(Corpus.load(a.corpus), vocab, FeatureStore.open(a.features), "train", 30)
     P, C = data.store.features.shape[1:]
-    ceiling = matmul_gflops()
-    runs = {"captioner_train": ours(a.corpus, a.features, a.steps, data),
-            "reference_loop": reference_loop(data, a.steps, len(vocab))}
-    res = {"bench": "train_speed", "arch": "sat", "steps": a.steps, "batch": BATCH, "threads": torch.get_num_threads(),
-           "load_average_before": round(load, 2), "torch": torch.__version__,
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)"),
-           "matmul_2048_gflop_per_s": round(ceiling, 1)}
-    for name, (secs, caps, words) in runs.items():
-        res[name] = {"captions_per_s": round(caps / secs, 1), "words_per_caption": round(words / caps, 2),
-                     "gflop_per_caption": round(sat_gflop(caps, words, P, C, len(vocab)) / caps, 3),
-                     "gflop_per_s": round(sat_gflop(caps, words, P, C, len(vocab)) / secs, 1)}
+    ceilings = {"matmul_2048_gflop_per_s": round(matmul_gflops(), 1),
+                "matmul_2048_bf16_gflop_per_s": round(matmul_gflops(dtype=torch.bfloat16), 1)}
+    sides = {"captioner_train": lambda: ours(a.corpus, a.features, a.steps, data),
+             "reference_loop": lambda: reference_loop(data, a.steps, len(vocab))}
+    if a.bf16:
+        sides["captioner_train_bf16"] = lambda: ours(a.corpus, a.features, a.steps, data, "bf16")
+    rounds = {name: [] for name in sides}
+    for _ in range(a.rounds):
+        for name, side in sides.items():
+            rounds[name].append(figures(*side(), P, C, len(vocab)))
+    res = {"bench": "train_speed", "arch": "sat", "steps": a.steps, "batch": BATCH, "rounds": a.rounds,
+           "threads": torch.get_num_threads(), "load_average_before": round(load, 2),
+           "load_average_after": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)"), **ceilings}
+    for name, rows in rounds.items():  # the median round of each side, and every round's captions/s
+        res[name] = {**sorted(rows, key=lambda r: r["captions_per_s"])[len(rows) // 2],
+                     "rounds_captions_per_s": [r["captions_per_s"] for r in rows]}
+    ref = rounds["reference_loop"]
     # work-normalised: the two runs' batches differ in caption length
-    res["speedup_gflop_per_s"] = round(res["captioner_train"]["gflop_per_s"] / res["reference_loop"]["gflop_per_s"], 2)
-    res["speedup_captions_per_s"] = round(res["captioner_train"]["captions_per_s"]
-                                          / res["reference_loop"]["captions_per_s"], 2)
+    for name, key in (("captioner_train", ""), ("captioner_train_bf16", "bf16_")):
+        if name in rounds:
+            res[f"speedup_{key}gflop_per_s"] = round(median([o["gflop_per_s"] / r["gflop_per_s"]
+                                                            for o, r in zip(rounds[name], ref)]), 2)
+            res[f"speedup_{key}captions_per_s"] = round(median([o["captions_per_s"] / r["captions_per_s"]
+                                                               for o, r in zip(rounds[name], ref)]), 2)
     print(json.dumps(res))
 
 
