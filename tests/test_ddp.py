@@ -59,10 +59,12 @@ def test_two_ranks_learn_as_one_process_with_the_same_global_batch(synthetic, tm
     regulariser) so that the averaged gradient is the one a single process computes on the 32.
     Dropout off, so both runs are deterministic. Measured: the mean training loss of each epoch (30
     steps of 32 captions per epoch, 90 in all) differs by at most 4.6e-8 (1.6e-8 after epoch 1's 30
-    steps), the validation scores of every epoch are equal to 5 decimals (CIDEr-D 1.576, 2.782,
+    steps) with the step-by-step SAT step, and up to 1.1e-6 by epoch 3 since issue 20 regrouped it (each
+    weight's gradient is one X^T G over all steps' rows, so a rank's 16 captions and the whole 32 round
+    differently and Adam amplifies it on tiny gradients), the validation scores of every epoch are equal to 5 decimals (CIDEr-D 1.576, 2.782,
     3.616), and the weights after 90 Adam steps differ by at most 2.2e-3 (Adam's step is about lr on
     weights whose gradients are tiny, so rounding differences there move them by about lr). Required:
-    losses within 1e-6 (shares' losses averaged without that weighting are 1.9e-5 off after epoch 1),
+    losses within 4e-6 (shares' losses averaged without that weighting are 1.9e-5 off after epoch 1),
     validation CIDEr-D within 0.05, and above 2.0 after 3 epochs (the blind most-frequent caption
     scores about 1.55)."""
     args = train_args(tmp_path / "ddp", synthetic, "model.dropout=0")
@@ -90,7 +92,7 @@ def test_two_ranks_learn_as_one_process_with_the_same_global_batch(synthetic, tm
                       "val_cider_ddp": [r["val"]["CIDEr-D"] for r in rows_ddp]}))
     assert len(rows_ddp) == len(rows_one) == EPOCHS
     assert json.loads(ddp["state"])["step"] == json.loads(one["state"])["step"]  # the same number of global steps
-    assert max(loss_diff) <= 1e-6
+    assert max(loss_diff) <= 4e-6
     assert max(cider_diff) <= 0.05
     assert rows_ddp[-1]["val"]["CIDEr-D"] > 2.0
     assert (tmp_path / "ddp" / "best" / "model.safetensors").exists() and "rng_ranks" in ddp

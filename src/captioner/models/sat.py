@@ -35,7 +35,8 @@ class SATConfig(DecoderConfig):
 
 
 class Attention(nn.Module):
-    """e_ti = w^T tanh(W_a a_i + W_h h); returns the context sum_i alpha_ti a_i and alpha."""
+    """e_ti = w^T tanh(W_a a_i + W_h h); returns the context sum_i alpha_ti a_i and alpha. (The decoder computes
+    the same through :meth:`SATDecoder._cell`; this is the layer that holds the weights, and the plain form.)"""
 
     def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
         super().__init__()
@@ -51,8 +52,55 @@ class Attention(nn.Module):
         return context, alpha
 
 
+class _Shared(torch.autograd.Function):
+    """The identity on a weight (in, out) and its bias that every step multiplies by (:class:`_Product`). Backward
+    through time then makes the weight's gradient once, sum_t x_t^T g_t = X^T G as one large matrix product over
+    all steps' rows, instead of an (in, out) product and a sum at every step (what cuDNN does for its RNNs)."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, sink):
+        ctx.sink = sink
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight), bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):
+        xs, gs = zip(*ctx.sink) if ctx.sink else ((), ())
+        ctx.sink.clear()
+        if not xs:
+            return grad_weight, grad_bias, None
+        X, G = torch.cat(xs), torch.cat(gs)
+        gw, gb = X.t().to(G.dtype) @ G, G.sum(0)
+        return (gw if grad_weight is None else gw + grad_weight), (gb if grad_bias is None else gb + grad_bias), None
+
+
+class _Product(torch.autograd.Function):
+    """x @ weight + bias of one step, for a weight and bias from :class:`_Shared`: the backward gives x its gradient
+    and leaves (x, the output's gradient) in the sink, from which :class:`_Shared` makes the weight's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sink):
+        ctx.save_for_backward(x, weight)
+        ctx.sink = sink
+        return torch.addmm(bias, x, weight)  # under autocast as the plain product would be
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        ctx.sink.append((x, grad))
+        gx = (grad @ weight.t().to(grad.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None
+
+
 @register_architecture("sat", SATConfig)
 class SATDecoder(Decoder):
+    """The layers are the paper's (and the saved weights' names); the arithmetic is grouped for speed, the same
+    sums in another order: every product of h_{t-1} (W_h, f_beta and the LSTM's W_hh) is one matrix product a
+    step, the LSTM's input weights are split into the word's part and the context's, tanh in the attention is
+    2 sigmoid(2x) - 1 (torch's CPU tanh costs six sigmoids), and in teacher forcing the word's part of every
+    step and the output layer of every word run once, outside the loop, and the weights multiplied at every
+    step get their gradients in one product over all steps (:class:`_Shared`)."""
+
     def __init__(self, cfg: SATConfig):
         super().__init__()
         self.cfg = cfg
@@ -67,6 +115,44 @@ class SATDecoder(Decoder):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         nn.init.uniform_(self.out.weight, -0.1, 0.1)
         nn.init.zeros_(self.out.bias)
+        self._fused: tuple | None = None  # (the weights' identity and versions, the fused weights) when not training
+
+    # --- the fused weights ---
+
+    def _hidden_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[2 W_h; f_beta; W_hh] transposed, (H, A + C + 4H), and its bias (2 W_h's, f_beta's, the LSTM's two
+        summed): h_{t-1} times it gives twice the attention's query, the gate's input and the LSTM's hidden part at
+        once. Made again at each call while gradients flow (so they reach the layers' own weights); else cached
+        until a weight changes."""
+        parts = (self.attention.W_h.weight, self.f_beta.weight, self.lstm.weight_hh, self.attention.W_h.bias,
+                 self.f_beta.bias, self.lstm.bias_ih, self.lstm.bias_hh)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+            return self._cat_hidden(parts)
+        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in parts)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, self._cat_hidden(parts))
+        return self._fused[1]
+
+    @staticmethod
+    def _cat_hidden(parts) -> tuple[torch.Tensor, torch.Tensor]:
+        W_h, f_beta, W_hh, b_h, b_beta, b_ih, b_hh = parts
+        return torch.cat([2 * W_h, f_beta, W_hh]).t(), torch.cat([2 * b_h, b_beta, b_ih + b_hh])
+
+    def _cell(self, hidden: torch.Tensor, word_gates: torch.Tensor, feats: torch.Tensor, keys: torch.Tensor,
+              c: torch.Tensor, z_product):
+        """One step from ``hidden`` = h_{t-1} times :meth:`_hidden_weights` and the word's part of the LSTM's gates:
+        (h_t, c_t, alpha_t). ``z_product(z)`` is the context's part of the gates."""
+        A, C = keys.shape[2], feats.shape[2]
+        w = self.attention.w
+        # w^T tanh(u) + b with tanh(u) = 2 sigmoid(2u) - 1: 2 w^T sigmoid(2u) + b - sum(w); 2u = 2 keys + 2 W_h h
+        s = torch.sigmoid(torch.add(hidden[:, :A].unsqueeze(1), keys, alpha=2))  # (n, P, A)
+        e = (s @ (2 * w.weight).t()).squeeze(2) + (w.bias - w.weight.sum())  # (n, P)
+        alpha = F.softmax(e, dim=1)
+        z = torch.sigmoid(hidden[:, A:A + C]) * torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)  # gated context
+        gates = z_product(z) + (word_gates + hidden[:, A + C:])  # LSTMCell's gate order: i, f, g, o
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c, alpha
 
     # --- the step interface used by the decoding engine ---
 
@@ -80,9 +166,10 @@ class SATDecoder(Decoder):
 
     def _advance(self, prev_tokens, state, feats, keys):
         h, c = state
-        context, alpha = self.attention(feats, keys, h)
-        z = torch.sigmoid(self.f_beta(h)) * context
-        h, c = self.lstm(torch.cat([self.embed(prev_tokens), z], dim=1), (h, c))
+        W, b = self._hidden_weights()
+        W_word, W_z = self.lstm.weight_ih.split([self.embed.embedding_dim, feats.shape[2]], dim=1)
+        h, c, alpha = self._cell(torch.addmm(b, h, W), self.embed(prev_tokens) @ W_word.t(), feats, keys, c,
+                                 lambda z: z @ W_z.t())
         return self.out(self.dropout(h)), (h, c), alpha
 
     def step(self, prev_tokens: torch.Tensor, state: State, memory: Memory):
@@ -98,12 +185,32 @@ class SATDecoder(Decoder):
         running = running_per_step(lengths, "SATDecoder")
         B, T = tokens.shape[0], len(running)
         h, c = self.init_state((feats, keys))
-        logits = feats.new_zeros(B, T, self.cfg.vocab_size)
-        alphas = feats.new_zeros(B, T, feats.shape[1])
+        W, b = self._hidden_weights()
+        W_word, W_z = self.lstm.weight_ih.split([self.embed.embedding_dim, feats.shape[2]], dim=1)
+        word_gates = self.embed(tokens[:, :T]) @ W_word.t()  # (B, T, 4H): every step's word at once
+        hidden_product, z_product = self._step_products(W, b, W_z.t())
+        hs, alphas = [], []
         for t, n in enumerate(running):
             # finished captions never restart (sorted by length), so the state just shrinks
-            out, (h, c), alpha = self._advance(tokens[:n, t], (h[:n], c[:n]), feats[:n], keys[:n])
-            logits[:n, t] = out
-            alphas[:n, t] = alpha
-        reg = self.cfg.alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
-        return DecoderOutput(logits=logits, attention=alphas, extra_loss=reg)
+            h, c, alpha = self._cell(hidden_product(h[:n]), word_gates[:n, t], feats[:n], keys[:n], c[:n], z_product)
+            hs.append(h)
+            alphas.append(alpha)
+        # the words predicted, step by step (time-major): their places in the (T, B) grid
+        steps = torch.arange(T, device=lengths.device)
+        place = (steps.unsqueeze(1) < (lengths - 1).unsqueeze(0)).nonzero(as_tuple=True)
+        words = self.out(self.dropout(torch.cat(hs))) if hs else feats.new_zeros(0, self.cfg.vocab_size)
+        logits = words.new_zeros(T, B, words.shape[1]).index_put(place, words).transpose(0, 1)
+        att = torch.cat(alphas) if alphas else feats.new_zeros(0, feats.shape[1])
+        att = att.new_zeros(T, B, att.shape[1]).index_put(place, att).transpose(0, 1)
+        reg = self.cfg.alpha_c * ((1.0 - att.sum(dim=1)) ** 2).mean()
+        return DecoderOutput(logits=logits, attention=att, extra_loss=reg)
+
+    @staticmethod
+    def _step_products(W: torch.Tensor, b: torch.Tensor, W_z: torch.Tensor):
+        """(h -> h W + b, z -> z W_z): with gradients, through :class:`_Shared` and :class:`_Product`."""
+        if not (torch.is_grad_enabled() and (W.requires_grad or W_z.requires_grad)):
+            return (lambda h: torch.addmm(b, h, W)), (lambda z: z @ W_z)
+        hidden_sink, z_sink = [], []
+        W, b = _Shared.apply(W, b, hidden_sink)
+        W_z, no_bias = _Shared.apply(W_z, W_z.new_zeros(W_z.shape[1]), z_sink)
+        return (lambda h: _Product.apply(h, W, b, hidden_sink)), (lambda z: _Product.apply(z, W_z, no_bias, z_sink))

@@ -1,0 +1,69 @@
+"""The SAT decoder's grouped arithmetic (models/sat.py): the gradients of teacher forcing, whose per-step weights
+get theirs in one product over all steps, equal those of the plain step-by-step graph; the fused weights that
+decoding caches follow every change of the weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .test_sat import V, batch, make
+
+
+def _grads(model, loss) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _stepped_loss(model, feats, tokens, lengths) -> torch.Tensor:
+    """The teacher-forced loss through ``step`` (plain autograd at every step), as ``forward`` + cross-entropy."""
+    memory = model.encode(feats)
+    state = model.init_state(memory)
+    T = int(lengths.max()) - 1
+    logps, alphas, targets = [], [], []
+    for t in range(T):
+        logp, state, alpha = model.step(tokens[:, t], state, memory)
+        live = (lengths - 1) > t
+        logps.append(logp[live])
+        targets.append(tokens[live, t + 1])
+        alphas.append(alpha * live.unsqueeze(1))
+    reg = model.cfg.alpha_c * ((1.0 - torch.stack(alphas, 1).sum(1)) ** 2).mean()
+    return F.nll_loss(torch.cat(logps), torch.cat(targets)) + reg
+
+
+def test_teacher_forcing_gradients_equal_the_step_by_step_graph():
+    model = make(8, dropout=0.0).train()
+    feats, tokens, lengths = batch(8, word_counts=(7, 5, 5, 3, 1, 0))
+    out = model(feats, tokens, lengths)
+    T = out.logits.shape[1]
+    mask = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    forced = F.cross_entropy(out.logits[mask], tokens[:, 1:T + 1][mask]) + out.extra_loss
+    stepped = _stepped_loss(model, feats, tokens, lengths)
+    torch.testing.assert_close(forced, stepped, rtol=1e-5, atol=1e-6)
+    a, b = _grads(model, forced), _grads(model, stepped)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert float(a["lstm.weight_hh"].abs().sum()) > 0 and float(a["attention.W_h.weight"].abs().sum()) > 0
+
+
+def test_decoding_follows_weights_changed_in_place():
+    model = make(9).eval()
+    feats, tokens, _ = batch(9)
+    with torch.inference_mode():
+        memory = model.encode(feats)
+        state = model.init_state(memory)
+        before = model.step(tokens[:, 0], state, memory)[0]  # fills the cache of fused weights
+    with torch.no_grad():  # as an optimizer step or load_state_dict changes them
+        model.f_beta.weight.mul_(-3.0)
+        model.lstm.bias_hh.add_(0.5)
+    fresh = copy.deepcopy(model)
+    fresh._fused = None
+    with torch.inference_mode():
+        after = model.step(tokens[:, 0], state, memory)[0]
+        expected = fresh.step(tokens[:, 0], state, memory)[0]
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert after.shape == (tokens.shape[0], V)
