@@ -11,7 +11,8 @@ Prints one JSON object (bench/README.md, "encoder_runtime.py"):
 - ``startup``: ``captioner features`` on 8 images per runtime (start-up: imports, building the encoder);
 - ``end_to_end``: ``captioner features`` and ``captioner caption --beam 3 --json`` as whole processes (start-up
   included) on the N photos, each runtime in the same run, alternating; images/s = N / wall seconds;
-- ``captions_vs_torch``: per runtime, how many captions differ from torch's and their scores;
+- ``captions_vs_torch``: per runtime, how many captions differ from torch's and their scores (``--fp32-decoder-too``:
+  also ``caption --precision fp32`` per runtime, compared with torch's in fp32);
 - ``workers_sweep`` (``--sweep-workers 0,1,2``): ``features --runtime onnx`` with each number of decoding processes;
 - CPU milliseconds per image beside each rate (user + system, all threads and worker processes): what a
   busy machine changes least; on C idle cores a command cannot beat 1000 * C / cpu_ms_per_image images/s;
@@ -37,6 +38,7 @@ import torch
 from captioner.data.images import list_images, load_image
 from captioner.encoders.network import ImageEncoder, image_to_array
 from captioner.encoders.runtime import with_runtime
+from captioner.runtime.devices import split_precision
 
 CAPTIONER = str(Path(sys.executable).with_name("captioner"))
 
@@ -120,7 +122,7 @@ def figures_of(n: int, secs: float, rc: int, cpu: float, before: float) -> dict:
 
 
 def end_to_end(folder: Path, n: int, runtimes: list[str], calibration: str | None, work: Path,
-               workers: int | None) -> tuple[dict, dict]:
+               workers: int | None, fp32_too: bool = False) -> tuple[dict, dict]:
     figures: dict = {}
     outputs: dict[str, Path] = {}
     extra = ["--workers", str(workers)] if workers is not None else []
@@ -136,6 +138,13 @@ def end_to_end(folder: Path, n: int, runtimes: list[str], calibration: str | Non
                 out = outputs[rt] = work / f"captions-{rt}.jsonl"
             before = load()
             figures[f"{command} --runtime {rt}"] = figures_of(n, *run_command(cmd, out), before)
+    if fp32_too:  # the decoder in float32 too (the default is --precision auto: bfloat16 where the CPU has it)
+        for rt in runtimes:
+            cmd = [CAPTIONER, "caption", str(folder), "--beam", "3", "--json", "--quiet", "--runtime", rt,
+                   "--precision", "fp32", *extra]
+            out = outputs[f"{rt} --precision fp32"] = work / f"captions-{rt}-fp32.jsonl"
+            before = load()
+            figures[f"caption --runtime {rt} --precision fp32"] = figures_of(n, *run_command(cmd, out), before)
     return figures, outputs
 
 
@@ -154,19 +163,18 @@ def compare_captions(outputs: dict[str, Path]) -> dict:
     def read(path: Path) -> dict:
         return {d["image"]: d for d in map(json.loads, path.read_text().splitlines()) if d.get("caption")}
 
-    if "torch" not in outputs:
-        return {}
-    ref = read(outputs["torch"])
     report = {}
     for rt, path in outputs.items():
-        if rt == "torch":
+        base = "torch --precision fp32" if rt.endswith("--precision fp32") else "torch"
+        if rt == base or base not in outputs:
             continue
+        ref = read(outputs[base])
         got = read(path)
-        differ = [{"image": Path(k).name, "torch": [ref[k]["caption"], ref[k]["score"]],
+        differ = [{"image": Path(k).name, base: [ref[k]["caption"], ref[k]["score"]],
                    rt: [got[k]["caption"], got[k]["score"]]}
                   for k in ref if k in got and got[k]["caption"] != ref[k]["caption"]]
-        gaps = [abs(d["torch"][1] - d[rt][1]) for d in differ]
-        report[rt] = {"images": len(ref), "differ": len(differ), "max_score_gap": max(gaps, default=0.0),
+        gaps = [abs(d[base][1] - d[rt][1]) for d in differ]
+        report[rt] = {"against": base, "images": len(ref), "differ": len(differ), "max_score_gap": max(gaps, default=0.0),
                       "examples": differ[:10]}
     return report
 
@@ -183,6 +191,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=None, help="--workers of the commands (default theirs)")
     p.add_argument("--no-e2e", action="store_true", help="the bare encoder and decoding only")
+    p.add_argument("--fp32-decoder-too", action="store_true",
+                   help="also `caption --precision fp32` per runtime (the default, auto, decodes in bfloat16 where "
+                        "the CPU has bfloat16 instructions); its captions are compared with torch's fp32 ones")
     p.add_argument("--sweep-workers", default=None, metavar="0,1,2",
                    help="also `features --runtime onnx --workers W` for each W (after the other measures)")
     a = p.parse_args()
@@ -190,7 +201,8 @@ def main() -> None:
     runtimes = a.runtimes.split(",")
     files = pick_images(Path(a.images), a.corpus, a.split, a.n)
     result: dict = {"n": len(files), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "load_start": load()}
+                    "torch": torch.__version__, "load_start": load(),
+                    "decoder_precision_of_auto": split_precision("auto", torch.device("cpu"))[1]}
     try:
         import onnxruntime
 
@@ -212,7 +224,8 @@ def main() -> None:
             for f in files:
                 (folder / f.name).symlink_to(f.resolve())
             result["startup"] = startup(folder, [rt for rt in runtimes if rt != "onnx-int8"], work)
-            result["end_to_end"], outputs = end_to_end(folder, len(files), runtimes, a.calibration, work, a.workers)
+            result["end_to_end"], outputs = end_to_end(folder, len(files), runtimes, a.calibration, work, a.workers,
+                                                             a.fp32_decoder_too)
             result["captions_vs_torch"] = compare_captions(outputs)
             if a.sweep_workers:
                 counts = [int(w) for w in a.sweep_workers.split(",")]

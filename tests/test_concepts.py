@@ -23,6 +23,7 @@ from captioner.inference.guidance import Guide, MentionError
 from captioner.inference.modeldir import resolve_model_path
 from captioner.models import available_architectures, build_decoder
 from captioner.models.extension import ExtensionError, extended_view, output_layer, transfer
+from captioner.runtime.devices import autocast
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHELSEA, COFFEE = EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png"
@@ -335,7 +336,8 @@ def test_a_model_directory_from_before_captions_exactly_as_before(before, exampl
     assert "vocab_extension" not in before.config and len(before.guide.extension) == 0
     s = before.settings
     assert s.concepts == "off" and s.mention == () and not s.guided  # no concept is used by default
-    want = generate(before.decoder, before.vocab, example_features, s)  # the search as it was
+    with autocast(before.device, before.decoder_precision):  # the search as it was, in the decoder's precision
+        want = generate(before.decoder, before.vocab, example_features, s)
     got = before.decode_features(example_features)
     assert [[(h.tokens, h.score) for h in hs] for hs in got] == [[(h.tokens, h.score) for h in hs] for hs in want]
     results = before.caption([CHELSEA, COFFEE])

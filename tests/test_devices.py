@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from captioner.decoding.search import beam_search, greedy_search, sample
-from captioner.runtime.devices import DeviceError, autocast, check_precision, module_device, resolve_device
+from captioner.runtime.devices import (DeviceError, autocast, check_precision, module_device, native_bf16, resolve_device,
+                                       split_precision)
 from captioner.models import available_architectures, build_decoder
 from captioner.training.loss import caption_loss
 
@@ -121,6 +122,48 @@ def test_precision():
     with autocast(cpu, "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     assert module_device(torch.nn.Linear(2, 2)) == cpu and module_device(torch.nn.ReLU()) == cpu
+
+
+def test_captioning_precision_auto_splits_between_encoder_and_decoder(monkeypatch):
+    """auto: the encoder in float32 (any runtime runs it), the decoder in bfloat16 only on a CPU with bfloat16
+    instructions; fp32 and bf16 are both networks'. Training's precision has no auto."""
+    cpu = torch.device("cpu")
+    assert split_precision("fp32", cpu) == ("fp32", "fp32") and split_precision("bf16", cpu) == ("bf16", "bf16")
+    assert split_precision("auto", cpu) == ("fp32", "bf16" if native_bf16(cpu) else "fp32")
+    assert not native_bf16(torch.device("meta"))
+    import captioner.runtime.devices as devices
+
+    for has, decoder in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(devices, "native_bf16", lambda device, has=has: has)
+        assert split_precision("auto", cpu) == ("fp32", decoder)
+    with pytest.raises(DeviceError, match="use auto"):
+        split_precision("fp16", cpu)
+    with pytest.raises(DeviceError, match="use fp32"):
+        check_precision("auto", cpu)
+
+
+def test_captioner_precisions_pick_the_decoders_and_keep_the_concepts_in_float32():
+    """The Captioner's default (auto) decodes in the decoder's precision of split_precision; fp32 gives the
+    engine's float32 captions exactly; the concept head computes in float32 under any precision."""
+    from captioner.decoding.search import generate
+    from captioner.inference.captioner import Captioner
+
+    torch.manual_seed(0)
+    feats = torch.randn(4, 49, 1280).abs()
+    auto, fp32 = Captioner.from_pretrained("flickr8k-sat"), Captioner.from_pretrained("flickr8k-sat", precision="fp32")
+    cpu = torch.device("cpu")
+    assert (auto.encoder_precision, auto.decoder_precision) == split_precision("auto", cpu)
+    assert (fp32.encoder_precision, fp32.decoder_precision) == ("fp32", "fp32")
+    s = fp32.settings.replace(concepts="off", beam_size=3)
+    engine = generate(fp32.decoder, fp32.vocab, feats, s)
+    assert [h[0].tokens for h in fp32.decode_features(feats, s)] == [h[0].tokens for h in engine]
+    with autocast(cpu, auto.decoder_precision):
+        engine_auto = generate(auto.decoder, auto.vocab, feats, s)
+    assert [h[0].tokens for h in auto.decode_features(feats, s)] == [h[0].tokens for h in engine_auto]
+    head = fp32.guide.head
+    plain = head.confidences(feats)
+    with autocast(cpu, "bf16"):
+        assert torch.equal(head.confidences(feats), plain)
 
 
 def test_the_image_encoder_creates_tensors_on_its_device():

@@ -14,6 +14,7 @@ from captioner.decoding.search import generate
 from captioner.decoding.settings import DecodingSettings
 from captioner.inference.captioner import ENCODE_AHEAD, Captioner
 from captioner.inference.results import CaptionResult
+from captioner.runtime.devices import autocast
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,11 @@ def photo_paths(tmp_path_factory):
 
 
 def _teacher_forced_logprob(model: Captioner, words: list[str], feats: torch.Tensor) -> float:
-    """log p(caption, <end> | image) by running the decoder's step over the caption's own words."""
+    """log p(caption, <end> | image) by running the decoder's step over the caption's own words, in the precision
+    the model decodes in."""
     v, dec = model.vocab, model.decoder
     ids = [v.stoi[w] for w in words] + [v.end_id]
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(model.device, model.decoder_precision):
         memory = dec.encode(feats)
         state = dec.init_state(memory)
         prev = torch.tensor([v.start_id])
@@ -161,7 +163,8 @@ def test_the_same_settings_decode_the_same_way_everywhere(bundled, photo_paths):
     s = bundled.settings.replace(beam_size=4, max_len=12, n_best=2)
     via_images = bundled.caption(photo_paths[:3], s)
     arrays = np.stack([bundled.encoder.preprocess([Image.open(p).convert("RGB")])[0] for p in photo_paths[:3]])
-    hyps = generate(bundled.decoder, bundled.vocab, bundled.encoder.encode_arrays(arrays), s)
+    with autocast(bundled.device, bundled.decoder_precision):  # as caption() decodes
+        hyps = generate(bundled.decoder, bundled.vocab, bundled.encoder.encode_arrays(arrays), s)
     for r, h in zip(via_images, hyps):
         assert [c.caption for c in r.n_best] == [" ".join(bundled.vocab.decode(x.tokens)) for x in h]
         assert all(len(c.caption.split()) <= 12 for c in r.n_best)

@@ -60,10 +60,60 @@ def test_decoding_follows_weights_changed_in_place():
         model.f_beta.weight.mul_(-3.0)
         model.lstm.bias_hh.add_(0.5)
     fresh = copy.deepcopy(model)
-    fresh._fused = None
+    fresh._fused = fresh._decoding = None
     with torch.inference_mode():
         after = model.step(tokens[:, 0], state, memory)[0]
         expected = fresh.step(tokens[:, 0], state, memory)[0]
     torch.testing.assert_close(after, expected)
     assert not torch.allclose(before, after, atol=1e-4)
     assert after.shape == (tokens.shape[0], V)
+
+
+def _steps(model, tokens, state, memory, n: int):
+    """The log-probabilities of ``n`` steps fed ``tokens``' words."""
+    out = []
+    for t in range(n):
+        logp, state, _ = model.step(tokens[:, t], state, memory)
+        out.append(logp)
+    return torch.stack(out, 1)
+
+
+def test_decoding_weights_give_the_steps_of_the_trained_graph():
+    """Decoding (no gradients) runs on weights cast and laid out once, and looks each word's part of the gates up in
+    a table: its steps equal the graph that training differentiates, in float32 and under bfloat16 autocast."""
+    model = make(9).eval()
+    feats, tokens, _ = batch(9)
+    n = tokens.shape[1] - 1
+    with torch.no_grad():
+        memory = model.encode(feats)
+        state = model.init_state(memory)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            graph = _steps(model, tokens, state, memory, n).detach()  # gradients on: the trained graph
+            with torch.inference_mode():
+                cached = _steps(model, tokens, state, memory, n)
+                again = _steps(model, tokens, state, memory, n)
+        dtype = torch.bfloat16 if autocast else torch.float32
+        w = model._decoding[1]
+        assert model._decoding[0][0] == dtype and w["context"].dtype == w["words"].dtype == dtype
+        assert w["words"].shape == (V, 4 * model.cfg.hidden_dim)
+        tol = dict(rtol=0, atol=0.05) if autocast else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached.float(), graph.float(), **tol)
+        assert torch.equal(again, cached)  # the cache gives the same steps every time
+
+
+def test_decoding_without_gradients_keeps_dropout_in_training_mode():
+    model = make(9, dropout=0.5).train()
+    feats, tokens, _ = batch(9)
+    with torch.no_grad():
+        memory = model.encode(feats)
+        state = model.init_state(memory)
+        torch.manual_seed(0)
+        a = model.step(tokens[:, 0], state, memory)[0]
+        torch.manual_seed(1)
+        b = model.step(tokens[:, 0], state, memory)[0]
+        model.eval()
+        c = model.step(tokens[:, 0], state, memory)[0]
+        d = model.step(tokens[:, 0], state, memory)[0]
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(c, d)

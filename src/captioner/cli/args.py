@@ -78,13 +78,22 @@ def runtime_options(s: argparse.ArgumentParser) -> None:
                         "training images) to calibrate the quantized encoder on, once; later runs reuse it")
 
 
-def device_options(s: argparse.ArgumentParser, default: str | None = "cpu", where: str = "") -> None:
-    """--device and --precision (checked when the command runs: an absent GPU is exit status 2)."""
+def device_options(s: argparse.ArgumentParser, default: str | None = "cpu", where: str = "",
+                   captioning: bool = False) -> None:
+    """--device and --precision (checked when the command runs: an absent GPU is exit status 2). ``captioning``:
+    --precision also takes auto, its default (runtime/devices.py, split_precision)."""
     s.add_argument("--device", default=default, metavar="{cpu,cuda,auto}",
                    help="where the networks run: cpu (default), cuda (cuda:N for one GPU) or auto, a GPU when "
                         f"there is one{where}")
+    if captioning:
+        s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto (default): the image encoder in float32, the decoder in bfloat16 on a CPU with "
+                            "bfloat16 instructions (AVX512-BF16, AMX), else float32; fp32: both in float32; bf16: "
+                            "both under bfloat16 autocast (the encoder with --runtime torch)")
+        return
     s.add_argument("--precision", choices=["fp32", "bf16"], default=None if default is None else "fp32",
-                   help="bf16: bfloat16 autocast, for GPUs with bfloat16 units (default fp32)")
+                   help="bf16: bfloat16 autocast, for GPUs with bfloat16 units and CPUs with bfloat16 "
+                        "instructions (default fp32)")
 
 
 def _setting_type(s: Setting) -> Callable[[str], Any]:

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                         "decode in this process)")
     s.add_argument("--batch-size", type=positive, default=16, help="images encoded and decoded together")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    device_options(s)
+    device_options(s, captioning=True)
     runtime_options(s)
     s.set_defaults(func=run)
 

@@ -36,7 +36,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--limit", type=positive, default=None, help="only the first N images")
     s.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, captions.json")
     decoding_flags(s, EVALUATE_DECODING)
-    device_options(s)
+    device_options(s, captioning=True)
     s.set_defaults(func=run_evaluate)
 
 

@@ -95,8 +95,9 @@ class ConceptHead:
     def confidences(self, features: torch.Tensor) -> torch.Tensor:
         """(B, P, C) grid features -> (B, W) confidence of each word of the mapping (on the CPU)."""
         pooled = features.float().mean(dim=1).cpu()
-        probs = torch.softmax(pooled @ self.weight.T + self.bias, dim=-1)
-        return probs @ self._to_words
+        with torch.autocast("cpu", enabled=False):  # the classifier as ImageNet trained it, whatever the decoder's
+            probs = torch.softmax(pooled @ self.weight.T + self.bias, dim=-1)
+            return probs @ self._to_words
 
     def concepts(self, conf: torch.Tensor, *, top: int = 5, min_confidence: float = 0.05
                  ) -> list[list[tuple[str, float]]]:

@@ -11,7 +11,7 @@ from typing import Sequence
 from captioner.data.corpus import Corpus
 from captioner.data.text import Vocab, join_tokens, write_text_atomic
 from captioner.data.captions import CaptionData
-from captioner.runtime.devices import autocast, check_precision, module_device, resolve_device
+from captioner.runtime.devices import autocast, module_device, resolve_device, split_precision
 from captioner.data.features import FeatureStore
 from captioner.evaluation.metrics import METRIC_NAMES, compute_metrics
 from captioner.decoding.search import NonFiniteError, generate
@@ -96,14 +96,14 @@ def markdown_table(rows: dict[int, dict[str, float]], *, title: str = "") -> str
 
 def evaluate_model(model: ModelArg, corpus: str, features: str, *, split: str = "test",
                    beams: Sequence[int] = EVALUATION_BEAMS, out: str | None = None, limit: int = 0,
-                   metrics: Sequence[str] | None = None, device: str = "cpu", precision: str = "fp32",
+                   metrics: Sequence[str] | None = None, device: str = "cpu", precision: str = "auto",
                    **decoding) -> dict:
     """Decode ``split`` at each beam size as `captioner caption` does (the model's decoding defaults, with
     ``decoding`` overrides such as ``length_penalty=1.0`` or ``allow_unk=True``; None keeps the default)
-    and score it. ``device`` (cpu, cuda, auto) and ``precision`` (fp32, bf16): where and how the decoder
-    runs."""
+    and score it. ``device`` (cpu, cuda, auto) and ``precision`` (auto, fp32, bf16): where and how the decoder
+    runs (auto: as `captioner caption` runs it, :func:`captioner.runtime.devices.split_precision`)."""
     dev = resolve_device(device)
-    check_precision(precision, dev)
+    precision = split_precision(precision, dev)[1]
     decoder, vocab, cfg, extension = load_model(model)  # a list of models: one ensemble
     decoder.to(dev)
     guide = Guide(decoder, vocab, cfg, extension)
@@ -122,6 +122,7 @@ def evaluate_model(model: ModelArg, corpus: str, features: str, *, split: str = 
     base = DecodingSettings.from_model(cfg).replace(**decoding)
     result = {"model": model_name(model), "split": split, "unk_allowed": base.allow_unk,
               "images": min(limit, len(data.images)) if limit else len(data.images),
+              "precision": precision,
               "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram": base.no_repeat_ngram,
                            **({"concepts": base.concepts, "concept_threshold": base.concept_threshold,
                                "max_concepts": base.max_concepts, "concept_ban": base.concept_ban,

@@ -45,7 +45,7 @@ from captioner.inference.modeldir import ModelDirError, save_model_dir
 from captioner.inference.results import Caption, CaptionResult
 from captioner.models.base import Decoder
 from captioner.models.extension import VocabExtension
-from captioner.runtime.devices import autocast, check_precision, resolve_device
+from captioner.runtime.devices import autocast, check_precision, resolve_device, split_precision
 from captioner.runtime.workers import check_workers, worker_init
 
 
@@ -111,17 +111,20 @@ class Captioner:
     """Image in, caption out. ``Captioner.from_pretrained("flickr8k-sat").caption(["a.jpg"])``.
 
     ``device`` (cpu, cuda, cuda:N, auto) is where the encoder and the decoder run; ``precision``
-    ``"bf16"`` runs them under bfloat16 autocast (default fp32). ``runtime`` runs the image encoder
+    ``"bf16"`` runs them under bfloat16 autocast, ``"fp32"`` in float32, and ``"auto"`` (default) the encoder in
+    float32 and the decoder in bfloat16 on a CPU with bfloat16 instructions
+    (:func:`captioner.runtime.devices.split_precision`). ``runtime`` runs the image encoder
     (:mod:`captioner.encoders.runtime`: auto, torch, onnx, onnx-int8; ``calibration``: the image folder
     onnx-int8 is calibrated on the first time)."""
 
     def __init__(self, decoder: Decoder, vocab: Vocab, config: dict, *, device: str | torch.device = "cpu",
-                 precision: str = "fp32", extension: VocabExtension | None = None,
+                 precision: str = "auto", extension: VocabExtension | None = None,
                  encoder_weights: tuple[dict[str, torch.Tensor], int] | None = None, runtime: str = "auto",
                  calibration: str | os.PathLike | None = None):
         self.device = resolve_device(device)
-        self.precision = check_precision(precision, self.device)
-        self.runtime = resolve_runtime(runtime, self.device, self.precision, calibration)  # unusable: an error now
+        self.precision = check_precision(precision, self.device, allow_auto=True)
+        self.encoder_precision, self.decoder_precision = split_precision(self.precision, self.device)
+        self.runtime = resolve_runtime(runtime, self.device, self.encoder_precision, calibration)  # unusable: now
         self.calibration = calibration  # onnx-int8's calibration images (encoders/quantize.py)
         self.decoder, self.vocab, self.config = decoder.to(self.device).eval(), vocab, config
         try:
@@ -140,11 +143,11 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, name_or_path: ModelArg = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
-                        precision: str = "fp32", runtime: str = "auto",
+                        precision: str = "auto", runtime: str = "auto",
                         calibration: str | os.PathLike | None = None) -> "Captioner":
         """A model directory or bundled name (an ensemble's directory too), or a list of them: one ensemble."""
-        check_precision(precision, resolve_device(device))  # before loading anything
-        resolve_runtime(runtime, resolve_device(device), precision, calibration)  # an unusable runtime: before loading
+        encoder_precision = split_precision(precision, resolve_device(device))[0]  # before loading anything
+        resolve_runtime(runtime, resolve_device(device), encoder_precision, calibration)  # an unusable runtime too
         decoder, vocab, config, extension = load_model(name_or_path)
         where = encoder_dir(name_or_path[0] if several(name_or_path) else name_or_path)
         try:
@@ -176,11 +179,13 @@ class Captioner:
                 spec = get_encoder_spec(e["name"], resize=e.get("resize"), image_size=e.get("image_size"),
                                         grid=e.get("grid"))
                 weights, units = self.encoder_weights or (None, 0)
-                return with_runtime(ImageEncoder(spec, device=self.device, precision=self.precision, tuned=weights,
-                                                 tuned_units=units), self.runtime, calibration=self.calibration)
+                return with_runtime(ImageEncoder(spec, device=self.device, precision=self.encoder_precision,
+                                                 tuned=weights, tuned_units=units),
+                                    self.runtime, calibration=self.calibration)
 
             # the same encoder (spec, tuned weights' digest, device, precision, runtime) is built once per process
-            key = (json.dumps(e, sort_keys=True), str(self.device), self.precision, self.runtime, str(self.calibration))
+            key = (json.dumps(e, sort_keys=True), str(self.device), self.encoder_precision, self.runtime,
+                   str(self.calibration))
             self._encoder = _shared_encoder(key, build)
         return self._encoder
 
@@ -204,9 +209,9 @@ class Captioner:
 
     @contextmanager
     def _running(self):
-        """The decoder runs under the model's precision; non-finite log-probabilities name this model."""
+        """The decoder runs in its precision; non-finite log-probabilities name this model."""
         try:
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.decoder_precision):
                 yield
         except NonFiniteError as e:
             raise e.naming(self.source) from None

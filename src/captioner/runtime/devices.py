@@ -1,12 +1,15 @@
-"""Where the networks run: ``--device cpu|cuda|auto`` and ``--precision fp32|bf16``.
+"""Where the networks run: ``--device cpu|cuda|auto`` and ``--precision auto|fp32|bf16``.
 
-Everything defaults to the CPU in float32, so nothing changes for a user who never asks.
-``auto`` takes a CUDA GPU when PyTorch sees one, else the CPU. Under ``torchrun`` a bare
-``cuda`` means this process's own GPU, ``cuda:$LOCAL_RANK``.
+Everything defaults to the CPU. ``auto`` takes a CUDA GPU when PyTorch sees one, else the CPU. Under
+``torchrun`` a bare ``cuda`` means this process's own GPU, ``cuda:$LOCAL_RANK``.
 
 ``bf16`` runs the matrix products in bfloat16 under ``torch.autocast`` (weights stay float32,
 training needs no loss scaling); it saves memory and time on GPUs with bfloat16 units
-(NVIDIA Ampere and later). On a CPU it is allowed but rarely faster.
+(NVIDIA Ampere and later) and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), where the
+matrix products run at about twice the float32 rate. Training defaults to fp32. Captioning
+(``caption``, ``serve``, ``evaluate``, :class:`~captioner.inference.captioner.Captioner`) defaults to
+``auto`` (:func:`split_precision`): the image encoder in float32, the decoder in bfloat16 where the CPU
+has those instructions (its captions measured against float32's in docs/experiments.md), else float32.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import torch
 
 PRECISIONS = ("fp32", "bf16")
+INFERENCE_PRECISIONS = ("auto",) + PRECISIONS  # captioning's: auto splits it between encoder and decoder
 
 
 class DeviceError(ValueError):
@@ -57,14 +61,37 @@ def resolve_device(name: str | torch.device = "cpu") -> torch.device:
     return torch.device("cuda", index)
 
 
-def check_precision(precision: str, device: torch.device) -> str:
-    """``fp32`` or ``bf16`` (a :class:`DeviceError` for another name, or bf16 on a GPU without it)."""
-    if precision not in PRECISIONS:
-        raise DeviceError(f"precision {precision!r}: use fp32 (default) or bf16")
+def check_precision(precision: str, device: torch.device, *, allow_auto: bool = False) -> str:
+    """``fp32`` or ``bf16``, and ``auto`` when ``allow_auto`` (a :class:`DeviceError` for another name, or bf16
+    on a GPU without it)."""
+    if precision not in (INFERENCE_PRECISIONS if allow_auto else PRECISIONS):
+        names = "auto (default), fp32 or bf16" if allow_auto else "fp32 (default) or bf16"
+        raise DeviceError(f"precision {precision!r}: use {names}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"precision bf16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                           "use --precision fp32")
     return precision
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True on a CPU whose instructions multiply bfloat16 matrices (AVX512-BF16 or AMX); False elsewhere (a GPU's
+    bfloat16 is asked for with --precision bf16: ``auto`` keeps GPUs in float32, where nothing was measured)."""
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def split_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """(the image encoder's precision, the decoder's) for a captioning ``precision``: fp32 and bf16 are both's;
+    ``auto`` is fp32 for the encoder (so every encoder runtime can run it) and bf16 for the decoder on a CPU with
+    bfloat16 instructions (:func:`native_bf16`), else fp32."""
+    precision = check_precision(precision, torch.device(device), allow_auto=True)
+    if precision != "auto":
+        return precision, precision
+    return "fp32", "bf16" if native_bf16(device) else "fp32"
 
 
 def autocast(device: torch.device, precision: str = "fp32"):
