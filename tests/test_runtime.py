@@ -122,6 +122,35 @@ def test_a_second_build_reuses_the_exported_file(lite0, own_cache, monkeypatch):
     assert not list(own_cache.glob("*.tmp"))  # no temporary file left behind
 
 
+def _spec():
+    return get_encoder_spec("efficientnet-lite0", image_size=SIZE)
+
+
+def test_a_start_with_a_cached_export_builds_no_network(lite0, own_cache, monkeypatch):
+    """An ImageEncoder that can say what it is (its weights file, cut, tuned digest, code) finds its exported file
+    through an alias named by that, without building its network; a built network is keyed by its own weights
+    (it may have been changed in place), and another identity is another alias."""
+    first = with_runtime(ImageEncoder(_spec()), "onnx")  # exported (or found) and its alias written
+    assert len(list(own_cache.glob("encoder-*.alias"))) == 1
+    fresh = ImageEncoder(_spec())
+    keys = []
+    real = onnx_cache.encoder_key
+    monkeypatch.setattr(onnx_cache, "encoder_key", lambda *a: keys.append(a) or real(*a))
+    again = with_runtime(fresh, "onnx")
+    assert again.path == first.path and keys == [] and fresh._net is None  # nothing built
+    batch = _batch(2, seed=3)
+    assert (again.encode_arrays(batch) - lite0.encode_arrays(batch)).abs().max().item() <= FP32_TOLERANCE
+    assert fresh.identity() is not None and fresh.identity() == ImageEncoder(_spec()).identity()
+    assert fresh.identity() != ImageEncoder(_spec(), cut=2).identity()
+    assert fresh.identity() != ImageEncoder(get_encoder_spec("efficientnet-lite0", image_size=SIZE, grid=1)).identity()
+    fresh.net  # built: from now on its own weights key it
+    assert fresh.identity() is None
+    with torch.no_grad():
+        next(iter(fresh.net.parameters())).add_(0.01)
+    changed = with_runtime(fresh, "onnx")
+    assert len(keys) == 1 and changed.path != first.path
+
+
 def test_a_damaged_cache_file_is_exported_again(lite0, own_cache, monkeypatch):
     path = with_runtime(lite0, "onnx").path
     good = path.read_bytes()

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib
+import importlib.metadata
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,7 +32,7 @@ from PIL import Image
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from captioner.encoders.tail import Front, TunedNet, load_tail
+from captioner.encoders.tail import Front, TunedNet, load_tail, weights_digest
 from captioner.runtime.devices import autocast, check_precision, resolve_device
 
 RESIZE_POLICIES = ("squash", "center-crop")
@@ -155,7 +159,41 @@ def _lite_classifier(variant: int) -> Callable[[], tuple[torch.Tensor, torch.Ten
     return classifier
 
 
+def build_identity(build: Callable | None) -> str | None:
+    """What a spec's ``build`` makes, as text, when it can say so without building (a builder with an ``identity``
+    function, as the Lite builders have, and the keywords bound to it); else None."""
+    keywords: dict = {}
+    while isinstance(build, functools.partial):
+        keywords = {**build.keywords, **keywords}
+        build = build.func
+    identity = getattr(build, "identity", None)
+    return None if identity is None else f"{identity()} {sorted(keywords.items())}"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """A digest of the source of the code that builds and folds the networks (this module, the tail's, the
+    efficientnet package's version): a change there is a new identity."""
+    h = hashlib.sha256()
+    for path in (Path(__file__), Path(__file__).with_name("tail.py")):
+        h.update(path.read_bytes())
+    h.update(_version("efficientnet-lite-pytorch").encode())
+    return h.hexdigest()[:16]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - depends on the installation
+        return "unknown"
+
+
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
+    def identity() -> str:  # the weights file as installed: its path, size and modification time
+        path = _lite_weights_path(variant)
+        st = os.stat(path)
+        return f"efficientnet-lite{variant} {path} {st.st_size} {st.st_mtime_ns}"
+
     def build(image_size: int | None = None, pool: tuple[int, int] | None = None) -> torch.nn.Module:
         path = _lite_weights_path(variant)
         # The convs use TF "same" padding precomputed for one input size (default: the native one);
@@ -166,6 +204,7 @@ def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
         net.load_state_dict(state)
         return _LiteTrunk(net, pool).eval()
 
+    build.identity = identity
     return build
 
 
@@ -275,20 +314,40 @@ class ImageEncoder:
         self.precision = check_precision(precision, self.device)
         self.spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
         self.cut, self.tuned_units = cut, tuned_units if tuned is not None else 0
-        net = self.spec.build().eval()
-        if cut:
-            net = Front(net, cut).eval()
-        elif tuned is not None:
-            own = self.spec.build().eval()
-            load_tail(own, tuned, tuned_units, where)
-            net = TunedNet(net, own, tuned_units).eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        net = _fold_batchnorm(net) if fuse else net
-        # after folding: the fused weights are new
-        self.net = net.to(self.device, memory_format=torch.channels_last)
+        self.fuse, self._tuned, self._where = fuse, tuned, where
+        self._net: torch.nn.Module | None = None  # built at the first use (a runtime with a cached export needs none)
         self._mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         self._inv_std = 1.0 / torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The network (built, BatchNorm folded, on the device), made at the first use."""
+        if self._net is None:
+            net = self.spec.build().eval()
+            if self.cut:
+                net = Front(net, self.cut).eval()
+            elif self._tuned is not None:
+                own = self.spec.build().eval()
+                load_tail(own, self._tuned, self.tuned_units, self._where)
+                net = TunedNet(net, own, self.tuned_units).eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
+            net = _fold_batchnorm(net) if self.fuse else net
+            # after folding: the fused weights are new
+            self._net = net.to(self.device, memory_format=torch.channels_last)
+        return self._net
+
+    def identity(self) -> str | None:
+        """What :attr:`net` will be, as text, without building it (the builder's weights file, the cut, the tuned
+        weights' digest, folding, and the source of the code that builds it), or None when the builder cannot say,
+        or once the network is built (it may have been changed in place): then only the network itself tells
+        (:func:`captioner.encoders.onnx_cache.encoder_key`)."""
+        built = build_identity(self.spec.build) if self._net is None else None
+        if built is None:
+            return None
+        tuned = weights_digest(self._tuned) if self._tuned is not None else "-"
+        return (f"{built}|{self.spec.to_dict()}|cut {self.cut}|tuned {self.tuned_units} {tuned}|fuse {self.fuse}|"
+                f"code {_code_digest()}")
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         return np.stack([image_to_array(im, self.spec) for im in images])

@@ -7,7 +7,10 @@ one ONNX graph: uint8 ``(B, S, S, 3)`` in, float32 ``(B, H*W, C)`` out. The file
 and normalisation and the versions of torch and onnxruntime: any change is a new file. Beside it,
 ``encoder-KEY.sha256`` holds the file's hash; a file that does not match it (cut short, damaged) is
 exported again. Both are written atomically (a temporary file renamed), under a lock file, so that
-processes starting together export once and never read a half-written file.
+processes starting together export once and never read a half-written file. An encoder that can say what it is
+without building its network (:meth:`~captioner.encoders.network.ImageEncoder.identity`: the weights file, cut,
+tuned digest, code) also gets ``encoder-QUICK.alias``, naming KEY: a later start finds its file through it and
+never builds the network (about 0.3-0.5 s of a command's start-up).
 
 torch.onnx's TorchScript exporter (``dynamo=False``) needs the ``onnx`` package; both ``onnx`` and
 ``onnxruntime`` come with the ``fast`` extra and are imported only here and in
@@ -178,11 +181,27 @@ def exported_encoder(encoder, runtime_version: str, directory: Path | None = Non
     """(path of the encoder's ONNX file, its key): from the cache, or exported now and cached."""
     directory = Path(directory) if directory is not None else cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    # an encoder that can say what it is without building its network (ImageEncoder.identity) finds its file
+    # through a small alias file named by that: a start with a cached export then builds no network at all
+    identity = encoder.identity() if hasattr(encoder, "identity") else None
+    alias = None
+    if identity is not None:
+        quick = hashlib.sha256(f"{CACHE_FORMAT}/{ONNX_OPSET}/torch {torch.__version__}/{runtime_version}/"
+                               f"{identity}".encode()).hexdigest()[:24]
+        alias = directory / f"encoder-{quick}.alias"
+        try:
+            key = alias.read_text().strip()
+        except OSError:
+            key = ""
+        if len(key) == 24 and key.isalnum() and cached_is_valid(directory / f"encoder-{key}.onnx"):
+            return directory / f"encoder-{key}.onnx", key
     key = encoder_key(encoder, runtime_version)
     path = directory / f"encoder-{key}.onnx"
-    if cached_is_valid(path):
-        return path, key
-    with build_lock(path):
-        if not cached_is_valid(path):  # another process may have built it while this one waited
-            save_with_hash(path, lambda tmp: export_onnx(encoder, tmp))
+    if not cached_is_valid(path):
+        with build_lock(path):
+            if not cached_is_valid(path):  # another process may have built it while this one waited
+                save_with_hash(path, lambda tmp: export_onnx(encoder, tmp))
+    if alias is not None:
+        write_atomic(alias, lambda tmp: tmp.write_text(key + "\n"))
     return path, key
+
