@@ -257,15 +257,24 @@ def test_captioner_on_auto_device_and_in_bf16():
         Captioner.from_pretrained("flickr8k-sat", precision="fp16")
 
 
-def test_training_on_auto_device_in_bf16(synthetic, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_training_on_auto_device_in_bf16(synthetic, tmp_path, precision, monkeypatch):
+    """bf16 trains under bfloat16 autocast; auto does where the CPU has bfloat16 instructions (here: told so)."""
+    import captioner.runtime.devices as devices
+    from captioner.training import loss
     from captioner.training.config import DataConfig, OptimConfig, TrainConfig
     from captioner.training.loop import train
 
+    monkeypatch.setattr(devices, "native_bf16", lambda device: True)
+    seen = []
+    real = loss.caption_loss
+    monkeypatch.setattr(loss, "caption_loss", lambda out, *a, **k: seen.append(out.logits.dtype) or real(out, *a, **k))
     cfg = TrainConfig(arch="sat", model=dict(embed_dim=16, hidden_dim=16, attention_dim=16),
                       data=DataConfig(corpus=str(synthetic.corpus), features=str(synthetic.features), max_len=12),
                       optim=OptimConfig(batch_size=32, epochs=1), out_dir=str(tmp_path / "run"), progress=False,
-                      device="auto", precision="bf16")
+                      device="auto", precision=precision)
     assert train(cfg, stop_after_steps=3) == {"stopped_at_step": 3}
+    assert seen and set(seen) == {torch.bfloat16}
 
 
 def test_resume_may_change_the_device_but_not_the_precision():

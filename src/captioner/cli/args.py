@@ -91,9 +91,11 @@ def device_options(s: argparse.ArgumentParser, default: str | None = "cpu", wher
                             "bfloat16 instructions (AVX512-BF16, AMX), else float32; fp32: both in float32; bf16: "
                             "both under bfloat16 autocast (the encoder with --runtime torch)")
         return
-    s.add_argument("--precision", choices=["fp32", "bf16"], default=None if default is None else "fp32",
+    s.add_argument("--precision", choices=["fp32", "bf16"] + (["auto"] if default is None else []),
+                   default=None if default is None else "fp32",
                    help="bf16: bfloat16 autocast, for GPUs with bfloat16 units and CPUs with bfloat16 "
-                        "instructions (default fp32)")
+                        "instructions; " + ("auto: bf16 on a CPU with them, else fp32 (default: the config's, fp32)"
+                                            if default is None else "(default fp32)"))
 
 
 def _setting_type(s: Setting) -> Callable[[str], Any]:

@@ -198,7 +198,8 @@ class TrainConfig:
     out_dir: str = "runs/sat"
     progress: bool = True
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (a GPU when there is one); `captioner train --device`
-    precision: str = "fp32"  # or bf16: forward and loss under bfloat16 autocast
+    precision: str = "fp32"  # or bf16: forward and loss under bfloat16 autocast; auto: bf16 on a CPU with bfloat16
+    # instructions (AVX512-BF16, AMX), else fp32 (runtime/devices.py, split_precision)
     then: list[dict[str, Any]] = field(default_factory=list)  # later stages of the same run, each from the best/
     #   of the one before, e.g. [{name: scst, objective: scst, optim: {lr: 2.0e-5, epochs: 3}}] (stage_configs)
 
@@ -266,7 +267,7 @@ def check_run(cfg: TrainConfig, world: int = 1, *, init_from_exists: bool = True
     cfg.checked()
     if cfg.val_metric == "METEOR" and not java_available()[0]:
         raise TrainError("val_metric=METEOR needs Java; use CIDEr-D or BLEU-4")
-    check_precision(cfg.precision, resolve_device(cfg.device))  # a GPU that is not there, an unknown precision
+    check_precision(cfg.precision, resolve_device(cfg.device), allow_auto=True)  # an absent GPU, an unknown name
     if cfg.optim.batch_size < world and cfg.objective == "xe":
         raise TrainError(f"optim.batch_size={cfg.optim.batch_size}: the global batch, shared by the {world} "
                          f"processes torchrun started, so at least {world} (each takes batch_size / {world} captions)")
