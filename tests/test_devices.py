@@ -142,17 +142,20 @@ def test_captioning_precision_auto_splits_between_encoder_and_decoder(monkeypatc
         check_precision("auto", cpu)
 
 
-def test_captioner_precisions_pick_the_decoders_and_keep_the_concepts_in_float32():
-    """The Captioner's default (auto) decodes in the decoder's precision of split_precision; fp32 gives the
-    engine's float32 captions exactly; the concept head computes in float32 under any precision."""
+def test_captioner_precisions_pick_the_decoders_and_keep_the_concepts_in_float32(monkeypatch):
+    """The Captioner's default (auto) decodes in the decoder's precision of split_precision (here told the CPU has
+    bfloat16 instructions, so bf16); fp32 gives the engine's float32 captions exactly; the concept head computes in
+    float32 under any precision."""
+    import captioner.runtime.devices as devices
     from captioner.decoding.search import generate
     from captioner.inference.captioner import Captioner
 
+    monkeypatch.setattr(devices, "native_bf16", lambda device: True)
     torch.manual_seed(0)
     feats = torch.randn(4, 49, 1280).abs()
     auto, fp32 = Captioner.from_pretrained("flickr8k-sat"), Captioner.from_pretrained("flickr8k-sat", precision="fp32")
     cpu = torch.device("cpu")
-    assert (auto.encoder_precision, auto.decoder_precision) == split_precision("auto", cpu)
+    assert (auto.encoder_precision, auto.decoder_precision) == split_precision("auto", cpu) == ("fp32", "bf16")
     assert (fp32.encoder_precision, fp32.decoder_precision) == ("fp32", "fp32")
     s = fp32.settings.replace(concepts="off", beam_size=3)
     engine = generate(fp32.decoder, fp32.vocab, feats, s)
@@ -275,6 +278,8 @@ def test_training_on_auto_device_in_bf16(synthetic, tmp_path, precision, monkeyp
                       device="auto", precision=precision)
     assert train(cfg, stop_after_steps=3) == {"stopped_at_step": 3}
     assert seen and set(seen) == {torch.bfloat16}
+    # auto is decided once and recorded as what it decided: a resume elsewhere keeps it or is refused
+    assert "precision: bf16" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_resume_may_change_the_device_but_not_the_precision():

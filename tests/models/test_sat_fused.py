@@ -60,7 +60,7 @@ def test_decoding_follows_weights_changed_in_place():
         model.f_beta.weight.mul_(-3.0)
         model.lstm.bias_hh.add_(0.5)
     fresh = copy.deepcopy(model)
-    fresh._fused = fresh._decoding = None
+    fresh._fused, fresh._decoding = None, {}
     with torch.inference_mode():
         after = model.step(tokens[:, 0], state, memory)[0]
         expected = fresh.step(tokens[:, 0], state, memory)[0]
@@ -79,27 +79,45 @@ def _steps(model, tokens, state, memory, n: int):
 
 
 def test_decoding_weights_give_the_steps_of_the_trained_graph():
-    """Decoding (no gradients) runs on weights cast and laid out once, and looks each word's part of the gates up in
-    a table: its steps equal the graph that training differentiates, in float32 and under bfloat16 autocast."""
+    """Decoding (no gradients) runs on weights cast and laid out once per dtype, looks each word's part of the gates
+    up in a table, and (under autocast) takes grids cast once by ``encode``: its steps equal the graph that training
+    differentiates, in float32 and under bfloat16 autocast."""
     model = make(9).eval()
     feats, tokens, _ = batch(9)
     n = tokens.shape[1] - 1
-    with torch.no_grad():
-        memory = model.encode(feats)
-        state = model.init_state(memory)
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            memory = model.encode(feats)
+            state = model.init_state(memory)
             graph = _steps(model, tokens, state, memory, n).detach()  # gradients on: the trained graph
             with torch.inference_mode():
-                cached = _steps(model, tokens, state, memory, n)
-                again = _steps(model, tokens, state, memory, n)
+                fast_memory = model.encode(feats)
+                fast_state = model.init_state(fast_memory)
+                cached = _steps(model, tokens, fast_state, fast_memory, n)
+                again = _steps(model, tokens, fast_state, fast_memory, n)
         dtype = torch.bfloat16 if autocast else torch.float32
-        w = model._decoding[1]
-        assert model._decoding[0][0] == dtype and w["context"].dtype == w["words"].dtype == dtype
+        assert fast_memory[0].dtype == dtype and memory[0].dtype == torch.float32  # cast once, for decoding only
+        w = model._decoding[dtype][1]
+        assert w["context"].dtype == w["words"].dtype == dtype
         assert w["words"].shape == (V, 4 * model.cfg.hidden_dim)
         tol = dict(rtol=0, atol=0.05) if autocast else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cached.float(), graph.float(), **tol)
         assert torch.equal(again, cached)  # the cache gives the same steps every time
+    assert set(model._decoding) == {torch.float32, torch.bfloat16}  # one cache per dtype: switching rebuilds none
+
+
+def test_a_frozen_decoder_under_gradients_takes_the_graph_path():
+    """With gradients on (a frozen decoder whose inputs need them, as when only an encoder trains), the step is the
+    differentiable graph, never the cached inference weights."""
+    model = make(9).eval().requires_grad_(False)
+    feats, tokens, _ = batch(9)
+    feats = feats.clone().requires_grad_(True)
+    with torch.inference_mode():
+        model.step(tokens[:, 0], model.init_state(model.encode(feats.detach())), model.encode(feats.detach()))
+    memory = model.encode(feats)
+    logp, _, _ = model.step(tokens[:, 0], model.init_state(memory), memory)
+    logp.sum().backward()
+    assert feats.grad is not None and float(feats.grad.abs().sum()) > 0
 
 
 def test_decoding_without_gradients_keeps_dropout_in_training_mode():

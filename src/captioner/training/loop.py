@@ -30,6 +30,7 @@ Validation images are decoded in N shares and scored on rank 0, whose score ever
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -53,7 +54,7 @@ from captioner.evaluation.metrics import ENGLISH_ONLY, compute_metrics
 from captioner.evaluation.tokenization import choose_tokenizer
 from captioner.inference.modeldir import load_model_dir
 from captioner.models import build_decoder
-from captioner.runtime.devices import resolve_device
+from captioner.runtime.devices import resolve_device, split_precision
 from captioner.runtime.distributed import Group, env_world
 from captioner.runtime.progress import progress_bar
 from captioner.training.budget import Budget
@@ -101,7 +102,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
 
 def _train_stage(cfg: TrainConfig, resume: bool, stop_after_steps: int | None,
                  on_start: Callable[[], None] | None = None) -> dict:
-    """One training run: ``out_dir`` from ``init_from`` or random weights."""
+    """One training run: ``out_dir`` from ``init_from`` or random weights. ``precision: auto`` is decided here, once,
+    and the run records what it decided (bf16 or fp32): a resume on another device or host keeps it or is refused."""
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision=split_precision(cfg.precision, resolve_device(cfg.device))[1])
     with process_group_for(cfg) as group, warnings_on_rank0_only(group):
         run = group.agree(lambda: setup(cfg, group, resume))  # config checks, data, model, optimizer, resume state
         if on_start is not None and group.rank == 0:
