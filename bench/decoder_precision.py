@@ -42,6 +42,9 @@ def main() -> None:
     res: dict = {"bench": "decoder_precision", "images": len(feats), "batch": a.batch, "threads": a.threads,
                  "load_average_before": round(os.getloadavg()[0], 2)}
     words: dict[str, list] = {}
+    for precision in ("fp32", "bf16"):  # a warm-up: each precision's cached weights made before the timing
+        with autocast(torch.device("cpu"), precision):
+            decode(model.decoder, feats[:2], **kw)
     for _ in range(a.rounds):
         for precision in ("fp32", "bf16"):
             t0, c0 = time.perf_counter(), time.process_time()
