@@ -262,12 +262,38 @@ def test_the_caption_flags_reach_the_encoder(monkeypatch, capsys):
     monkeypatch.setattr(inference, "with_runtime", recording)
     monkeypatch.setattr(inference, "_ENCODERS", type(inference._ENCODERS)())  # none built yet in this process
     assert main(["caption", "examples/chelsea.png", "--runtime", "onnx-int8", "--calibration", "x", "--quiet"]) == 0
-    assert seen == [("onnx-int8", {"calibration": "x"})]
+    assert seen == [("onnx-int8", {"calibration": "x", "threads": None})]  # one image: no pipeline to share
     assert main(["caption", "examples/chelsea.png", "--quiet"]) == 0
     assert seen[-1][0] == "onnx"  # auto, with ONNX Runtime installed and the CPU in fp32
     assert main(["caption", "examples/chelsea.png", "--quiet", "--runtime", "torch"]) == 0
     assert seen[-1][0] == "torch"
     assert capsys.readouterr().out.count("chelsea.png: ") == 3
+
+
+def test_caption_shares_the_cores_between_the_runtime_and_the_decoder(monkeypatch, shapes, capsys):
+    """Many images through an inference runtime: its pool gets half of torch's threads and the decoder the rest,
+    during the command only; with torch as the encoder's runtime nothing changes."""
+    import torch
+
+    from captioner.inference import captioner as inference
+
+    seen = []
+    monkeypatch.setattr(inference, "with_runtime", lambda encoder, name, **kw: seen.append((name, kw)) or encoder)
+    monkeypatch.setattr(inference, "_ENCODERS", type(inference._ENCODERS)())
+    real = torch.set_num_threads
+    during = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: during.append(n) or real(n))
+    before = torch.get_num_threads()
+    real(4)
+    try:
+        assert main(["caption", str(shapes), "--batch-size", "2", "--quiet"]) == 0
+        assert seen[-1] == ("onnx", {"calibration": None, "threads": 2}) and during == [2, 4]
+        assert torch.get_num_threads() == 4  # given back
+        assert main(["caption", str(shapes), "--batch-size", "2", "--quiet", "--runtime", "torch"]) == 0
+        assert seen[-1][0] == "torch" and during[2:] == [4]  # untouched but for the restoring call
+    finally:
+        real(before)
+    capsys.readouterr()
 
 
 def test_the_features_and_serve_flags_reach_the_encoder(monkeypatch, shapes, tmp_path, capsys):

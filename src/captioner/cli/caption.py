@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     s.add_argument("--workers", type=workers, default=None,
                    help=f"image decoding processes, up to {MAX_WORKERS} (default: 1 for more than one batch; 0: "
                         "decode in this process)")
-    s.add_argument("--batch-size", type=positive, default=16, help="images encoded and decoded together")
+    s.add_argument("--batch-size", type=positive, default=32, help="images encoded and decoded together")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     device_options(s, captioning=True)
     runtime_options(s)
@@ -50,11 +50,23 @@ def run(a: argparse.Namespace) -> int:
     for name, value in overrides.items():  # each flag's own type and bounds before the model loads (seconds)
         if value is not None:  # None: not given
             SETTINGS[name].check(value)
+    import torch
+
     from captioner.inference.captioner import Captioner  # torch: not for `captioner --help` or a bad flag
 
     model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision, runtime=a.runtime,
                                       calibration=a.calibration)
     settings = model.decoding_settings(**overrides)  # with the model's defaults, checked before any image is read
+    threads = torch.get_num_threads()
+    if len(images) > a.batch_size:  # a pipeline of batches: the encoder's runtime and the decoder share the cores
+        model.share_cores()
+    try:
+        return _caption_all(model, images, settings, a)
+    finally:
+        torch.set_num_threads(threads)  # as it was (main() may be called in a process that goes on)
+
+
+def _caption_all(model, images: list[str], settings, a: argparse.Namespace) -> int:
     if a.attention and not model.decoder.has_attention:
         raise ValueError(f"--attention: the model {model.source} ({model.config['arch']}) has no attention over image "
                          "regions, so there is no map to draw; use an attention model (sat, bahdanau-gru, "

@@ -132,6 +132,7 @@ class Captioner:
         except (TypeError, ValueError) as e:
             raise ModelDirError(f"config.json: its decoding defaults are not usable: {e}") from None
         self._encoder = None
+        self.encoder_threads: int | None = None  # an inference runtime's threads (None: torch's; share_cores)
         self.encoder_weights = encoder_weights  # a fine-tuned encoder's (weights, units) (inference/encoder_file.py)
         if (config.get("encoder") or {}).get("tuned") and encoder_weights is None:
             raise ModelDirError("config.json says the encoder was fine-tuned (encoder.tuned), but no tuned weights were "
@@ -181,13 +182,25 @@ class Captioner:
                 weights, units = self.encoder_weights or (None, 0)
                 return with_runtime(ImageEncoder(spec, device=self.device, precision=self.encoder_precision,
                                                  tuned=weights, tuned_units=units),
-                                    self.runtime, calibration=self.calibration)
+                                    self.runtime, calibration=self.calibration, threads=self.encoder_threads)
 
             # the same encoder (spec, tuned weights' digest, device, precision, runtime) is built once per process
             key = (json.dumps(e, sort_keys=True), str(self.device), self.encoder_precision, self.runtime,
-                   str(self.calibration))
+                   str(self.calibration), self.encoder_threads)
             self._encoder = _shared_encoder(key, build)
         return self._encoder
+
+    def share_cores(self) -> None:
+        """For a process that captions many images (the ``caption`` command): when the encoder runs on an inference
+        runtime (its own thread pool) on the CPU, give it half of torch's threads and the decoder the rest, since
+        :meth:`iter_captions` encodes the next batch while this one is decoded. Two pools of all the cores each
+        would take turns on them: on 2 cores, one thread each took 0.92x the CPU time (bench/README.md). Changes
+        torch's thread count for the process; call it before the first caption."""
+        cores = torch.get_num_threads()
+        if self.runtime == "torch" or self.device.type != "cpu" or cores < 2 or self._encoder is not None:
+            return
+        self.encoder_threads = cores - cores // 2
+        torch.set_num_threads(cores // 2)
 
     def decoding_settings(self, settings: DecodingSettings | None = None, **overrides: Any) -> DecodingSettings:
         """``settings`` (default: the model's own) with ``overrides`` applied, checked."""
@@ -224,7 +237,7 @@ class Captioner:
         return list(self.iter_captions([images] if single else images, settings, **kw))
 
     def iter_captions(self, images: Iterable[Any], settings: DecodingSettings | None = None, *,
-                      return_attention: bool = False, max_pixels: int | None = None, batch_size: int = 16,
+                      return_attention: bool = False, max_pixels: int | None = None, batch_size: int = 32,
                       workers: int | None = None, keep_images: bool = False, seed_offset: int = 0,
                       **overrides: Any) -> Iterator[CaptionResult]:
         """Yield one :class:`CaptionResult` per image, in input order, each batch as soon as it is done (with

@@ -195,7 +195,7 @@ class SATDecoder(Decoder):
         SCST's sampling of a batch). A weight changed in place through ``.data`` (which no version counter sees)
         needs ``model._decoding.clear()``."""
         dtype = autocast_dtype(device_type) or self.out.weight.dtype
-        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
+        key = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())  # .to() moves data_ptr
         cached = self._decoding.get(dtype)
         if cached is not None and cached[0] == key:
             return cached[1]
