@@ -155,11 +155,13 @@ def extended_view(decoder: Decoder, ext: VocabExtension, rows: torch.Tensor) -> 
     with torch.no_grad():  # built from the rows as they are (no random initialisation to overwrite)
         embed = nn.Embedding(E.shape[0] + len(rows), E.shape[1], padding_idx=decoder.embed.padding_idx,
                              _weight=torch.cat([E, ext.embed[rows].to(E)]), _freeze=True)
-        proj = nn.utils.skip_init(nn.Linear, out.in_features, out.out_features + len(rows), device=E.device,
-                                  dtype=out.weight.dtype)
-        proj.weight.copy_(torch.cat([out.weight, ext.out_weight[rows].to(out.weight)]))
+        # a 1 x 1 layer given the enlarged weights (nn.utils.skip_init would do, but building on the meta device
+        # imports sympy and torch's meta registrations: 0.4 s at a process's first guided search)
+        proj = nn.Linear(1, 1, device=E.device, dtype=out.weight.dtype)
+        proj.weight = nn.Parameter(torch.cat([out.weight, ext.out_weight[rows].to(out.weight)]))
         bias = out.bias if out.bias is not None else out.weight.new_zeros(out.out_features)
-        proj.bias.copy_(torch.cat([bias, ext.out_bias[rows].to(bias)]))
+        proj.bias = nn.Parameter(torch.cat([bias, ext.out_bias[rows].to(bias)]))
+        proj.in_features, proj.out_features = out.in_features, out.out_features + len(rows)
     view.embed = embed
     setattr(view, decoder.output_name, proj)
     return view
