@@ -135,3 +135,31 @@ def test_decoding_without_gradients_keeps_dropout_in_training_mode():
         d = model.step(tokens[:, 0], state, memory)[0]
     assert not torch.allclose(a, b)
     torch.testing.assert_close(c, d)
+
+
+def test_a_view_with_words_appended_builds_on_the_bases_decoding_cache():
+    """A guided search's view (extended_view) takes the base's cached weights and multiplies only its new words'
+    rows; its steps equal those of the same view with its cache built from nothing."""
+    from captioner.models.extension import VocabExtension, extended_view
+
+    model = make(9).eval()
+    E, H = model.cfg.embed_dim, model.cfg.hidden_dim
+    torch.manual_seed(1)
+    ext = VocabExtension(["giraffe", "kitten", "zebra"], torch.randn(3, E), torch.randn(3, H), torch.randn(3))
+    feats, tokens, _ = batch(9)
+    prev = tokens[:, 0].clone()
+    prev[0] = V + 1  # a word of the extension
+    with torch.inference_mode():
+        memory = model.encode(feats)
+        state = model.init_state(memory)
+        model.step(tokens[:, 0], state, memory)  # the base's cache
+        base_words = model._decoding[torch.float32][1]["words"]
+        view = extended_view(model, ext, torch.tensor([2, 0]))
+        fast = view.step(prev, state, memory)[0]
+        words = view._decoding[torch.float32][1]["words"]
+        assert words.shape == (V + 2, 4 * H) and torch.equal(words[:V], base_words)
+        assert len(list(view.parameters())) == len(list(model.parameters()))  # the base is no submodule
+        plain = extended_view(model, ext, torch.tensor([2, 0]))
+        object.__setattr__(plain, "_extends", None)  # its own cache, from all its rows
+        torch.testing.assert_close(fast, plain.step(prev, state, memory)[0], rtol=1e-5, atol=1e-5)
+        assert fast.shape == (len(prev), V + 2)

@@ -164,4 +164,7 @@ def extended_view(decoder: Decoder, ext: VocabExtension, rows: torch.Tensor) -> 
         proj.in_features, proj.out_features = out.in_features, out.out_features + len(rows)
     view.embed = embed
     setattr(view, decoder.output_name, proj)
+    # what it adds words to (a decoder may build on the base's cached decoding weights); in __dict__, not as a
+    # submodule, so that the view's parameters stay its own
+    object.__setattr__(view, "_extends", decoder)
     return view

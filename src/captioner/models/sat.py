@@ -187,26 +187,35 @@ class SATDecoder(Decoder):
     def _decoding_weights(self, device_type: str) -> dict:
         """The step's weights for decoding (no gradients), cached until a weight changes, in the dtype the step
         computes in (float32, or autocast's bfloat16: cast once, not at every step; one cache per dtype):
-        ``hidden`` (H, A + C + 4H) and ``hidden_bias`` as in :meth:`_hidden_weights`; the LSTM's input weights for
-        the context, ``context`` (4H, C), contiguous; ``words`` (V, 4H), every word's part of the gates
+        ``hidden`` (H, A + C + 4H) and ``hidden_bias`` as in :meth:`_hidden_weights`; the LSTM's input weights,
+        ``context`` (4H, C) and ``word`` (4H, E), contiguous; ``words`` (V, 4H), every word's part of the gates
         (E y W_word^T), so that a step looks its words up instead of multiplying; ``out`` and ``out_bias``. Making
         ``words`` costs one V x E x 4H product per change of the weights: less than the products it replaces in
         any search whose steps have more rows in all than the vocabulary has words (``caption``, validation,
-        SCST's sampling of a batch). A weight changed in place through ``.data`` (which no version counter sees)
+        SCST's sampling of a batch). A view with words appended (a guided search's) starts from the base's cache
+        and multiplies only its new words' rows. A weight changed in place through ``.data`` (which no version counter sees)
         needs ``model._decoding.clear()``."""
         dtype = autocast_dtype(device_type) or self.out.weight.dtype
-        key = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())  # .to() moves data_ptr
+        # .to() moves data_ptr; an inference tensor (made under inference_mode) keeps no version counter
+        key = tuple((id(p), p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.parameters())
         cached = self._decoding.get(dtype)
         if cached is not None and cached[0] == key:
             return cached[1]
         W_h, f_beta, lstm = self.attention.W_h, self.f_beta, self.lstm
         E = self.embed.embedding_dim
-        W_word = lstm.weight_ih[:, :E].to(dtype)
-        weights = {"hidden": torch.cat([2 * W_h.weight, f_beta.weight, lstm.weight_hh]).to(dtype).t(),
-                   "hidden_bias": torch.cat([2 * W_h.bias, f_beta.bias, lstm.bias_ih + lstm.bias_hh]).to(dtype),
-                   "context": lstm.weight_ih[:, E:].to(dtype).contiguous(),
-                   "words": self.embed.weight.to(dtype) @ W_word.t(),
-                   "out": self.out.weight.to(dtype), "out_bias": self.out.bias.to(dtype)}
+        base = getattr(self, "_extends", None)  # a view with words appended (models/extension.py, extended_view)
+        if isinstance(base, SATDecoder) and base.lstm is lstm and base.attention is self.attention:
+            # every weight but the two enlarged layers is the base's: its cache, and the new words' rows only
+            weights = dict(base._decoding_weights(device_type))
+            old = base.embed.num_embeddings
+            weights["words"] = torch.cat([weights["words"], self.embed.weight[old:].to(dtype) @ weights["word"].t()])
+        else:
+            weights = {"hidden": torch.cat([2 * W_h.weight, f_beta.weight, lstm.weight_hh]).to(dtype).t(),
+                       "hidden_bias": torch.cat([2 * W_h.bias, f_beta.bias, lstm.bias_ih + lstm.bias_hh]).to(dtype),
+                       "context": lstm.weight_ih[:, E:].to(dtype).contiguous(),
+                       "word": lstm.weight_ih[:, :E].to(dtype).contiguous()}
+            weights["words"] = self.embed.weight.to(dtype) @ weights["word"].t()
+        weights.update(out=self.out.weight.to(dtype), out_bias=self.out.bias.to(dtype))
         self._decoding = {**self._decoding, dtype: (key, weights)}  # a new dict: a view made by copy.copy has its own
         return weights
 
