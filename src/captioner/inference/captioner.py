@@ -133,6 +133,7 @@ class Captioner:
             raise ModelDirError(f"config.json: its decoding defaults are not usable: {e}") from None
         self._encoder = None
         self.encoder_threads: int | None = None  # an inference runtime's threads (None: torch's; share_cores)
+        self._all_threads: int | None = None  # torch's threads before share_cores
         self.encoder_weights = encoder_weights  # a fine-tuned encoder's (weights, units) (inference/encoder_file.py)
         if (config.get("encoder") or {}).get("tuned") and encoder_weights is None:
             raise ModelDirError("config.json says the encoder was fine-tuned (encoder.tuned), but no tuned weights were "
@@ -194,12 +195,14 @@ class Captioner:
         """For a process that captions many images (the ``caption`` command): when the encoder runs on an inference
         runtime (its own thread pool) on the CPU, give it half of torch's threads and the decoder the rest, since
         :meth:`iter_captions` encodes the next batch while this one is decoded. Two pools of all the cores each
-        would take turns on them: on 2 cores, one thread each took 0.92x the CPU time (bench/README.md). Changes
-        torch's thread count for the process; call it before the first caption."""
+        would take turns on them: on 2 cores, one thread each took 0.92x the CPU time (bench/README.md). Once the
+        encoder has encoded the last batch of a call, the decoder gets all the threads back. Changes torch's thread
+        count for the process; call it before the first caption."""
         cores = torch.get_num_threads()
         if self.runtime == "torch" or self.device.type != "cpu" or cores < 2 or self._encoder is not None:
             return
         self.encoder_threads = cores - cores // 2
+        self._all_threads = cores  # the decoder takes them all back once the encoder has nothing left to do
         torch.set_num_threads(cores // 2)
 
     def decoding_settings(self, settings: DecodingSettings | None = None, **overrides: Any) -> DecodingSettings:
@@ -319,6 +322,8 @@ class Captioner:
         this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill.
         Up to ``ENCODE_AHEAD`` batches are encoded ahead, so that the encoder keeps working while the caller
         searches several batches again for their concepts."""
+        if self._all_threads:  # share_cores: the decoder's half while the encoder works
+            torch.set_num_threads(self._all_threads // 2)
         with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
             pending: deque = deque()
             for batch in batches:
@@ -328,7 +333,12 @@ class Captioner:
                     yield done, future.result()
             while pending:
                 done, future = pending.popleft()
-                yield done, future.result()
+                features = future.result()
+                if self._all_threads and torch.get_num_threads() != self._all_threads and (
+                        not pending or pending[-1][1].done()):
+                    # the encoder has encoded the last batch: its cores are the decoder's for the batches left
+                    torch.set_num_threads(self._all_threads)
+                yield done, features
 
     def _result(self, p: _Prepared, hyps, concepts, s: DecodingSettings, return_attention: bool) -> CaptionResult:
         best, vocab = hyps[0], self.guide.vocab
