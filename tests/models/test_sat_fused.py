@@ -60,7 +60,7 @@ def test_decoding_follows_weights_changed_in_place():
         model.f_beta.weight.mul_(-3.0)
         model.lstm.bias_hh.add_(0.5)
     fresh = copy.deepcopy(model)
-    fresh._fused, fresh._decoding = None, {}
+    fresh._decoding = {}
     with torch.inference_mode():
         after = model.step(tokens[:, 0], state, memory)[0]
         expected = fresh.step(tokens[:, 0], state, memory)[0]

@@ -116,7 +116,6 @@ class SATDecoder(Decoder):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         nn.init.uniform_(self.out.weight, -0.1, 0.1)
         nn.init.zeros_(self.out.bias)
-        self._fused: tuple | None = None  # (the weights' identity and versions, the fused weights) when not training
         self._decoding: dict = {}  # dtype -> (the weights' identity and versions, the decoding step's weights)
 
     # --- the fused weights ---
@@ -124,21 +123,11 @@ class SATDecoder(Decoder):
     def _hidden_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[2 W_h; f_beta; W_hh] transposed, (H, A + C + 4H), and its bias (2 W_h's, f_beta's, the LSTM's two
         summed): h_{t-1} times it gives twice the attention's query, the gate's input and the LSTM's hidden part at
-        once. Made again at each call while gradients flow (so they reach the layers' own weights); else cached
-        until a weight changes."""
-        parts = (self.attention.W_h.weight, self.f_beta.weight, self.lstm.weight_hh, self.attention.W_h.bias,
-                 self.f_beta.bias, self.lstm.bias_ih, self.lstm.bias_hh)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-            return self._cat_hidden(parts)
-        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in parts)
-        if self._fused is None or self._fused[0] != key:
-            self._fused = (key, self._cat_hidden(parts))
-        return self._fused[1]
-
-    @staticmethod
-    def _cat_hidden(parts) -> tuple[torch.Tensor, torch.Tensor]:
-        W_h, f_beta, W_hh, b_h, b_beta, b_ih, b_hh = parts
-        return torch.cat([2 * W_h, f_beta, W_hh]).t(), torch.cat([2 * b_h, b_beta, b_ih + b_hh])
+        once. Made at each call, so gradients reach the layers' own weights (decoding keeps a cast copy in
+        :meth:`_decoding_weights`)."""
+        W_h, f_beta, lstm = self.attention.W_h, self.f_beta, self.lstm
+        return (torch.cat([2 * W_h.weight, f_beta.weight, lstm.weight_hh]).t(),
+                torch.cat([2 * W_h.bias, f_beta.bias, lstm.bias_ih + lstm.bias_hh]))
 
     def _cell(self, hidden: torch.Tensor, word_gates: torch.Tensor, feats: torch.Tensor, keys: torch.Tensor,
               c: torch.Tensor, z_product):
@@ -193,16 +182,15 @@ class SATDecoder(Decoder):
         ``words`` costs one V x E x 4H product per change of the weights: less than the products it replaces in
         any search whose steps have more rows in all than the vocabulary has words (``caption``, validation,
         SCST's sampling of a batch). A view with words appended (a guided search's) starts from the base's cache
-        and multiplies only its new words' rows. A weight changed in place through ``.data`` (which no version counter sees)
-        needs ``model._decoding.clear()``."""
+        and multiplies only its new words' rows. A weight changed in place through ``.data`` (which no version
+        counter sees) needs ``model._decoding.clear()``."""
         dtype = autocast_dtype(device_type) or self.out.weight.dtype
         # .to() moves data_ptr; an inference tensor (made under inference_mode) keeps no version counter
         key = tuple((id(p), p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.parameters())
         cached = self._decoding.get(dtype)
         if cached is not None and cached[0] == key:
             return cached[1]
-        W_h, f_beta, lstm = self.attention.W_h, self.f_beta, self.lstm
-        E = self.embed.embedding_dim
+        lstm, E = self.lstm, self.embed.embedding_dim
         base = getattr(self, "_extends", None)  # a view with words appended (models/extension.py, extended_view)
         if isinstance(base, SATDecoder) and base.lstm is lstm and base.attention is self.attention:
             # every weight but the two enlarged layers is the base's: its cache, and the new words' rows only
@@ -210,8 +198,8 @@ class SATDecoder(Decoder):
             old = base.embed.num_embeddings
             weights["words"] = torch.cat([weights["words"], self.embed.weight[old:].to(dtype) @ weights["word"].t()])
         else:
-            weights = {"hidden": torch.cat([2 * W_h.weight, f_beta.weight, lstm.weight_hh]).to(dtype).t(),
-                       "hidden_bias": torch.cat([2 * W_h.bias, f_beta.bias, lstm.bias_ih + lstm.bias_hh]).to(dtype),
+            hidden, hidden_bias = self._hidden_weights()
+            weights = {"hidden": hidden.to(dtype), "hidden_bias": hidden_bias.to(dtype),  # .to keeps the layout
                        "context": lstm.weight_ih[:, E:].to(dtype).contiguous(),
                        "word": lstm.weight_ih[:, :E].to(dtype).contiguous()}
             weights["words"] = self.embed.weight.to(dtype) @ weights["word"].t()
