@@ -287,6 +287,34 @@ def test_images_leave_the_beam_batch_once_their_result_is_settled():
     assert settled < sum(rows)  # (the last seed) the early exit saved work
 
 
+def test_an_images_beams_share_its_memory_and_give_the_captions_of_copies():
+    """A SAT decoder shares an image's grid among its beams (``shares_memory``): every step after the first gets
+    k rows of state per row of memory, also as images leave the batch; with a copy per beam (the engine's way for
+    the other architectures) the captions, scores and attention are the same."""
+    for seed in (0, 3):
+        model, feats = make_sat(seed, batch=6)
+        assert model.shares_memory
+        seen = []
+        real_step = model.step
+
+        def recording(prev, state, memory):
+            seen.append((prev.shape[0], memory[0].shape[0], memory[1].shape[0]))
+            return real_step(prev, state, memory)
+
+        model.step = recording
+        kw = dict(start_id=START, end_id=END, beam_size=3, max_len=10, n_best=3, length_penalty=0.7)
+        shared = beam_search(model, feats, **kw)
+        assert seen[0] == (6, 6, 6) and all(rows == 3 * m == 3 * k for rows, m, k in seen[1:])
+        assert seen[-1][1] < 6  # images left, and their memory with them
+        seen.clear()
+        model.shares_memory = False
+        copied = beam_search(model, feats, **kw)
+        assert all(rows == m for rows, m, _ in seen)
+        for a, b in zip(shared, copied):
+            for x, y in zip(a, b):
+                assert_same_hyp(x, y, exact=False, atol=1e-6)
+
+
 def test_n_best_lists_are_sorted_distinct_and_scored():
     model, feats = make_sat(4, batch=4)
     for n in (1, 3, 5):

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from captioner.decoding.search import (Hypothesis, _ban, _block_repeats, _check_step, _expand, _extend_attention,
-                                       _check_hypotheses, _eval_mode, _ranked, _select, _settings)
+                                       _check_hypotheses, _eval_mode, _leave, _per_row, _ranked, _select,
+                                       _settings, _shares)
 from captioner.decoding.settings import DecodingSettings
 from captioner.models.base import Decoder
 
@@ -61,7 +62,7 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     S, alive = 1 << G, list(range(B))  # alive: the images still searching, in the order of the working rows
     R = S * k  # rows per image: state s, beam j is row s*k + j; every row of an image starts the same
     row_state = torch.arange(S, device=device).repeat_interleave(k)  # (R,)
-    memory, state, logp = _expand(memory, R), _expand(state, R), logp.repeat_interleave(R, dim=0)
+    memory, state, logp = _per_row(model, memory, R), _expand(state, R), logp.repeat_interleave(R, dim=0)
     att = att.repeat_interleave(R, dim=0) if att is not None else None
     scores = torch.full((B, R), float("-inf"), device=device, dtype=torch.float64)
     scores[torch.arange(B, device=device), start * k] = 0.0
@@ -102,13 +103,14 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
                 ended[alive[i]] = (scores[i], history[i], att_hist[i] if att_hist is not None else None)
         if bool(done.all()):
             break
-        # the images that are done leave the batch, the steps left running on fewer rows; as each image holds
-        # S*k copies of its memory, the batch is compacted only once a quarter of it is done
-        if int(done.sum()) * 4 >= n:
+        # the images that are done leave the batch, the steps left running on fewer rows; a model that keeps a copy
+        # of an image's memory per row (not shares_memory) holds S*k of them, so its batch is compacted only once a
+        # quarter of it is done
+        if bool(done.any()) if _shares(model) else int(done.sum()) * 4 >= n:
             keep = (~done).nonzero().flatten()
             alive = [alive[i] for i in keep.tolist()]
             rows = (keep.unsqueeze(1) * R + torch.arange(R, device=device)).view(-1)
-            memory, state, prev = _select(memory, rows), _select(state, rows), prev[rows]
+            memory, state, prev = _leave(model, memory, keep, rows), _select(state, rows), prev[rows]
             scores, finished, history, bits = scores[keep], finished[keep], history[keep], bits[keep]
             att_hist = att_hist[keep] if att_hist is not None else None
             banned_rows = banned_rows[keep] if banned_rows is not None else None

@@ -78,6 +78,24 @@ def _select(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[tor
     return tuple(t.index_select(0, index) for t in tensors)
 
 
+def _per_row(model: Decoder, memory: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
+    """The memory of a search whose images now have ``k`` rows each: the same (one row per image) for a model
+    that shares it across an image's rows (``Decoder.shares_memory``), else each image's row repeated k times."""
+    return memory if _shares(model) else _expand(memory, k)
+
+
+def _leave(model: Decoder, memory: tuple[torch.Tensor, ...], images: torch.Tensor, rows: torch.Tensor
+           ) -> tuple[torch.Tensor, ...]:
+    """The memory of the ``images`` that stay in a search (``rows``: their rows when each row has its own)."""
+    return _select(memory, images if _shares(model) else rows)
+
+
+def _shares(model) -> bool:
+    """Whether ``model`` shares an image's memory among its rows (a decoder that does not derive from
+    :class:`Decoder`, only follows its step interface, does not)."""
+    return bool(getattr(model, "shares_memory", False))
+
+
 def _norm(score: float, length: int, length_penalty: float) -> float:
     return score / (max(length, 1) ** length_penalty) if length_penalty else score
 
@@ -205,7 +223,7 @@ def beam_search(model: Decoder, features: torch.Tensor, settings: DecodingSettin
         n = len(alive)
         logp, state, att = model.step(prev, state, memory)  # (n*k, V)
         if t == 0:  # an image's k beams start the same: its first step ran once, and now becomes k rows
-            memory, state, logp = _expand(memory, k), _expand(state, k), logp.repeat_interleave(k, dim=0)
+            memory, state, logp = _per_row(model, memory, k), _expand(state, k), logp.repeat_interleave(k, dim=0)
             att = att.repeat_interleave(k, dim=0) if att is not None else None
         _check_step(logp, ~finished.view(-1))
         V = logp.shape[-1]
@@ -242,7 +260,7 @@ def beam_search(model: Decoder, features: torch.Tensor, settings: DecodingSettin
                 break
             alive = [alive[i] for i in keep.tolist()]
             rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            memory, state = _select(memory, rows), _select(state, rows)
+            memory, state = _leave(model, memory, keep, rows), _select(state, rows)
             scores, finished, history, prev = scores[keep], finished[keep], history[keep], prev[rows]
             att_hist = att_hist[keep] if att_hist is not None else None
     for i, b in enumerate(alive):

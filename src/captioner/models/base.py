@@ -15,7 +15,10 @@ pretrained word vectors) and names its word embedding ``self.embed``, so pretrai
 and freezing work the same way for all of them (:func:`captioner.models.build_decoder`); ``output_name``
 names its output projection, so new words can be added to any of them (:mod:`captioner.models.extension`).
 An architecture without spatial attention sets ``has_attention = False`` and returns
-``None`` as the attention of each step.
+``None`` as the attention of each step. One whose ``step`` accepts memory with one row per *image* while
+``prev_tokens`` and ``state`` hold k rows per image (an image's rows adjacent, k = rows / images) sets
+``shares_memory = True``: a beam search then keeps one copy of an image's memory for all its beams instead
+of k copies (less to copy when images leave the batch, and less to read at every step).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Decoder(nn.Module):
     """Base class: subclasses implement encode / init_state / step / forward."""
 
     has_attention = True  # False: step and forward return no attention (no maps to draw)
+    shares_memory = False  # True: step takes memory with one row per image and k rows of state per image
     embed: nn.Embedding
     output_name = "out"  # the nn.Linear that turns the hidden state into the vocabulary's scores
 

@@ -90,6 +90,7 @@ class Ensemble(Decoder):
         self.member_configs = list(member_configs) if member_configs is not None else [{} for _ in members]
         self.member_names = [f"members/{k}" for k in range(len(members))]  # their folders in a model directory
         self.has_attention = any(m.has_attention for m in members)
+        self.shares_memory = all(m.shares_memory for m in members)  # the engine keeps one memory for them all
         self.loaded_extension: EnsembleExtension | None = None
         # how many tensors each member's memory and state tuples hold (fixed per member: set on first use)
         self._memory_sizes: list[int] | None = None

@@ -102,6 +102,8 @@ class SATDecoder(Decoder):
     step and the output layer of every word run once, outside the loop, and the weights multiplied at every
     step get their gradients in one product over all steps (:class:`_Shared`)."""
 
+    shares_memory = True  # an image's beams attend over its one grid (no copy per beam)
+
     def __init__(self, cfg: SATConfig):
         super().__init__()
         self.cfg = cfg
@@ -132,14 +134,17 @@ class SATDecoder(Decoder):
     def _cell(self, hidden: torch.Tensor, word_gates: torch.Tensor, feats: torch.Tensor, keys: torch.Tensor,
               c: torch.Tensor, z_product):
         """One step from ``hidden`` = h_{t-1} times :meth:`_hidden_weights` and the word's part of the LSTM's gates:
-        (h_t, c_t, alpha_t). ``z_product(z)`` is the context's part of the gates."""
-        A, C = keys.shape[2], feats.shape[2]
-        w = self.attention.w
+        (h_t, c_t, alpha_t). ``z_product(z)`` is the context's part of the gates. ``feats`` and ``keys`` have one
+        row per image, ``hidden`` k rows per image (its beams, adjacent), k >= 1."""
+        n, A, (B, P, C) = hidden.shape[0], keys.shape[2], feats.shape
+        w, k = self.attention.w, n // B  # k rows (beams) per image: they share the image's grid (shares_memory)
         # w^T tanh(u) + b with tanh(u) = 2 sigmoid(2u) - 1: 2 w^T sigmoid(2u) + b - sum(w); 2u = 2 keys + 2 W_h h
-        s = torch.sigmoid(torch.add(hidden[:, :A].unsqueeze(1), keys, alpha=2))  # (n, P, A)
-        e = (s @ (2 * w.weight).t()).squeeze(2) + (w.bias - w.weight.sum())  # (n, P)
-        alpha = F.softmax(e, dim=1)
-        z = torch.sigmoid(hidden[:, A:A + C]) * torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)  # gated context
+        s = torch.sigmoid(torch.add(hidden[:, :A].view(B, k, 1, A), keys.unsqueeze(1), alpha=2))  # (B, k, P, A)
+        e = (s @ (2 * w.weight).t()).squeeze(3) + (w.bias - w.weight.sum())  # (B, k, P)
+        alpha = F.softmax(e, dim=2)
+        context = torch.bmm(alpha, feats).view(n, C)  # each image's k maps against its one grid
+        alpha = alpha.view(n, P)
+        z = torch.sigmoid(hidden[:, A:A + C]) * context  # gated context
         gates = z_product(z) + (word_gates + hidden[:, A + C:])  # LSTMCell's gate order: i, f, g, o
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
