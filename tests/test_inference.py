@@ -294,3 +294,41 @@ def test_images_searched_again_over_several_batches_keep_their_order_and_caption
     assert [r.source for r in together] == list(photo_paths)
     assert [r.caption for r in together] == [r.caption for r in alone]
     assert [r.concepts for r in together] == [r.concepts for r in alone]
+
+
+def test_a_decoder_that_would_wait_encodes_the_chunks_the_encoders_thread_has_not_started(bundled, photo_paths,
+                                                                                          monkeypatch):
+    """With the cores shared (an inference runtime's own thread for the encoder), the caller encodes a batch's
+    chunks that the encoder's thread has not started instead of waiting: with a slow encoder thread, some chunks
+    are encoded on each thread, and the captions are those of an unshared run, in order."""
+    import threading
+    import time
+
+    from captioner.inference import captioner as inference
+
+    want = [r.caption for r in bundled.caption(photo_paths, batch_size=4, workers=0)]
+    real = bundled.encoder
+    ran: list[str] = []
+
+    class SlowThread:  # the encoder, slow on its own thread
+        spec = real.spec
+
+        def encode_arrays(self, chunk):
+            name = threading.current_thread().name
+            ran.append(name)
+            if name.startswith("captioner-encoder"):
+                time.sleep(0.3)
+            return real.encode_arrays(chunk)
+
+    monkeypatch.setattr(inference, "ENCODER_BATCH", 1)
+    monkeypatch.setattr(bundled, "_encoder", SlowThread())
+    monkeypatch.setattr(bundled, "_all_threads", torch.get_num_threads())
+    threads = torch.get_num_threads()
+    try:
+        got = [r.caption for r in bundled.caption(photo_paths, batch_size=4, workers=0)]
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want
+    assert len(ran) == len(photo_paths)  # each image encoded once
+    here = sum(not n.startswith("captioner-encoder") for n in ran)
+    assert 0 < here < len(ran)

@@ -302,43 +302,51 @@ class Captioner:
                 yield (CaptionResult(p.source, error=p.error) if p.error is not None
                        else self._result(p, *next(it), s, return_attention))
 
-    def _encode_batch(self, batch: list[_Prepared]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(grids, the concept head's input when a tuned encoder gives it apart, else None) of the readable images."""
-        good = [p for p in batch if p.error is None]
-        if not good:
-            return None
-        arrays = np.stack([p.array for p in good])
-        # the encoder runs fastest in small batches that stay in cache (as `features` does);
-        # the decoder gains from large ones
-        enc, chunks = self.encoder, [arrays[i:i + ENCODER_BATCH] for i in range(0, len(arrays), ENCODER_BATCH)]
-        # a tuned encoder gives the concept head's input apart; for any other the grids are all (their mean is it)
-        parts = ([enc.encode_all(c) for c in chunks] if self.encoder_weights is not None
-                 else [(enc.encode_arrays(c), None) for c in chunks])
-        concepts = [c for _, c in parts if c is not None]
-        return torch.cat([g for g, _ in parts]), torch.cat(concepts) if concepts else None
+    def _chunks(self, batch: list[_Prepared]) -> list[np.ndarray]:
+        """The readable images of a batch as the encoder's calls take them: ``ENCODER_BATCH`` at a time (the encoder
+        runs fastest in small batches that stay in cache, as `features` does; the decoder gains from large ones)."""
+        good = [p.array for p in batch if p.error is None]
+        return [np.stack(good[i:i + ENCODER_BATCH]) for i in range(0, len(good), ENCODER_BATCH)]
+
+    def _encode_chunk(self, chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(grids, the concept head's input when a tuned encoder gives it apart, else None): for any other encoder
+        the grids are all the head needs (their mean is its input)."""
+        enc = self.encoder
+        return enc.encode_all(chunk) if self.encoder_weights is not None else (enc.encode_arrays(chunk), None)
 
     def _encoded(self, batches: Iterable[list[_Prepared]]) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
         """(batch, its features) with the next batches' encoder running in a thread while the caller decodes
         this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill.
         Up to ``ENCODE_AHEAD`` batches are encoded ahead, so that the encoder keeps working while the caller
-        searches several batches again for their concepts."""
-        if self._all_threads:  # share_cores: the decoder's half while the encoder works
+        searches several batches again for their concepts. With :meth:`share_cores` (an inference runtime, one
+        thread of its own), a caller that would wait for a batch encodes its chunks that the encoder's thread has not
+        started yet itself, so neither core idles while the other has encoding to do."""
+        share = bool(self._all_threads)
+        if share:  # the decoder's half while the encoder works
             torch.set_num_threads(self._all_threads // 2)
         with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
-            pending: deque = deque()
+            pending: deque = deque()  # (batch, [(chunk, its future)])
             for batch in batches:
-                pending.append((batch, pool.submit(self._encode_batch, batch)))
+                pending.append((batch, [(c, pool.submit(self._encode_chunk, c)) for c in self._chunks(batch)]))
                 if len(pending) > ENCODE_AHEAD:
-                    done, future = pending.popleft()
-                    yield done, future.result()
+                    done, jobs = pending.popleft()
+                    yield done, self._collect(jobs, steal=share)
             while pending:
-                done, future = pending.popleft()
-                features = future.result()
-                if self._all_threads and torch.get_num_threads() != self._all_threads and (
-                        not pending or pending[-1][1].done()):
+                done, jobs = pending.popleft()
+                features = self._collect(jobs, steal=share)
+                if share and torch.get_num_threads() != self._all_threads and (
+                        not pending or all(f.done() for _, f in pending[-1][1])):
                     # the encoder has encoded the last batch: its cores are the decoder's for the batches left
                     torch.set_num_threads(self._all_threads)
                 yield done, features
+
+    def _collect(self, jobs: list, *, steal: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A batch's features from its chunks' futures; with ``steal``, a chunk the encoder's thread has not started
+        is encoded here instead of waited for (the runtime's session takes calls from several threads at once). Every
+        chunk not started is taken back at once, before any is encoded: taken one by one in order, each would be
+        started by the encoder's thread while this one waits for the one before."""
+        taken = [steal and f.cancel() for _, f in jobs]
+        return _joined([self._encode_chunk(c) if t else f.result() for (c, f), t in zip(jobs, taken)])
 
     def _result(self, p: _Prepared, hyps, concepts, s: DecodingSettings, return_attention: bool) -> CaptionResult:
         best, vocab = hyps[0], self.guide.vocab
@@ -353,3 +361,11 @@ class Captioner:
         if return_attention and self.decoder.has_attention:
             r.attention = best.attention[keep].tolist() if best.attention is not None else []
         return r
+
+
+def _joined(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The chunks' (grids, concept inputs) as one batch's; None for a batch without a readable image."""
+    if not parts:
+        return None
+    concepts = [c for _, c in parts if c is not None]
+    return torch.cat([g for g, _ in parts]), torch.cat(concepts) if concepts else None
