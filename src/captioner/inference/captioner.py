@@ -270,7 +270,9 @@ class Captioner:
                        for i in range(0, len(items), batch_size))
         readable = 0  # readable images so far: the k-th draws from the random stream (seed, seed_offset + k)
         held: list[tuple[list[_Prepared], Decoded]] = []  # decoded batches waiting for their images' re-search
-        for batch, feats in self._encoded(batches):
+        ahead = _Ahead()
+        for batch, feats in self._encoded(batches, ahead):
+            self._cores_back(ahead)
             decoded = Decoded([], None)
             if feats is not None:
                 decoded = self._first_pass(*feats, s, seed_offset + readable)
@@ -280,9 +282,16 @@ class Captioner:
             # images costs much less than one per batch (the results still come out in order)
             waiting = sum(len(d.again) for _, d in held)
             if waiting == 0 or waiting >= AGAIN_IMAGES or len(held) >= AGAIN_BATCHES:
+                self._cores_back(ahead)
                 yield from self._flush(held, s, return_attention)
                 held = []
         yield from self._flush(held, s, return_attention)
+
+    def _cores_back(self, ahead: "_Ahead") -> None:
+        """With :meth:`share_cores`: all of torch's threads to the decoder once the encoder has encoded every batch
+        (before the next search, which may be a long search again)."""
+        if self._all_threads and torch.get_num_threads() != self._all_threads and ahead.idle():
+            torch.set_num_threads(self._all_threads)
 
     def _first_pass(self, feats: torch.Tensor, concept_feats: torch.Tensor | None, s: DecodingSettings,
                     seed_offset: int) -> Decoded:
@@ -314,31 +323,29 @@ class Captioner:
         enc = self.encoder
         return enc.encode_all(chunk) if self.encoder_weights is not None else (enc.encode_arrays(chunk), None)
 
-    def _encoded(self, batches: Iterable[list[_Prepared]]) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
+    def _encoded(self, batches: Iterable[list[_Prepared]], ahead: "_Ahead"
+                 ) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
         """(batch, its features) with the next batches' encoder running in a thread while the caller decodes
         this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill.
         Up to ``ENCODE_AHEAD`` batches are encoded ahead, so that the encoder keeps working while the caller
         searches several batches again for their concepts. With :meth:`share_cores` (an inference runtime, one
         thread of its own), a caller that would wait for a batch encodes its chunks that the encoder's thread has not
-        started yet itself, so neither core idles while the other has encoding to do."""
+        started yet itself, so neither core idles while the other has encoding to do. ``ahead`` tells the caller
+        when the encoder's thread has nothing left to do."""
         share = bool(self._all_threads)
         if share:  # the decoder's half while the encoder works
             torch.set_num_threads(self._all_threads // 2)
+        pending = ahead.pending  # (batch, [(chunk, its future)])
         with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
-            pending: deque = deque()  # (batch, [(chunk, its future)])
             for batch in batches:
                 pending.append((batch, [(c, pool.submit(self._encode_chunk, c)) for c in self._chunks(batch)]))
                 if len(pending) > ENCODE_AHEAD:
                     done, jobs = pending.popleft()
                     yield done, self._collect(jobs, steal=share)
+            ahead.complete = True
             while pending:
                 done, jobs = pending.popleft()
-                features = self._collect(jobs, steal=share)
-                if share and torch.get_num_threads() != self._all_threads and (
-                        not pending or all(f.done() for _, f in pending[-1][1])):
-                    # the encoder has encoded the last batch: its cores are the decoder's for the batches left
-                    torch.set_num_threads(self._all_threads)
-                yield done, features
+                yield done, self._collect(jobs, steal=share)
 
     def _collect(self, jobs: list, *, steal: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """A batch's features from its chunks' futures; with ``steal``, a chunk the encoder's thread has not started
@@ -361,6 +368,19 @@ class Captioner:
         if return_attention and self.decoder.has_attention:
             r.attention = best.attention[keep].tolist() if best.attention is not None else []
         return r
+
+
+class _Ahead:
+    """The batches handed to the encoder's thread and not yet taken by the decoder (``pending``: each batch with its
+    chunks and their futures), and whether every batch has been handed over (``complete``)."""
+
+    def __init__(self):
+        self.pending: deque = deque()
+        self.complete = False
+
+    def idle(self) -> bool:
+        """The encoder's thread has nothing left to do: every batch handed over and encoded."""
+        return self.complete and all(f.done() for _, jobs in self.pending for _, f in jobs)
 
 
 def _joined(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
