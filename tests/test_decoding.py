@@ -310,8 +310,33 @@ def test_an_images_beams_share_its_memory_and_give_the_captions_of_copies():
         model.shares_memory = False
         copied = beam_search(model, feats, **kw)
         assert all(rows == m for rows, m, _ in seen)
-        for a, b in zip(shared, copied):
-            for x, y in zip(a, b):
+        for a, b in zip(shared, copied, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert_same_hyp(x, y, exact=False, atol=1e-6)
+
+
+def test_guided_search_and_ensembles_share_the_memory_too():
+    """The guided (constrained) search, which also drops a done image's rows at once when the memory is shared, and
+    an ensemble of SAT decoders give with one grid per image what they give with a copy per row."""
+    from captioner.decoding.constrained import constrained_beam_search
+    from captioner.models.ensemble import Ensemble
+
+    model, feats = make_sat(1, batch=6)
+    ensemble = Ensemble([model, make_sat(2)[0]]).eval()
+    assert ensemble.shares_memory
+    groups = [[[5]], [[6], [7]], [], [[8]], [[9], [5, 6]], [[10]]]
+    kw = dict(start_id=START, end_id=END, beam_size=3, max_len=10, n_best=2, length_penalty=0.5)
+    for m in (model, ensemble):
+        shared = constrained_beam_search(m, feats, groups, **kw)
+        shared_beam = beam_search(m, feats, **kw)
+        m.shares_memory = False
+        try:
+            copied = constrained_beam_search(m, feats, groups, **kw)
+            copied_beam = beam_search(m, feats, **kw)
+        finally:
+            del m.shares_memory  # back to the class's
+        for a, b in zip(shared + shared_beam, copied + copied_beam, strict=True):
+            for x, y in zip(a, b, strict=True):
                 assert_same_hyp(x, y, exact=False, atol=1e-6)
 
 

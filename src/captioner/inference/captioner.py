@@ -324,7 +324,7 @@ class Captioner:
         return enc.encode_all(chunk) if self.encoder_weights is not None else (enc.encode_arrays(chunk), None)
 
     def _encoded(self, batches: Iterable[list[_Prepared]], ahead: "_Ahead"
-                 ) -> Iterator[tuple[list[_Prepared], torch.Tensor | None]]:
+                 ) -> Iterator[tuple[list[_Prepared], tuple[torch.Tensor, torch.Tensor | None] | None]]:
         """(batch, its features) with the next batches' encoder running in a thread while the caller decodes
         this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill.
         Up to ``ENCODE_AHEAD`` batches are encoded ahead, so that the encoder keeps working while the caller
@@ -337,15 +337,22 @@ class Captioner:
             torch.set_num_threads(self._all_threads // 2)
         pending = ahead.pending  # (batch, [(chunk, its future)])
         with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
-            for batch in batches:
-                pending.append((batch, [(c, pool.submit(self._encode_chunk, c)) for c in self._chunks(batch)]))
-                if len(pending) > ENCODE_AHEAD:
+            try:
+                for batch in batches:
+                    pending.append((batch, [(c, pool.submit(self._encode_chunk, c)) for c in self._chunks(batch)]))
+                    if len(pending) > ENCODE_AHEAD:
+                        done, jobs = pending.popleft()
+                        yield done, self._collect(jobs, steal=share)
+                ahead.complete = True
+                while pending:
                     done, jobs = pending.popleft()
                     yield done, self._collect(jobs, steal=share)
-            ahead.complete = True
-            while pending:
-                done, jobs = pending.popleft()
-                yield done, self._collect(jobs, steal=share)
+            finally:  # also when the caller stops early or an error ends it: nothing more encoded, all threads back
+                for _, jobs in pending:
+                    for _, f in jobs:
+                        f.cancel()
+                if share and torch.get_num_threads() != self._all_threads:
+                    torch.set_num_threads(self._all_threads)
 
     def _collect(self, jobs: list, *, steal: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """A batch's features from its chunks' futures; with ``steal``, a chunk the encoder's thread has not started
@@ -353,7 +360,8 @@ class Captioner:
         chunk not started is taken back at once, before any is encoded: taken one by one in order, each would be
         started by the encoder's thread while this one waits for the one before."""
         taken = [steal and f.cancel() for _, f in jobs]
-        return _joined([self._encode_chunk(c) if t else f.result() for (c, f), t in zip(jobs, taken)])
+        mine = {i: self._encode_chunk(c) for i, ((c, _), t) in enumerate(zip(jobs, taken)) if t}  # before waiting
+        return _joined([mine[i] if t else f.result() for i, ((_, f), t) in enumerate(zip(jobs, taken))])
 
     def _result(self, p: _Prepared, hyps, concepts, s: DecodingSettings, return_attention: bool) -> CaptionResult:
         best, vocab = hyps[0], self.guide.vocab

@@ -137,7 +137,7 @@ class SATDecoder(Decoder):
         (h_t, c_t, alpha_t). ``z_product(z)`` is the context's part of the gates. ``feats`` and ``keys`` have one
         row per image, ``hidden`` k rows per image (its beams, adjacent), k >= 1."""
         n, A, (B, P, C) = hidden.shape[0], keys.shape[2], feats.shape
-        w, k = self.attention.w, n // B  # k rows (beams) per image: they share the image's grid (shares_memory)
+        w, k = self.attention.w, n // B if B else 1  # k rows (beams) per image share its grid (shares_memory)
         # w^T tanh(u) + b with tanh(u) = 2 sigmoid(2u) - 1: 2 w^T sigmoid(2u) + b - sum(w); 2u = 2 keys + 2 W_h h
         s = torch.sigmoid(torch.add(hidden[:, :A].view(B, k, 1, A), keys.unsqueeze(1), alpha=2))  # (B, k, P, A)
         e = (s @ (2 * w.weight).t()).squeeze(3) + (w.bias - w.weight.sum())  # (B, k, P)
