@@ -126,7 +126,8 @@ def test_precision():
 
 def test_captioning_precision_auto_splits_between_encoder_and_decoder(monkeypatch):
     """auto: the encoder in float32 (any runtime runs it), the decoder in bfloat16 only on a CPU with bfloat16
-    instructions; fp32 and bf16 are both networks'. Training's precision has no auto."""
+    instructions; fp32 and bf16 are both networks'. check_precision takes auto only when asked to (training decides
+    its auto once, before a run starts)."""
     cpu = torch.device("cpu")
     assert split_precision("fp32", cpu) == ("fp32", "fp32") and split_precision("bf16", cpu) == ("bf16", "bf16")
     assert split_precision("auto", cpu) == ("fp32", "bf16" if native_bf16(cpu) else "fp32")

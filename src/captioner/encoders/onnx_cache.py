@@ -204,4 +204,3 @@ def exported_encoder(encoder, runtime_version: str, directory: Path | None = Non
     if alias is not None:
         write_atomic(alias, lambda tmp: tmp.write_text(key + "\n"))
     return path, key
-

@@ -15,7 +15,7 @@ from captioner.data.captions import CaptionData
 from captioner.data.text import Vocab
 from captioner.decoding.search import NonFiniteError
 from captioner.decoding.settings import banned_ids
-from captioner.runtime.devices import autocast, module_device, split_precision
+from captioner.runtime.devices import autocast, module_device
 from captioner.runtime.distributed import Group
 from captioner.training.config import TrainConfig
 from captioner.training.scheduled_sampling import scheduled_sampling_forward
@@ -55,8 +55,7 @@ class BatchLoss(torch.nn.Module):
         """(loss, statistics) of this rank's share of ``batch``: every world-th caption from the rank-th
         (a batch is sorted longest first, and so is each share)."""
         mine = batch[self.rank::self.world]
-        device = module_device(self.decoder)
-        precision = split_precision(self.cfg.precision, device)[1]  # auto: bf16 where the CPU has bf16 instructions
+        device, precision = module_device(self.decoder), self.cfg.precision  # auto is decided before (_train_stage)
         if len(mine) == 0:  # a batch with fewer captions than ranks: none here, but every weight takes part
             zero = sum(p.sum() for p in self.decoder.parameters() if p.requires_grad) * 0.0
             return zero, ({"reward": 0.0, "baseline": 0.0} if self.cider else {"ce": 0.0})
