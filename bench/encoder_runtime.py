@@ -7,13 +7,14 @@ Prints one JSON object (bench/README.md, "encoder_runtime.py"):
 
 - ``bare``: images/s of the encoder alone per runtime, EfficientNet-Lite0 at 224 px, batch 8, on real photos
   already resized; the median of ``--rounds`` alternating rounds of ``--seconds`` each;
-- ``decode``: images/s of JPEG decoding + resizing to 224 px in one process (what each --workers process does);
+- ``decode``: images/s of JPEG decoding + resizing to 224 px in one thread;
 - ``startup``: ``captioner features`` on 8 images per runtime (start-up: imports, building the encoder);
 - ``end_to_end``: ``captioner features`` and ``captioner caption --beam 3 --json`` as whole processes (start-up
-  included) on the N photos, each runtime in the same run, alternating; images/s = N / wall seconds;
+  included) on the N photos, each runtime in the same run, in turn, ``--repeats`` rounds (the median run's figures,
+  every run's seconds beside them); images/s = N / wall seconds; ``--head-start-off-too``: also each inference-runtime
+  command with ``CAPTIONER_HEAD_START=0`` (its head start off, captioner/encoders/head_start.py);
 - ``captions_vs_torch``: per runtime, how many captions differ from torch's and their scores (``--fp32-decoder-too``:
   also ``caption --precision fp32`` per runtime, compared with torch's in fp32);
-- ``workers_sweep`` (``--sweep-workers 0,1,2``): ``features --runtime onnx`` with each number of decoding processes;
 - CPU milliseconds per image beside each rate (user + system, all threads and worker processes): what a
   busy machine changes least; on C idle cores a command cannot beat 1000 * C / cpu_ms_per_image images/s;
 - the load average before and after each measure (the machine is shared: figures under load are not idle ones).
@@ -99,12 +100,12 @@ def startup(folder: Path, runtimes: list[str], work: Path) -> dict:
     return figures
 
 
-def run_command(cmd: list[str], out_file: Path | None) -> tuple[float, int, float]:
+def run_command(cmd: list[str], out_file: Path | None, env: dict | None = None) -> tuple[float, int, float]:
     """(wall seconds, exit status, CPU seconds of the command and its worker processes: user + system)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(out_file or os.devnull, "w") as out:
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
     rc = done.returncode
     if rc != 0:
         print(f"exit status {rc}: {' '.join(cmd)}\n{done.stderr[-1500:]}", file=sys.stderr)
@@ -122,10 +123,14 @@ def figures_of(n: int, secs: float, rc: int, cpu: float, before: float) -> dict:
 
 
 def end_to_end(folder: Path, n: int, runtimes: list[str], calibration: str | None, work: Path,
-               workers: int | None, fp32_too: bool = False) -> tuple[dict, dict]:
-    figures: dict = {}
+               workers: int | None, fp32_too: bool = False, repeats: int = 1,
+               head_start_off_too: bool = False) -> tuple[dict, dict]:
+    """Each command as a whole process, ``repeats`` rounds (the commands in turn within a round); a command's figures
+    are those of its median run by wall time, with every run's seconds beside them."""
+    runs: dict[str, list[dict]] = {}
     outputs: dict[str, Path] = {}
     extra = ["--workers", str(workers)] if workers is not None else []
+    commands = []  # (name, command line, captions file or None, environment)
     for command in ("features", "caption"):
         for rt in runtimes:
             flags = ["--runtime", rt] + (["--calibration", calibration] if rt == "onnx-int8" and calibration else [])
@@ -136,27 +141,25 @@ def end_to_end(folder: Path, n: int, runtimes: list[str], calibration: str | Non
             else:
                 cmd = [CAPTIONER, "caption", str(folder), "--beam", "3", "--json", "--quiet", *flags, *extra]
                 out = outputs[rt] = work / f"captions-{rt}.jsonl"
-            before = load()
-            figures[f"{command} --runtime {rt}"] = figures_of(n, *run_command(cmd, out), before)
+            commands.append((f"{command} --runtime {rt}", cmd, out, None))
+            if head_start_off_too and rt != "torch":  # the same without the head start (encoders/head_start.py)
+                commands.append((f"{command} --runtime {rt} (CAPTIONER_HEAD_START=0)", cmd, None,
+                                 {**os.environ, "CAPTIONER_HEAD_START": "0"}))
     if fp32_too:  # the decoder in float32 too (the default is --precision auto: bfloat16 where the CPU has it)
         for rt in runtimes:
             cmd = [CAPTIONER, "caption", str(folder), "--beam", "3", "--json", "--quiet", "--runtime", rt,
                    "--precision", "fp32", *extra]
             out = outputs[f"{rt} --precision fp32"] = work / f"captions-{rt}-fp32.jsonl"
+            commands.append((f"caption --runtime {rt} --precision fp32", cmd, out, None))
+    for _ in range(repeats):
+        for name, cmd, out, env in commands:
             before = load()
-            figures[f"caption --runtime {rt} --precision fp32"] = figures_of(n, *run_command(cmd, out), before)
-    return figures, outputs
-
-
-def sweep_workers(folder: Path, n: int, runtime: str, counts: list[int], work: Path) -> dict:
-    """`captioner features --runtime RUNTIME --workers W` for each W: does decoding keep up with the encoder?"""
+            runs.setdefault(name, []).append(figures_of(n, *run_command(cmd, out, env), before))
     figures = {}
-    for w in counts:
-        cmd = [CAPTIONER, "features", "--images", str(folder), "--out", str(work / f"store-w{w}"), "--overwrite",
-               "--quiet", "--runtime", runtime, "--workers", str(w)]
-        before = load()
-        figures[f"features --runtime {runtime} --workers {w}"] = figures_of(n, *run_command(cmd, None), before)
-    return figures
+    for name, got in runs.items():
+        ranked = sorted(got, key=lambda f: f["seconds"])
+        figures[name] = {**ranked[(len(ranked) - 1) // 2], "runs_seconds": [f["seconds"] for f in got]}
+    return figures, outputs
 
 
 def compare_captions(outputs: dict[str, Path]) -> dict:
@@ -194,8 +197,10 @@ def main() -> None:
     p.add_argument("--fp32-decoder-too", action="store_true",
                    help="also `caption --precision fp32` per runtime (the default, auto, decodes in bfloat16 where "
                         "the CPU has bfloat16 instructions); its captions are compared with torch's fp32 ones")
-    p.add_argument("--sweep-workers", default=None, metavar="0,1,2",
-                   help="also `features --runtime onnx --workers W` for each W (after the other measures)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of the whole commands, in turn; each figure is its median run's (default 1)")
+    p.add_argument("--head-start-off-too", action="store_true",
+                   help="also each inference-runtime command with CAPTIONER_HEAD_START=0")
     a = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the commands set it
     runtimes = a.runtimes.split(",")
@@ -225,11 +230,8 @@ def main() -> None:
                 (folder / f.name).symlink_to(f.resolve())
             result["startup"] = startup(folder, [rt for rt in runtimes if rt != "onnx-int8"], work)
             result["end_to_end"], outputs = end_to_end(folder, len(files), runtimes, a.calibration, work, a.workers,
-                                                             a.fp32_decoder_too)
+                                                       a.fp32_decoder_too, a.repeats, a.head_start_off_too)
             result["captions_vs_torch"] = compare_captions(outputs)
-            if a.sweep_workers:
-                counts = [int(w) for w in a.sweep_workers.split(",")]
-                result["workers_sweep"] = sweep_workers(folder, len(files), "onnx", counts, work)
     result["load_end"] = load()
     print(json.dumps(result))
 

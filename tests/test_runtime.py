@@ -306,7 +306,11 @@ def test_the_features_and_serve_flags_reach_the_encoder(monkeypatch, shapes, tmp
     monkeypatch.setattr(extract, "with_runtime", lambda enc, name, **kw: seen.append((name, kw)) or enc)
     assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "s"), "--image-size", str(SIZE),
                  "--workers", "0", "--quiet", "--runtime", "torch"]) == 0
-    assert seen == [("torch", {"calibration": None})]
+    assert seen == [("torch", {"calibration": None, "threads": None})]
+    # an inference runtime: a session of one thread, which one thread per core calls (each its own batches)
+    assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "o"), "--image-size", str(SIZE),
+                 "--quiet", "--runtime", "onnx"]) == 0
+    assert seen[-1] == ("onnx", {"calibration": None, "threads": 1})
     called = {}
     monkeypatch.setattr(server, "serve", lambda model, cfg, **kw: called.update(kw) or 0)
     assert main(["serve", "--runtime", "onnx-int8", "--calibration", "photos"]) == 0

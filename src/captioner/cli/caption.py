@@ -50,23 +50,39 @@ def run(a: argparse.Namespace) -> int:
     for name, value in overrides.items():  # each flag's own type and bounds before the model loads (seconds)
         if value is not None:  # None: not given
             SETTINGS[name].check(value)
-    import torch
-
-    from captioner.inference.captioner import Captioner  # torch: not for `captioner --help` or a bad flag
-
-    model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision, runtime=a.runtime,
-                                      calibration=a.calibration)
-    settings = model.decoding_settings(**overrides)  # with the model's defaults, checked before any image is read
-    threads = torch.get_num_threads()
-    if len(images) > a.batch_size:  # a pipeline of batches: the encoder's runtime and the decoder share the cores
-        model.share_cores()
+    head = _head_start(a, images)  # the first images encoded while torch is imported (encoders/head_start.py)
     try:
-        return _caption_all(model, images, settings, a)
+        import torch
+
+        from captioner.inference.captioner import Captioner  # torch: not for `captioner --help` or a bad flag
+
+        model = Captioner.from_pretrained(a.model, device=a.device, precision=a.precision, runtime=a.runtime,
+                                          calibration=a.calibration)
+        settings = model.decoding_settings(**overrides)  # with the model's defaults, checked before any image is read
+        threads = torch.get_num_threads()
+        if len(images) > a.batch_size:  # a pipeline of batches: the encoder's runtime and the decoder share the cores
+            model.share_cores()
+        try:
+            return _caption_all(model, images, settings, a, head)
+        finally:
+            torch.set_num_threads(threads)  # as it was (main() may be called in a process that goes on)
     finally:
-        torch.set_num_threads(threads)  # as it was (main() may be called in a process that goes on)
+        if head is not None:
+            head.stop()
 
 
-def _caption_all(model, images: list[str], settings, a: argparse.Namespace) -> int:
+def _head_start(a: argparse.Namespace, images: list[str]):
+    """A head start on ``images`` when the encoder will run on ONNX Runtime in float32 on the CPU (a guess from the
+    flags: the captioner takes its work only if its encoder is the one the head start ran)."""
+    if a.runtime not in ("auto", "onnx") or a.device != "cpu" or a.precision == "bf16" or a.attention:
+        return None
+    from captioner.encoders.head_start import HeadStart, caption_key
+
+    models = list(a.model) if isinstance(a.model, (list, tuple)) else [a.model]
+    return HeadStart.start(caption_key([str(m) for m in models], a.runtime), images, max_pixels=a.max_pixels)
+
+
+def _caption_all(model, images: list[str], settings, a: argparse.Namespace, head=None) -> int:
     if a.attention and not model.decoder.has_attention:
         raise ValueError(f"--attention: the model {model.source} ({model.config['arch']}) has no attention over image "
                          "regions, so there is no map to draw; use an attention model (sat, bahdanau-gru, "
@@ -76,7 +92,8 @@ def _caption_all(model, images: list[str], settings, a: argparse.Namespace) -> i
     # a progress bar on stderr when the captions would scroll past a screen; results stream to stdout
     bar = progress_bar(total=len(images), unit="img", desc="caption", disable=a.quiet or len(images) <= 24)
     results = model.iter_captions(images, settings, return_attention=bool(a.attention), max_pixels=a.max_pixels,
-                                  keep_images=bool(a.attention), workers=a.workers, batch_size=a.batch_size)
+                                  keep_images=bool(a.attention), workers=a.workers, batch_size=a.batch_size,
+                                  head_start=head)
     for k, r in enumerate(results):
         bar.update(1)
         if r.ok and a.attention:

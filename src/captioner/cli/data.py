@@ -12,6 +12,8 @@ from pathlib import Path
 
 from captioner.cli.args import device_options, positive, print_json, ratios, runtime_options, workers
 from captioner.data.corpus import DEFAULT_RATIOS
+from captioner.data.features import images_to_encode
+from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.data.prepare import prepare_corpus
 from captioner.data.readers import FORMATS
 from captioner.data.synthetic import LANGUAGES, make_shapes_dataset
@@ -42,21 +44,40 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def cmd_features(a: argparse.Namespace) -> int:
-    # imports torch: only here, after main() has set OMP_WAIT_POLICY, and never for --help
-    from captioner.encoders.extract import extract_features, images_to_encode
-
     root, names = images_to_encode(a.corpus, a.images, a.splits)
-    summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
-                               batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
-                               overwrite=a.overwrite, progress=not a.quiet, device=a.device,
-                               precision=a.precision, grid=a.grid, cut=a.cut, runtime=a.runtime,
-                               calibration=a.calibration)
+    head = _head_start(a, root, names)  # the first images encoded while torch is imported (encoders/head_start.py)
+    try:
+        # imports torch: only here, after main() has set OMP_WAIT_POLICY, and never for --help
+        from captioner.encoders.extract import extract_features
+
+        summary = extract_features(root, names, a.out, encoder=a.encoder, resize=a.resize, image_size=a.image_size,
+                                   batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
+                                   overwrite=a.overwrite, progress=not a.quiet, device=a.device,
+                                   precision=a.precision, grid=a.grid, cut=a.cut, runtime=a.runtime,
+                                   calibration=a.calibration, head_start=head)
+    finally:
+        if head is not None:
+            head.stop()
     if env_world()[0] == 0:  # under torchrun, one summary (rank 0's holds the totals of all ranks)
         print_json(summary)
         if summary["failed"]:
             print(f"{summary['failed']} image(s) could not be read; see {Path(a.out) / 'errors.jsonl'}",
                   file=sys.stderr)
     return 1 if summary["failed"] else 0
+
+
+def _head_start(a: argparse.Namespace, root: Path, names: list[str]):
+    """A head start on a new store's images when the encoder will run on ONNX Runtime in float32 on the CPU in one
+    process (a guess from the flags: the extraction takes its work only if its encoder is the one it ran)."""
+    fresh = a.overwrite or not (Path(a.out) / "meta.json").exists()
+    if (a.runtime not in ("auto", "onnx") or a.device != "cpu" or a.precision != "fp32" or a.cut or not fresh
+            or env_world()[1] > 1):
+        return None
+    from captioner.encoders.head_start import HeadStart, features_key
+
+    key = features_key(a.encoder, a.resize, a.image_size, a.grid, a.runtime)
+    limit = a.max_pixels if a.max_pixels is not None else DEFAULT_MAX_PIXELS
+    return HeadStart.start(key, [str(root / name) for name in names], max_pixels=limit)
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -113,7 +134,8 @@ def _add_features(sub) -> None:
                         "the last block, ...): the maps before them (default 0: the encoder's grids)")
     s.add_argument("--batch-size", type=positive, default=8)
     s.add_argument("--workers", type=workers, default=1,
-                   help=f"image decoding processes, up to {MAX_WORKERS} (0: decode in this process)")
+                   help=f"image decoding processes of the torch encoder, up to {MAX_WORKERS} (0: decode in this "
+                        "process); with an inference runtime the encoder's threads decode their own images")
     s.add_argument("--max-pixels", type=positive, default=None, help="decompression-bomb limit")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")

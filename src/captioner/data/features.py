@@ -29,6 +29,8 @@ from typing import Sequence
 import numpy as np
 
 from captioner.checks import is_int
+from captioner.data.corpus import Corpus, PathLike
+from captioner.data.images import list_images
 from captioner.data.text import write_text_atomic
 from captioner.files import DATA_BYTES, METADATA_BYTES, NotRegularFileError, check_regular, read_bytes
 
@@ -236,3 +238,27 @@ class FeatureStore:
             return []
         return [json.loads(line) for line in read_bytes(p, "the store's errors.jsonl").decode().splitlines()
                 if line.strip()]
+
+
+def images_to_encode(corpus: PathLike | None, images: PathLike | None,
+                     splits: str | None = None) -> tuple[Path, list[str]]:
+    """The image folder and the image names a store is made from (`captioner features`): the images of
+    the corpus.json ``corpus`` (only those of ``splits``, comma-separated, when given), or else every
+    image under the folder ``images``. A FeatureStoreError for an unknown split or no image at all."""
+    if corpus:
+        c = Corpus.load(corpus)
+        wanted = set(splits.split(",")) if splits else None
+        unknown = (wanted or set()) - set(c.splits())
+        if unknown:
+            raise FeatureStoreError(f"--splits: no split named {sorted(unknown)} in {corpus} "
+                                    f"(splits: {', '.join(c.splits())})")
+        names = c.images(wanted)
+        root = c.image_root
+    else:
+        root = Path(images)
+        if not root.is_dir():
+            raise FeatureStoreError(f"{root}: not a folder")
+        names = [str(p.relative_to(root)) for p in list_images(root)]
+    if not names:
+        raise FeatureStoreError(f"no images to encode in {corpus or images}")
+    return root, names

@@ -403,3 +403,29 @@ def try_load_image(
         return load_image(src, **kw), None
     except ImageError as e:
         return None, str(e)
+
+
+# ---------------------------------------------------------------------------------------
+# The encoder's input (here, not beside the encoder, so that it needs no torch: the encoder's head start)
+
+RESIZE_POLICIES = ("squash", "center-crop")
+
+
+def resize_image(img: Image.Image, size: int, policy: str) -> Image.Image:
+    """Resize an RGB PIL image to ``size x size`` following ``policy``."""
+    if policy == "squash":
+        return img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+    if policy == "center-crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    raise ValueError(f"unknown resize policy {policy!r}; use one of {RESIZE_POLICIES}")
+
+
+def image_to_array(img: Image.Image, spec) -> np.ndarray:
+    """RGB PIL image -> uint8 array (S, S, 3) ready to stack into a batch; ``spec`` (an EncoderSpec, or anything with
+    ``image_size`` and ``resize``) says the size and the resize policy."""
+    return np.asarray(resize_image(img.convert("RGB"), spec.image_size, spec.resize), dtype=np.uint8)

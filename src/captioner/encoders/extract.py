@@ -11,51 +11,31 @@ i % world == r; rank 0 creates or checks the store first and writes meta.json la
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from captioner.data.corpus import Corpus, PathLike
 from captioner.data.features import (DONE, FAILED, TODO, FeatureStoreError, create_store, store_meta, stored_dims,
                                      write_meta)
-from captioner.data.images import DEFAULT_MAX_PIXELS, display_name, list_images, name_fields, try_load_image
+from captioner.data.features import images_to_encode  # noqa: F401 - here before it moved (torch-free there)
+from captioner.data.images import DEFAULT_MAX_PIXELS, display_name, name_fields, try_load_image
 from captioner.encoders.tail import TailError, trunk_dims
 from captioner.encoders.network import EncoderSpec, ImageEncoder, get_encoder_spec, image_to_array
-from captioner.encoders.runtime import precision_flags, resolve_runtime, store_precision, with_runtime
+from captioner.encoders.runtime import (OnnxImageEncoder, default_threads, precision_flags, resolve_runtime,
+                                       store_precision, with_runtime)
 from captioner.files import METADATA_BYTES, check_regular, read_bytes
 from captioner.runtime.devices import check_precision, resolve_device
 from captioner.runtime.distributed import env_world, one_node, process_group
 from captioner.runtime.progress import progress_bar
 from captioner.runtime.workers import check_workers, worker_init
-
-
-def images_to_encode(corpus: PathLike | None, images: PathLike | None,
-                     splits: str | None = None) -> tuple[Path, list[str]]:
-    """The image folder and the image names a store is made from (`captioner features`): the images of
-    the corpus.json ``corpus`` (only those of ``splits``, comma-separated, when given), or else every
-    image under the folder ``images``. A FeatureStoreError for an unknown split or no image at all."""
-    if corpus:
-        c = Corpus.load(corpus)
-        wanted = set(splits.split(",")) if splits else None
-        unknown = (wanted or set()) - set(c.splits())
-        if unknown:
-            raise FeatureStoreError(f"--splits: no split named {sorted(unknown)} in {corpus} "
-                                    f"(splits: {', '.join(c.splits())})")
-        names = c.images(wanted)
-        root = c.image_root
-    else:
-        root = Path(images)
-        if not root.is_dir():
-            raise FeatureStoreError(f"{root}: not a folder")
-        names = [str(p.relative_to(root)) for p in list_images(root)]
-    if not names:
-        raise FeatureStoreError(f"no images to encode in {corpus or images}")
-    return root, names
 
 
 class _DecodeDataset:
@@ -101,6 +81,7 @@ def extract_features(
     grid: int | None = None,
     runtime: str = "auto",
     calibration: str | Path | None = None,
+    head_start=None,
 ) -> dict:
     """Compute (or finish computing) the features of ``images`` into ``out_dir``.
 
@@ -113,7 +94,9 @@ def extract_features(
     Under torchrun (WORLD_SIZE > 1, one node) each process encodes every WORLD_SIZE-th image into the
     same store, which ends up exactly as a single-process run leaves it.
     ``cut`` > 0 makes a trunk store: the maps before the encoder's last ``cut`` units
-    (:mod:`captioner.encoders.tail`), what fine-tuning those units trains on.
+    (:mod:`captioner.encoders.tail`), what fine-tuning those units trains on. ``head_start``: a
+    :class:`~captioner.encoders.head_start.HeadStart` started on ``image_root / name`` for every name, in order
+    (``captioner features``); the grids it encoded of the first rows are taken when its encoder is this one.
     """
     check_workers(workers)
     dev = resolve_device(device)  # a GPU that is not there: an error before any file is touched
@@ -129,12 +112,12 @@ def extract_features(
         return _extract(group, image_root, images, out_dir, encoder=encoder, resize=resize, image_size=image_size,
                         batch_size=batch_size, workers=workers, max_pixels=max_pixels, overwrite=overwrite,
                         progress=progress, limit_batches=limit_batches, device=dev, precision=precision, cut=cut,
-                        grid=grid, runtime=runtime, calibration=calibration)
+                        grid=grid, runtime=runtime, calibration=calibration, head_start=head_start)
 
 
 def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size, batch_size, workers, max_pixels,
              overwrite, progress, limit_batches, device, precision, cut=0, grid=None, runtime="torch",
-             calibration=None) -> dict:
+             calibration=None, head_start=None) -> dict:
     """extract_features in one process of ``group``: rank r encodes the rows i with i % world == r.
 
     Rank 0 alone creates (or checks) the store and finally writes meta.json; every rank writes its
@@ -161,11 +144,18 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
     t0 = time.perf_counter()
     done_now = failed_now = 0
     if todo:
+        # an inference runtime: a session of one thread, called by as many threads as torch would use (each decodes
+        # and encodes its own batches); torch: its own threads, and `workers` decoding processes
         enc = with_runtime(ImageEncoder(spec, device=device, precision=precision, cut=cut), runtime,
-                           calibration=calibration)
-        ds = _DecodeDataset(root, names, todo, spec, max_pixels)
+                           calibration=calibration, threads=1 if runtime != "torch" else None)
+        threads = default_threads() if isinstance(enc, OnnxImageEncoder) else 1  # not when auto fell back to torch
+        head = _head_rows(head_start, enc, root, names, todo)
+        ds = _DecodeDataset(root, names, todo[len(head):], spec, max_pixels)
         done_now, failed_now = _encode_rows(enc, ds, out, status, feats, group=group, batch_size=batch_size,
-                                            workers=workers, progress=progress, limit_batches=limit_batches)
+                                            workers=workers, progress=progress, limit_batches=limit_batches,
+                                            threads=threads, head=head)
+    elif head_start is not None:
+        head_start.stop()
     feats.flush()
     status.flush()
     group.barrier()  # every rank's rows are written
@@ -188,6 +178,20 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
     if group.world > 1:
         summary["ranks"] = group.world
     return summary
+
+
+def _head_rows(head_start, enc, root: Path, names: list[str], todo: list[int]) -> list[np.ndarray]:
+    """The grids ``head_start`` encoded of the first rows, when those are the first rows to do and its encoder is
+    ``enc`` (else none)."""
+    if head_start is None:
+        return []
+    got = head_start.take(enc)
+    if head_start.sources != [str(root / name) for name in names]:
+        return []
+    n = 0
+    while n < min(len(got), len(todo)) and todo[n] == n:
+        n += 1
+    return [outputs[0] for _, _, outputs in got[:n]]
 
 
 def _open_store(out: Path, root: Path, names: list[str], spec: EncoderSpec, precision: str,
@@ -217,41 +221,85 @@ def _open_store(out: Path, root: Path, names: list[str], spec: EncoderSpec, prec
 
 
 def _encode_rows(enc: ImageEncoder, ds: _DecodeDataset, out: Path, status: np.ndarray, feats: np.ndarray, *,
-                 group, batch_size: int, workers: int, progress: bool, limit_batches: int | None) -> tuple[int, int]:
-    """Decode and encode this rank's rows ``ds.rows`` into the memory maps; returns (rows done, rows failed)."""
+                 group, batch_size: int, workers: int, progress: bool, limit_batches: int | None,
+                 threads: int = 1, head: list | None = None) -> tuple[int, int]:
+    """Decode and encode this rank's rows ``ds.rows`` into the memory maps; returns (rows done, rows failed).
+    ``head``: the grids of the first rows, already encoded (:mod:`captioner.encoders.head_start`). With an inference
+    runtime (``threads`` > 1: a session of one thread, called from that many threads) each thread decodes and
+    encodes its own batches; with torch, ``workers`` processes decode while torch's threads encode."""
+    ranks = f" (rank 0 of {group.world}, its share)" if group.world > 1 else ""
+    bar = progress_bar(total=len(ds.rows) + len(head or ()), unit="img", desc=f"features {enc.spec.name}{ranks}",
+                       disable=not progress or group.rank != 0)
+    done_now = failed_now = 0
+    # every rank appends whole lines (one write each, O_APPEND): lines never interleave
+    with open(out / "errors.jsonl", "a") as errlog:
+        if head:
+            rows = np.arange(len(head))
+            feats[rows] = np.stack(head).astype(np.float16)  # data first ...
+            status[rows] = DONE  # ... then the done mark
+            done_now += len(head)
+            bar.update(len(head))
+        batches = _threaded_batches(enc, ds, batch_size, threads) if threads > 1 else \
+            _loader_batches(enc, ds, batch_size, workers)
+        try:
+            for b, (batch, grid) in enumerate(batches):
+                if limit_batches is not None and b >= limit_batches:
+                    break
+                for r, _, e in batch:
+                    if e is not None:
+                        errlog.write(json.dumps({**name_fields("image", ds.names[r]), "error": e}) + "\n")
+                        errlog.flush()
+                        status[r] = FAILED
+                        failed_now += 1
+                if grid is not None:
+                    rows = np.array([r for r, a, _ in batch if a is not None])
+                    feats[rows] = grid.astype(np.float16)  # data first ...
+                    status[rows] = DONE  # ... then the done mark
+                    done_now += len(rows)
+                bar.update(len(batch))
+                if b % 50 == 0:
+                    feats.flush()
+                    status.flush()
+        finally:
+            batches.close()  # the threaded batches: nothing more started, the running ones finished
+    bar.close()
+    return done_now, failed_now
+
+
+def _encoded_batch(enc, batch: list) -> tuple[list, np.ndarray | None]:
+    """(the batch's (row, array, error) items, the grids of its readable images as float32 numpy, or None)."""
+    good = [a for _, a, _ in batch if a is not None]
+    return batch, (enc.encode_arrays(np.stack(good)).cpu().numpy() if good else None)
+
+
+def _loader_batches(enc, ds: _DecodeDataset, batch_size: int, workers: int):
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
         worker_init_fn=worker_init() if workers > 0 else None,  # a worker ends with this process
     )
-    ranks = f" (rank 0 of {group.world}, its share)" if group.world > 1 else ""
-    bar = progress_bar(total=len(ds.rows), unit="img", desc=f"features {enc.spec.name}{ranks}",
-                       disable=not progress or group.rank != 0)
-    done_now = failed_now = 0
-    # every rank appends whole lines (one write each, O_APPEND): lines never interleave
-    with open(out / "errors.jsonl", "a") as errlog:
-        for b, batch in enumerate(loader):
-            if limit_batches is not None and b >= limit_batches:
-                break
-            good = [(r, a) for r, a, e in batch if a is not None]
-            for r, _, e in batch:
-                if e is not None:
-                    errlog.write(json.dumps({**name_fields("image", ds.names[r]), "error": e}) + "\n")
-                    errlog.flush()
-                    status[r] = FAILED
-                    failed_now += 1
-            if good:
-                rows = np.array([r for r, _ in good])
-                grid = enc.encode_arrays(np.stack([a for _, a in good]))
-                feats[rows] = grid.cpu().numpy().astype(np.float16)  # data first ...
-                status[rows] = DONE  # ... then the done mark
-                done_now += len(good)
-            bar.update(len(batch))
-            if b % 50 == 0:
-                feats.flush()
-                status.flush()
-    bar.close()
-    return done_now, failed_now
+    for batch in loader:
+        yield _encoded_batch(enc, batch)
+
+
+def _threaded_batches(enc, ds: _DecodeDataset, batch_size: int, threads: int):
+    """The batches in order, each decoded and encoded by one of ``threads`` threads (JPEG decoding, resizing and
+    ONNX Runtime's calls all release the GIL): every core decodes and encodes, with no process to pass arrays to.
+    At most two batches a thread are ahead of the caller."""
+    def job(start: int):
+        return _encoded_batch(enc, [ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+
+    starts = iter(range(0, len(ds), batch_size))
+    with ThreadPoolExecutor(threads, thread_name_prefix="captioner-features") as pool:
+        window = deque(pool.submit(job, i) for i in itertools.islice(starts, 2 * threads))
+        try:
+            while window:
+                result = window.popleft().result()
+                window.extend(pool.submit(job, i) for i in itertools.islice(starts, 1))
+                yield result
+        finally:
+            for f in window:
+                f.cancel()
 
 
 def _check_resumable(out: Path, meta: dict) -> None:

@@ -33,10 +33,9 @@ from PIL import Image
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from captioner.data.images import RESIZE_POLICIES, image_to_array, resize_image  # noqa: F401 - re-exported
 from captioner.encoders.tail import Front, TunedNet, load_tail, weights_digest
 from captioner.runtime.devices import autocast, check_precision, resolve_device
-
-RESIZE_POLICIES = ("squash", "center-crop")
 
 
 @dataclass(frozen=True)
@@ -242,26 +241,7 @@ def _lite2() -> EncoderSpec:
 
 
 # ---------------------------------------------------------------------------------------
-# Preprocessing and the runnable encoder
-
-
-def resize_image(img: Image.Image, size: int, policy: str) -> Image.Image:
-    """Resize an RGB PIL image to ``size x size`` following ``policy``."""
-    if policy == "squash":
-        return img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
-    if policy == "center-crop":
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    raise ValueError(f"unknown resize policy {policy!r}; use one of {RESIZE_POLICIES}")
-
-
-def image_to_array(img: Image.Image, spec: EncoderSpec) -> np.ndarray:
-    """RGB PIL image -> uint8 array (S, S, 3) ready to stack into a batch."""
-    return np.asarray(resize_image(img.convert("RGB"), spec.image_size, spec.resize), dtype=np.uint8)
+# The runnable encoder (its input: captioner.data.images.image_to_array)
 
 
 def _fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:

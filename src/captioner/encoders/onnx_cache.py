@@ -3,8 +3,8 @@
 :func:`exported_encoder` turns an :class:`~captioner.encoders.network.ImageEncoder`'s network (whatever
 module it holds: the folded Lite trunk, a fine-tuned tail, grid pooling) and its input normalisation into
 one ONNX graph: uint8 ``(B, S, S, 3)`` in, float32 ``(B, H*W, C)`` out. The file is kept under
-:func:`cache_dir` as ``encoder-KEY.onnx`` where KEY hashes the network's code and weights, the input size
-and normalisation and the versions of torch and onnxruntime: any change is a new file. Beside it,
+:func:`~captioner.encoders.sessions.cache_dir` as ``encoder-KEY.onnx`` where KEY hashes the network's code and
+weights, the input size and normalisation and the versions of torch and onnxruntime: any change is a new file. Beside it,
 ``encoder-KEY.sha256`` holds the file's hash; a file that does not match it (cut short, damaged) is
 exported again. Both are written atomically (a temporary file renamed), under a lock file, so that
 processes starting together export once and never read a half-written file. An encoder that can say what it is
@@ -30,14 +30,10 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from captioner.encoders.sessions import cache_dir
+
 CACHE_FORMAT = 1  # bump when the exported graph's contract changes
 ONNX_OPSET = 17
-
-
-def cache_dir() -> Path:
-    """Where exported encoders are kept: ``$XDG_CACHE_HOME/captioner``, else ``~/.cache/captioner``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "captioner"
 
 
 class _Normalised(torch.nn.Module):

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.encoders.onnx_cache import cache_dir, exported_encoder
+from captioner.encoders.onnx_cache import exported_encoder
 from captioner.encoders.quantize import quantized_encoder
+from captioner.encoders.sessions import cache_dir, session_options
 
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 INT8_RUNTIMES = ("onnx-int8",)
@@ -100,7 +101,7 @@ def with_runtime(encoder, runtime: str = "auto", *, threads: int | None = None, 
     """``encoder`` (an ImageEncoder) running on ``runtime`` (see the module's doc). ``threads``: the
     runtime's threads (default: torch's); ``calibration``: a folder of images for ``onnx-int8`` (needed
     the first time; later runs reuse the last calibration of the same network); ``cache``: where exported
-    files are kept (default :func:`captioner.encoders.onnx_cache.cache_dir`)."""
+    files are kept (default :func:`captioner.encoders.sessions.cache_dir`)."""
     name = resolve_runtime(runtime, encoder.device, encoder.precision, calibration)
     if name == "torch":
         return encoder
@@ -128,22 +129,6 @@ def _cannot(encoder, asked: str, name: str, why: str):
         raise RuntimeChoiceError(f"--runtime {name}: {why}; use --runtime torch")
     print(f"captioner: the encoder runs with torch: {why}", file=sys.stderr, flush=True)
     return encoder
-
-
-def session_options(threads: int):
-    """ONNX Runtime's options: ``threads`` intra-op threads; idle threads sleep when OpenMP's do
-    (OMP_WAIT_POLICY=PASSIVE, what every captioner command but train sets), else they spin."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    spin = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    so.log_severity_level = 3  # errors only
-    return so
 
 
 class OnnxImageEncoder:

@@ -18,12 +18,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
 from collections import OrderedDict, deque
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -34,6 +35,7 @@ from captioner.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from captioner.data.text import Vocab, join_tokens
 from captioner.decoding.search import NonFiniteError
 from captioner.decoding.settings import DecodingSettings
+from captioner.encoders.head_start import HeadStart
 from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
 from captioner.encoders.tail import TailError, load_tail
 from captioner.encoders.runtime import resolve_runtime, with_runtime
@@ -242,7 +244,7 @@ class Captioner:
     def iter_captions(self, images: Iterable[Any], settings: DecodingSettings | None = None, *,
                       return_attention: bool = False, max_pixels: int | None = None, batch_size: int = 32,
                       workers: int | None = None, keep_images: bool = False, seed_offset: int = 0,
-                      **overrides: Any) -> Iterator[CaptionResult]:
+                      head_start: HeadStart | None = None, **overrides: Any) -> Iterator[CaptionResult]:
         """Yield one :class:`CaptionResult` per image, in input order, each batch as soon as it is done (with
         concepts or mentions, the images to search again are gathered over up to ``AGAIN_BATCHES`` batches first).
 
@@ -250,7 +252,9 @@ class Captioner:
         Paths are loaded and resized in ``workers`` processes (default: 1 when there is more than one
         batch) while the network runs; bytes and PIL images in this process. ``max_pixels`` (default
         :data:`captioner.data.images.DEFAULT_MAX_PIXELS`) refuses larger images before decoding them.
-        With a seed, the k-th readable image draws from the stream ``(seed, seed_offset + k)``."""
+        With a seed, the k-th readable image draws from the stream ``(seed, seed_offset + k)``. ``head_start``: the
+        :class:`~captioner.encoders.head_start.HeadStart` the caller started on the same ``images`` before importing
+        torch; the whole batches it encoded are taken as they are (the ``caption`` command)."""
         s = self.decoding_settings(settings, **overrides)
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: must be >= 1")
@@ -258,6 +262,8 @@ class Captioner:
         limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         items = [(im, im if isinstance(im, str) else os.fspath(im) if isinstance(im, os.PathLike) else f"image {i}")
                  for i, im in enumerate(images)]
+        ready, lead = self._head_started(head_start, items, batch_size, keep_images)
+        items = items[sum(len(b) for b in ready):]
         all_paths = all(isinstance(src, (str, os.PathLike)) for src, _ in items)
         workers = check_workers(workers) if workers is not None else 1 if len(items) > batch_size else 0
         if workers > 0 and all_paths:
@@ -268,10 +274,11 @@ class Captioner:
         else:
             batches = ([_prepare(src, name, spec, limit, keep_images) for src, name in items[i:i + batch_size]]
                        for i in range(0, len(items), batch_size))
+        batches = itertools.chain(ready, iter(batches))  # iter: the loader's workers start decoding now
         readable = 0  # readable images so far: the k-th draws from the random stream (seed, seed_offset + k)
         held: list[tuple[list[_Prepared], Decoded]] = []  # decoded batches waiting for their images' re-search
         ahead = _Ahead()
-        for batch, feats in self._encoded(batches, ahead):
+        for batch, feats in self._encoded(batches, ahead, lead):
             self._cores_back(ahead)
             decoded = Decoded([], None)
             if feats is not None:
@@ -286,6 +293,31 @@ class Captioner:
                 yield from self._flush(held, s, return_attention)
                 held = []
         yield from self._flush(held, s, return_attention)
+
+    def _head_started(self, head_start: HeadStart | None, items: list[tuple[Any, str]], batch_size: int,
+                      keep_images: bool) -> tuple[list["_Encoded"], tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """(the whole batches ``head_start`` encoded of ``items``, as :meth:`_encoded` yields them; the features of
+        the images it encoded after them, the first of the next batch, or None): nothing when it ran on other images
+        or another encoder, or when the images themselves are to be kept."""
+        if head_start is None:
+            return [], None
+        got = head_start.take(self.encoder)
+        if keep_images or head_start.sources != [src for src, _ in items[:len(head_start.sources)]]:
+            return [], None
+        tuned = self.encoder_weights is not None  # as _encode_chunk: the concept head's input apart only then
+
+        def features(part):
+            return (torch.from_numpy(np.stack([o[0] for _, _, o in part])),
+                    torch.from_numpy(np.stack([o[1] for _, _, o in part])) if tuned and len(part[0][2]) > 1 else None)
+
+        whole = len(got) // batch_size * batch_size
+        ready = []
+        for i in range(0, whole, batch_size):
+            part = got[i:i + batch_size]
+            batch = _Encoded(_Prepared(items[i + j][1], array, size) for j, (array, size, _) in enumerate(part))
+            batch.features = features(part)
+            ready.append(batch)
+        return ready, features(got[whole:]) if len(got) > whole else None
 
     def _cores_back(self, ahead: "_Ahead") -> None:
         """With :meth:`share_cores`: all of torch's threads to the decoder once the encoder has encoded every batch
@@ -311,10 +343,11 @@ class Captioner:
                 yield (CaptionResult(p.source, error=p.error) if p.error is not None
                        else self._result(p, *next(it), s, return_attention))
 
-    def _chunks(self, batch: list[_Prepared]) -> list[np.ndarray]:
-        """The readable images of a batch as the encoder's calls take them: ``ENCODER_BATCH`` at a time (the encoder
-        runs fastest in small batches that stay in cache, as `features` does; the decoder gains from large ones)."""
-        good = [p.array for p in batch if p.error is None]
+    def _chunks(self, batch: list[_Prepared], skip: int = 0) -> list[np.ndarray]:
+        """The readable images of a batch (but the first ``skip``) as the encoder's calls take them: ``ENCODER_BATCH``
+        at a time (the encoder runs fastest in small batches that stay in cache, as `features` does; the decoder gains
+        from large ones)."""
+        good = [p.array for p in batch if p.error is None][skip:]
         return [np.stack(good[i:i + ENCODER_BATCH]) for i in range(0, len(good), ENCODER_BATCH)]
 
     def _encode_chunk(self, chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -323,7 +356,8 @@ class Captioner:
         enc = self.encoder
         return enc.encode_all(chunk) if self.encoder_weights is not None else (enc.encode_arrays(chunk), None)
 
-    def _encoded(self, batches: Iterable[list[_Prepared]], ahead: "_Ahead"
+    def _encoded(self, batches: Iterable[list[_Prepared]], ahead: "_Ahead",
+                 lead: tuple[torch.Tensor, torch.Tensor | None] | None = None
                  ) -> Iterator[tuple[list[_Prepared], tuple[torch.Tensor, torch.Tensor | None] | None]]:
         """(batch, its features) with the next batches' encoder running in a thread while the caller decodes
         this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill.
@@ -331,7 +365,8 @@ class Captioner:
         searches several batches again for their concepts. With :meth:`share_cores` (an inference runtime, one
         thread of its own), a caller that would wait for a batch encodes its chunks that the encoder's thread has not
         started yet itself, so neither core idles while the other has encoding to do. ``ahead`` tells the caller
-        when the encoder's thread has nothing left to do."""
+        when the encoder's thread has nothing left to do. ``lead``: the features of the first readable images of the
+        first batch not already encoded (the head start's), which are not encoded again."""
         share = bool(self._all_threads)
         if share:  # the decoder's half while the encoder works
             torch.set_num_threads(self._all_threads // 2)
@@ -339,7 +374,13 @@ class Captioner:
         with ThreadPoolExecutor(1, thread_name_prefix="captioner-encoder") as pool:
             try:
                 for batch in batches:
-                    pending.append((batch, [(c, pool.submit(self._encode_chunk, c)) for c in self._chunks(batch)]))
+                    if isinstance(batch, _Encoded):  # by the head start
+                        pending.append((batch, [(None, _done(batch.features))]))
+                        continue
+                    jobs, skip = ([], 0) if lead is None else ([(None, _done(lead))], len(lead[0]))
+                    lead = None
+                    jobs += [(c, pool.submit(self._encode_chunk, c)) for c in self._chunks(batch, skip)]
+                    pending.append((batch, jobs))
                     if len(pending) > ENCODE_AHEAD:
                         done, jobs = pending.popleft()
                         yield done, self._collect(jobs, steal=share)
@@ -376,6 +417,18 @@ class Captioner:
         if return_attention and self.decoder.has_attention:
             r.attention = best.attention[keep].tolist() if best.attention is not None else []
         return r
+
+
+class _Encoded(list):
+    """A batch of :class:`_Prepared` whose ``features`` (grids, concept inputs) are already computed."""
+
+    features: tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _done(result) -> Future:
+    f: Future = Future()
+    f.set_result(result)
+    return f
 
 
 class _Ahead:

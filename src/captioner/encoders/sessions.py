@@ -1,0 +1,29 @@
+"""What the encoder's ONNX Runtime sessions share and what needs no torch: the cache folder of exported encoders and
+the sessions' options. (:mod:`captioner.encoders.head_start` runs the encoder before torch is imported.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where exported encoders are kept: ``$XDG_CACHE_HOME/captioner``, else ``~/.cache/captioner``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "captioner"
+
+
+def session_options(threads: int):
+    """ONNX Runtime's options: ``threads`` intra-op threads; idle threads sleep when OpenMP's do
+    (OMP_WAIT_POLICY=PASSIVE, what every captioner command but train sets), else they spin."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spin = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.log_severity_level = 3  # errors only
+    return so
