@@ -11,8 +11,9 @@ Prints one JSON object (bench/README.md, "encoder_runtime.py"):
 - ``startup``: ``captioner features`` on 8 images per runtime (start-up: imports, building the encoder);
 - ``end_to_end``: ``captioner features`` and ``captioner caption --beam 3 --json`` as whole processes (start-up
   included) on the N photos, each runtime in the same run, in turn, ``--repeats`` rounds (the median run's figures,
-  every run's seconds beside them); images/s = N / wall seconds; ``--head-start-off-too``: also each inference-runtime
-  command with ``CAPTIONER_HEAD_START=0`` (its head start off, captioner/encoders/head_start.py);
+  every run's seconds beside them); images/s = N / wall seconds; ``--hints-off-too``: also each inference-runtime
+  command with ``CAPTIONER_HINTS=0`` (no head start for ``caption``, ``features`` through torch: encoders/head_start.py,
+  encoders/quick_features.py);
 - ``captions_vs_torch``: per runtime, how many captions differ from torch's and their scores (``--fp32-decoder-too``:
   also ``caption --precision fp32`` per runtime, compared with torch's in fp32);
 - CPU milliseconds per image beside each rate (user + system, all threads and worker processes): what a
@@ -124,7 +125,7 @@ def figures_of(n: int, secs: float, rc: int, cpu: float, before: float) -> dict:
 
 def end_to_end(folder: Path, n: int, runtimes: list[str], calibration: str | None, work: Path,
                workers: int | None, fp32_too: bool = False, repeats: int = 1,
-               head_start_off_too: bool = False) -> tuple[dict, dict]:
+               hints_off_too: bool = False) -> tuple[dict, dict]:
     """Each command as a whole process, ``repeats`` rounds (the commands in turn within a round); a command's figures
     are those of its median run by wall time, with every run's seconds beside them."""
     runs: dict[str, list[dict]] = {}
@@ -142,9 +143,9 @@ def end_to_end(folder: Path, n: int, runtimes: list[str], calibration: str | Non
                 cmd = [CAPTIONER, "caption", str(folder), "--beam", "3", "--json", "--quiet", *flags, *extra]
                 out = outputs[rt] = work / f"captions-{rt}.jsonl"
             commands.append((f"{command} --runtime {rt}", cmd, out, None))
-            if head_start_off_too and rt != "torch":  # the same without the head start (encoders/head_start.py)
-                commands.append((f"{command} --runtime {rt} (CAPTIONER_HEAD_START=0)", cmd, None,
-                                 {**os.environ, "CAPTIONER_HEAD_START": "0"}))
+            if hints_off_too and rt != "torch":  # the same without the last run's hint
+                commands.append((f"{command} --runtime {rt} (CAPTIONER_HINTS=0)", cmd, None,
+                                 {**os.environ, "CAPTIONER_HINTS": "0"}))
     if fp32_too:  # the decoder in float32 too (the default is --precision auto: bfloat16 where the CPU has it)
         for rt in runtimes:
             cmd = [CAPTIONER, "caption", str(folder), "--beam", "3", "--json", "--quiet", "--runtime", rt,
@@ -199,8 +200,8 @@ def main() -> None:
                         "the CPU has bfloat16 instructions); its captions are compared with torch's fp32 ones")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of the whole commands, in turn; each figure is its median run's (default 1)")
-    p.add_argument("--head-start-off-too", action="store_true",
-                   help="also each inference-runtime command with CAPTIONER_HEAD_START=0")
+    p.add_argument("--hints-off-too", action="store_true",
+                   help="also each inference-runtime command with CAPTIONER_HINTS=0")
     a = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the commands set it
     runtimes = a.runtimes.split(",")
@@ -230,7 +231,7 @@ def main() -> None:
                 (folder / f.name).symlink_to(f.resolve())
             result["startup"] = startup(folder, [rt for rt in runtimes if rt != "onnx-int8"], work)
             result["end_to_end"], outputs = end_to_end(folder, len(files), runtimes, a.calibration, work, a.workers,
-                                                       a.fp32_decoder_too, a.repeats, a.head_start_off_too)
+                                                       a.fp32_decoder_too, a.repeats, a.hints_off_too)
             result["captions_vs_torch"] = compare_captions(outputs)
     result["load_end"] = load()
     print(json.dumps(result))

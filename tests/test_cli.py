@@ -264,7 +264,7 @@ def test_training_on_a_busy_machine_says_how_to_share_it(monkeypatch, capsys):
 # a command whose image-decoding worker is slow: it writes its process id, then decodes for two minutes
 _SLOW_WORKER = textwrap.dedent("""
     import os, sys, time
-    import captioner.encoders.extract as extract
+    import captioner.encoders.store_fill as store_fill
     import captioner.inference.captioner as inference
 
     def slow(*args, **kw):
@@ -273,7 +273,7 @@ _SLOW_WORKER = textwrap.dedent("""
         os.replace(sys.argv[1] + ".tmp", sys.argv[1])
         time.sleep(120)
 
-    extract.try_load_image = inference.load_image = slow
+    store_fill.try_load_image = inference.load_image = slow
     from captioner.cli.main import main
     sys.exit(main(sys.argv[2:]))
 """)
@@ -293,13 +293,13 @@ def test_image_decoding_workers_die_with_their_parent(command, photos, tmp_path)
     """Issue 21, defect 8: after `kill -9` of `features` or `caption`, its decoding worker ran on (111 s and more,
     files open, 224 MB)."""
     pid_file = tmp_path / "worker.pid"
-    # decoding processes are the torch encoder's in `features` (with ONNX Runtime its threads decode); no head start,
-    # which would encode the photo before any worker starts
+    # decoding processes are the torch encoder's in `features` (with ONNX Runtime its threads decode); no hints:
+    # `caption`'s head start would encode the photo before any worker starts
     args = (["features", "--images", str(photos[0].parent), "--out", str(tmp_path / "store"), "--runtime", "torch"]
             if command == "features" else ["caption", str(photos[0])])
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_WORKER, str(pid_file), *args, "--workers", "1", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "CAPTIONER_HEAD_START": "0"})
+                            env={**os.environ, "CAPTIONER_HINTS": "0"})
     worker = None
     try:
         deadline = time.monotonic() + 120

@@ -1,10 +1,14 @@
-"""The encoder's head start (captioner.encoders.head_start): the first images encoded before torch is imported, taken
-only when the command's encoder runs the same file with the same input, and the results those of a run without one;
-the `features` command's threads that each decode and encode their own batches."""
+"""What the last run's hint allows: `caption`'s head start (captioner.encoders.head_start: the first images encoded
+before torch is imported, taken only when the command's encoder runs the same file with the same input, the results
+those of a run without one) and `features` without torch (captioner.encoders.quick_features: the same store); the
+`features` threads that each decode and encode their own batches."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +20,8 @@ from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.data.synthetic import make_shapes_dataset
 from captioner.encoders import head_start
 from captioner.encoders.extract import extract_features
-from captioner.encoders.head_start import HeadStart, Hint, caption_key, features_key
+from captioner.encoders.head_start import HeadStart, Hint, caption_key
+from captioner.encoders.quick_features import features_key, features_without_torch, read_features_hint
 from captioner.encoders.network import ImageEncoder, get_encoder_spec
 from captioner.encoders.sessions import cache_dir
 from captioner.encoders.runtime import with_runtime
@@ -71,50 +76,63 @@ def test_onnx_runtime_gives_an_image_the_same_features_in_any_batch_and_with_any
                                                  two.encode_arrays(batch[2:]).numpy()]))
 
 
-def test_features_leaves_a_hint_then_takes_the_head_starts_rows_and_the_store_is_the_same(shapes, tmp_path,
-                                                                                            own_cache, monkeypatch):
+def _hint_run(args: list[str]) -> dict:
+    """A `captioner` command in a new process: its exit status and whether it imported torch."""
+    code = ("import json, sys\nfrom captioner.cli.main import main\nrc = main(sys.argv[1:])\n"
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_features_leaves_a_hint_then_fills_the_same_store_without_torch(shapes, tmp_path, own_cache):
     flags = ["--image-size", str(SIZE), "--runtime", "onnx", "--quiet"]
     assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "a"), *flags]) == 0
     key = features_key("efficientnet-lite0", None, SIZE, None, "onnx")
-    assert (own_cache / f"hint-{key}.json").is_file()  # the first run leaves it
-    hint = Hint.read(key)
-    assert hint is not None and hint.image_size == SIZE and hint.resize == "squash"
-
-    root, names, sources = _sources(shapes)
-    head = _finished(HeadStart.start(key, sources, max_pixels=DEFAULT_MAX_PIXELS))
-    handed = []
-    real = HeadStart.take
-    monkeypatch.setattr(HeadStart, "take", lambda self, *a: handed.append(real(self, *a)) or handed[-1])
-    extract_features(root, names, tmp_path / "b", image_size=SIZE, runtime="onnx", progress=False, head_start=head)
-    assert len(handed[0]) == len(names)  # every image came from the head start
+    hint = read_features_hint(key)  # the first run leaves it
+    assert hint is not None and hint["encoder"]["image_size"] == SIZE and len(hint["stamps"]) == 4
+    got = _hint_run(["features", "--images", str(shapes), "--out", str(tmp_path / "b"), *flags])
+    assert got == {"rc": 0, "torch": False}
     a_names, a = _store(tmp_path / "a")
     b_names, b = _store(tmp_path / "b")
     assert a_names == b_names and np.array_equal(a, b)
-    # and through the command, with whatever the head start has done by then: the same store again
-    assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "c"), *flags]) == 0
-    assert np.array_equal(_store(tmp_path / "c")[1], a)
+    meta = [json.loads((tmp_path / d / "meta.json").read_text()) for d in "ab"]
+    assert [{k: v for k, v in m.items() if k != "created"} for m in meta][0] == \
+        [{k: v for k, v in m.items() if k != "created"} for m in meta][1]
+    # another device, precision or --cut takes the usual path
+    got = _hint_run(["features", "--images", str(shapes), "--out", str(tmp_path / "c"), *flags, "--runtime", "torch"])
+    assert got == {"rc": 0, "torch": True}
 
 
-def test_a_head_start_on_another_file_hands_nothing_over_and_the_hint_is_mended(shapes, tmp_path, own_cache):
-    lite0 = ImageEncoder(get_encoder_spec("efficientnet-lite0", image_size=SIZE))
-    enc = with_runtime(lite0, "onnx", threads=1)  # exported into own_cache
-    other = tmp_path / "other.onnx"  # the same graph under another name: not the encoder's file
-    other.write_bytes(enc.path.read_bytes())
+def test_a_store_begun_either_way_is_finished_the_other_way_the_same(shapes, tmp_path, own_cache):
+    root, names, _ = _sources(shapes)
+    kw = dict(image_size=SIZE, runtime="onnx", progress=False, batch_size=4)
+    extract_features(root, names, tmp_path / "whole", **kw)  # leaves the hint
+    extract_features(root, names, tmp_path / "part", limit_batches=2, **kw)
+    summary = features_without_torch(root, names, tmp_path / "part", key=features_key("efficientnet-lite0", None,
+                                                                                     SIZE, None, "onnx"),
+                                     batch_size=4, max_pixels=DEFAULT_MAX_PIXELS, overwrite=False, progress=False)
+    assert summary["already_done"] == 8 and summary["computed"] == len(names) - 8 and summary["complete"]
+    assert np.array_equal(_store(tmp_path / "part")[1], _store(tmp_path / "whole")[1])
+
+
+def test_a_stale_or_damaged_features_hint_takes_the_usual_path_and_is_made_again(shapes, tmp_path, own_cache):
+    flags = ["--images", str(shapes), "--image-size", str(SIZE), "--runtime", "onnx", "--quiet"]
+    assert main(["features", *flags, "--out", str(tmp_path / "a")]) == 0
     key = features_key("efficientnet-lite0", None, SIZE, None, "onnx")
-    own_cache.mkdir(parents=True, exist_ok=True)
-    (own_cache / f"hint-{key}.json").write_text(json.dumps({"path": str(other), "image_size": SIZE,
-                                                            "resize": "squash"}))
-    _, _, sources = _sources(shapes)
-    head = _finished(HeadStart.start(key, sources, max_pixels=DEFAULT_MAX_PIXELS))
-    assert head.hint is not None and head._done  # it ran, on the other file
-    assert head.take(enc) == []
-    assert Hint.read(key) == Hint(str(enc.path.resolve()), SIZE, "squash")  # the next run's hint names the right one
-    # another image input is not the encoder's either
-    head = _finished(HeadStart(key, sources, max_pixels=DEFAULT_MAX_PIXELS, hint=Hint(str(enc.path), SIZE, "center-crop")))
-    assert head._done and head.take(enc) == []
-    # nor is an encoder that runs on torch
-    head = _finished(HeadStart(key, sources, max_pixels=DEFAULT_MAX_PIXELS, hint=Hint(str(enc.path), SIZE, "squash")))
-    assert head.take(lite0) == []
+    path = own_cache / f"features-{key}.json"
+    good = json.loads(path.read_text())
+    stale = {**good, "stamps": [[good["stamps"][0][0], 1, 1], *good["stamps"][1:]]}  # the weights file changed
+    for hint in (stale, {**good, "encoder": {**good["encoder"], "resize": "zoom"}}, {**good, "stamps": []}):
+        path.write_text(json.dumps(hint))
+        assert read_features_hint(key) is None
+        assert _hint_run(["features", *flags, "--out", str(tmp_path / "b"), "--overwrite"]) == {"rc": 0,
+                                                                                                "torch": True}
+        assert json.loads(path.read_text()) == good  # the usual path wrote it again
+    exported = Path(good["path"])
+    exported.write_bytes(exported.read_bytes()[:-10])  # cut short: its hash no longer matches
+    assert read_features_hint(key) is None
+    assert _hint_run(["features", *flags, "--out", str(tmp_path / "c")]) == {"rc": 0, "torch": True}
+    assert np.array_equal(_store(tmp_path / "c")[1], _store(tmp_path / "a")[1])
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"path": 3}', '{"path": "%s", "image_size": 64, "resize": "zoom"}',
@@ -138,14 +156,15 @@ def test_a_file_onnx_runtime_cannot_load_is_no_result_and_no_error(own_cache, sh
     head.stop()
 
 
-def test_captioner_head_start_0_turns_it_off(monkeypatch, own_cache, shapes, tmp_path):
+def test_captioner_hints_0_turns_them_off(monkeypatch, own_cache, shapes, tmp_path):
     real = tmp_path / "encoder.onnx"
     real.write_bytes(b"x")
     own_cache.mkdir(parents=True)
     (own_cache / "hint-k.json").write_text(json.dumps({"path": str(real), "image_size": SIZE, "resize": "squash"}))
     assert Hint.read("k") is not None
-    monkeypatch.setenv("CAPTIONER_HEAD_START", "0")
+    monkeypatch.setenv("CAPTIONER_HINTS", "0")
     assert not head_start.enabled() and HeadStart.start("k", ["a.jpg"], max_pixels=None).hint is None
+    assert read_features_hint("k") is None
 
 
 def test_keys_follow_what_decides_the_encoder(tmp_path):
@@ -162,23 +181,17 @@ def test_keys_follow_what_decides_the_encoder(tmp_path):
     assert caption_key(["flickr8k-sat"], "auto") != caption_key([str(model)], "auto")
 
 
-def test_the_head_start_stops_at_an_unreadable_image_and_the_command_reports_it(shapes, tmp_path, own_cache, capsys):
+def test_without_torch_an_unreadable_image_is_reported_and_the_rest_done(shapes, tmp_path, own_cache, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
     names = sorted(p.name for p in shapes.iterdir())
     for name in names:
         (folder / name).symlink_to(shapes / name)
-    (folder / f"{names[3][:-4]}b.png").write_bytes(b"not a png")  # the 5th image in order
+    (folder / f"{names[3][:-4]}b.png").write_bytes(b"not a png")
     flags = ["--images", str(folder), "--image-size", str(SIZE), "--runtime", "onnx", "--quiet"]
     assert main(["features", *flags, "--out", str(tmp_path / "a")]) == 1  # leaves the hint
-    _, _, sources = _sources(folder)
-    key = features_key("efficientnet-lite0", None, SIZE, None, "onnx")
-    head = _finished(HeadStart.start(key, sources, max_pixels=DEFAULT_MAX_PIXELS))
-    assert sum(len(images) for images, _ in head._done) == 0  # its first batch holds the unreadable image
-    head.stop()
-    assert main(["features", *flags, "--out", str(tmp_path / "b")]) == 1
-    err = capsys.readouterr().err
-    assert "b.png" in err or "errors.jsonl" in err
+    capsys.readouterr()
+    assert _hint_run(["features", *flags, "--out", str(tmp_path / "b")]) == {"rc": 1, "torch": False}
     lines = (tmp_path / "b" / "errors.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "b.png" in json.loads(lines[0])["image"]
     a, b = (FeatureStore.open(tmp_path / d) for d in "ab")
@@ -187,22 +200,21 @@ def test_the_head_start_stops_at_an_unreadable_image_and_the_command_reports_it(
 
 
 def test_features_threads_keep_the_order_of_rows_and_their_failures(shapes, tmp_path, own_cache, monkeypatch):
-    """Several threads, each decoding and encoding its own batches: every row lands where the torch-loader path puts
-    it, an unreadable image is a failed row and the rest are done."""
+    """Several threads, each decoding and encoding its own batches: every row lands where one thread puts it, an
+    unreadable image is a failed row and the rest are done."""
     folder = tmp_path / "images"
     folder.mkdir()
     for p in shapes.iterdir():
         (folder / p.name).symlink_to(p)
     Image.new("RGB", (4000, 4000)).save(folder / "zz-large.png")  # over the pixel limit below: a failure
     root, names, _ = _sources(folder)
-    monkeypatch.setenv("CAPTIONER_HEAD_START", "0")
     from captioner.encoders import extract
 
     monkeypatch.setattr(extract, "default_threads", lambda: 3)
     kw = dict(image_size=SIZE, runtime="onnx", progress=False, batch_size=3, max_pixels=1_000_000)
     s = extract_features(root, names, tmp_path / "threads", **kw)
-    monkeypatch.setattr(extract, "default_threads", lambda: 1)  # one session of one thread, the loader path
-    extract_features(root, names, tmp_path / "one", workers=0, **kw)
+    monkeypatch.setattr(extract, "default_threads", lambda: 1)  # one thread: the batches one after the other
+    extract_features(root, names, tmp_path / "one", **kw)
     assert s["failed"] == 1 and s["computed"] == len(names) - 1
     a, b = FeatureStore.open(tmp_path / "threads"), FeatureStore.open(tmp_path / "one")
     assert a.images == b.images and np.array_equal(np.asarray(a.features), np.asarray(b.features))
@@ -266,6 +278,6 @@ def test_the_caption_command_leaves_a_hint_and_prints_the_same_with_a_head_start
     assert hint.is_file()
     assert main(args) == 0  # with a head start from the hint
     assert capsys.readouterr().out == first
-    monkeypatch.setenv("CAPTIONER_HEAD_START", "0")
+    monkeypatch.setenv("CAPTIONER_HINTS", "0")
     assert main(args) == 0
     assert capsys.readouterr().out == first

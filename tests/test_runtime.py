@@ -307,7 +307,9 @@ def test_the_features_and_serve_flags_reach_the_encoder(monkeypatch, shapes, tmp
     assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "s"), "--image-size", str(SIZE),
                  "--workers", "0", "--quiet", "--runtime", "torch"]) == 0
     assert seen == [("torch", {"calibration": None, "threads": None})]
-    # an inference runtime: a session of one thread, which one thread per core calls (each its own batches)
+    # an inference runtime: a session of one thread, which one thread per core calls (each its own batches); no
+    # hint, which would fill the store without torch
+    monkeypatch.setenv("CAPTIONER_HINTS", "0")
     assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "o"), "--image-size", str(SIZE),
                  "--quiet", "--runtime", "onnx"]) == 0
     assert seen[-1] == ("onnx", {"calibration": None, "threads": 1})

@@ -45,8 +45,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 def cmd_features(a: argparse.Namespace) -> int:
     root, names = images_to_encode(a.corpus, a.images, a.splits)
-    head = _head_start(a, root, names)  # the first images encoded while torch is imported (encoders/head_start.py)
-    try:
+    summary = _without_torch(a, root, names)  # with ONNX Runtime, once a run has left its hint
+    if summary is None:
         # imports torch: only here, after main() has set OMP_WAIT_POLICY, and never for --help
         from captioner.encoders.extract import extract_features
 
@@ -54,10 +54,7 @@ def cmd_features(a: argparse.Namespace) -> int:
                                    batch_size=a.batch_size, workers=a.workers, max_pixels=a.max_pixels,
                                    overwrite=a.overwrite, progress=not a.quiet, device=a.device,
                                    precision=a.precision, grid=a.grid, cut=a.cut, runtime=a.runtime,
-                                   calibration=a.calibration, head_start=head)
-    finally:
-        if head is not None:
-            head.stop()
+                                   calibration=a.calibration)
     if env_world()[0] == 0:  # under torchrun, one summary (rank 0's holds the totals of all ranks)
         print_json(summary)
         if summary["failed"]:
@@ -66,18 +63,20 @@ def cmd_features(a: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
-def _head_start(a: argparse.Namespace, root: Path, names: list[str]):
-    """A head start on a new store's images when the encoder will run on ONNX Runtime in float32 on the CPU in one
-    process (a guess from the flags: the extraction takes its work only if its encoder is the one it ran)."""
-    fresh = a.overwrite or not (Path(a.out) / "meta.json").exists()
-    if (a.runtime not in ("auto", "onnx") or a.device != "cpu" or a.precision != "fp32" or a.cut or not fresh
-            or env_world()[1] > 1):
+def _without_torch(a: argparse.Namespace, root: Path, names: list[str]) -> dict | None:
+    """The store filled through ONNX Runtime without importing torch (encoders/quick_features.py), when the flags
+    ask for an fp32 encoder on the CPU in one process and the last such run left a usable hint; else None."""
+    if (a.runtime not in ("auto", "onnx") or a.device != "cpu" or a.precision != "fp32" or a.cut
+            or a.calibration is not None or env_world()[1] > 1):
         return None
-    from captioner.encoders.head_start import HeadStart, features_key
+    from captioner.encoders.quick_features import features_key, features_without_torch
 
-    key = features_key(a.encoder, a.resize, a.image_size, a.grid, a.runtime)
-    limit = a.max_pixels if a.max_pixels is not None else DEFAULT_MAX_PIXELS
-    return HeadStart.start(key, [str(root / name) for name in names], max_pixels=limit)
+    if len(set(names)) != len(names):
+        return None  # the usual path says what is wrong
+    return features_without_torch(root, names, Path(a.out), key=features_key(a.encoder, a.resize, a.image_size,
+                                                                             a.grid, a.runtime),
+                                  batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet,
+                                  max_pixels=a.max_pixels if a.max_pixels is not None else DEFAULT_MAX_PIXELS)
 
 
 def cmd_synth(a: argparse.Namespace) -> int:

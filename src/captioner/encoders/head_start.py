@@ -1,24 +1,25 @@
-"""The image encoder's head start: the first images encoded while the command is still importing torch.
+"""The image encoder's head start: the first images encoded while ``captioner caption`` is still importing torch.
 
-A command that encodes images (``captioner caption``, ``captioner features``) spends its first second or so
-importing torch and building its model, on one core; with ONNX Runtime the encoder needs neither. So before
-that import, the command starts a :class:`HeadStart`: one thread that opens the encoder's exported ONNX file
-(from the cache, one runtime thread) and decodes, resizes and encodes the first images in order, on the other
-core. When the command's own encoder is built, :meth:`HeadStart.take` stops the thread and hands over what it
-encoded, and the command goes on from the next image. This module imports neither torch nor the modules that do.
+``caption`` spends its first second or so importing torch and building its model, on one core; with ONNX Runtime
+the encoder needs neither. So before that import, the command starts a :class:`HeadStart`: one thread that opens
+the encoder's exported ONNX file (from the cache, one runtime thread) and decodes, resizes and encodes the first
+images in order, on the other core. When the command's own encoder is built, :meth:`HeadStart.take` stops the
+thread and hands over what it encoded, and the command goes on from the next image. This module imports neither
+torch nor the modules that do.
 
 Without torch the exported file cannot be found the usual way (its name hashes the network's weights), so each
-command leaves a hint once its encoder is built (:meth:`HeadStart.remember`): ``hint-KEY.json`` in the cache
+run leaves a hint once its encoder is built (:meth:`HeadStart.remember`): ``hint-KEY.json`` in the cache
 folder (:func:`~captioner.encoders.sessions.cache_dir`) names the file and the image input (size, resize
-policy), where KEY hashes what the command knows before torch (its kind, the model's files or the encoder's
-options, the installed versions). The first run of a command leaves the hint; later runs use it. The hint is
+policy), where KEY hashes what the command knows before torch (the model's files, the installed versions). The
+first run leaves the hint; later runs use it. The hint is
 only a guess: :meth:`HeadStart.take` hands anything over only when the command's encoder runs that very file
 with that input, else the thread's work is dropped and the hint written again. A head start therefore changes
 no result: the features are the runtime's for the same images (ONNX Runtime's outputs do not depend on the
 batch or the thread count; tests/test_head_start.py), and ``caption``'s batches are those of a run without one
 (the images encoded past the last whole batch are the first of the next).
 
-``CAPTIONER_HEAD_START=0`` turns it off (the benchmarks compare both).
+``CAPTIONER_HINTS=0`` turns it off (the benchmarks compare both), as it does ``features``' start without torch
+(:mod:`captioner.encoders.quick_features`, which reads hints of its own through the helpers here).
 """
 
 from __future__ import annotations
@@ -45,18 +46,18 @@ SWITCH_INTERVAL = 0.0005  # s: while the thread runs, it gets the GIL back soone
 
 
 def enabled() -> bool:
-    """False when ``CAPTIONER_HEAD_START=0`` (or ``no``, ``off``, ``false``)."""
-    return os.environ.get("CAPTIONER_HEAD_START", "1").strip().lower() not in ("0", "no", "off", "false")
+    """False when ``CAPTIONER_HINTS=0`` (or ``no``, ``off``, ``false``): no hint is read."""
+    return os.environ.get("CAPTIONER_HINTS", "1").strip().lower() not in ("0", "no", "off", "false")
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "-"
 
 
-def _file_stamp(path: Path) -> list:
+def file_stamp(path: Path) -> list:
     """A file's (name, size, modification time), or its name alone when it is not there."""
     try:
         st = path.stat()
@@ -70,7 +71,7 @@ def hint_key(kind: str, parts: Any) -> str:
     and the versions installed."""
     from captioner import __version__
 
-    text = json.dumps([HINT_FORMAT, kind, parts, __version__, _version("torch"), _version("onnxruntime")],
+    text = json.dumps([HINT_FORMAT, kind, parts, __version__, package_version("torch"), package_version("onnxruntime")],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -82,19 +83,10 @@ def caption_key(models: Sequence[str], runtime: str) -> str:
         path = Path(m)
         if path.is_dir():
             path = path.resolve()
-            parts.append([str(path), _file_stamp(path / "config.json"), _file_stamp(path / "encoder.safetensors")])
+            parts.append([str(path), file_stamp(path / "config.json"), file_stamp(path / "encoder.safetensors")])
         else:
             parts.append([str(m)])
-    return hint_key("caption", [parts, _runtime(runtime)])
-
-
-def features_key(encoder: str, resize: str | None, image_size: int | None, grid: int | None, runtime: str) -> str:
-    """The hint's key for ``captioner features`` with these options."""
-    return hint_key("features", [encoder, resize, image_size, grid, _runtime(runtime)])
-
-
-def _runtime(name: str) -> str:
-    return "onnx" if name == "auto" else name  # auto runs the encoder on ONNX Runtime whenever a head start can
+    return hint_key("caption", [parts, "onnx" if runtime == "auto" else runtime])
 
 
 @dataclass(frozen=True)

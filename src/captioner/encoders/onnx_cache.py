@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from captioner.encoders.sessions import cache_dir
+from captioner.encoders.sessions import cache_dir, cached_is_valid, file_sha256
 
 CACHE_FORMAT = 1  # bump when the exported graph's contract changes
 ONNX_OPSET = 17
@@ -81,23 +81,6 @@ def encoder_key(encoder, runtime_version: str) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:24]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cached_is_valid(path: Path) -> bool:
-    """True when ``path`` exists and matches the hash written beside it when it was made."""
-    sha = path.with_suffix(".sha256")
-    try:
-        return path.is_file() and sha.read_text().strip() == file_sha256(path)
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -86,11 +86,6 @@ def store_precision(runtime: str, precision: str) -> str:
     return "int8" if runtime in INT8_RUNTIMES else precision
 
 
-def precision_flags(precision: str) -> str:
-    """The flags that finish a store recorded in ``precision`` (what :func:`store_precision` wrote)."""
-    return "--runtime onnx-int8" if precision == "int8" else f"--precision {precision} (and any runtime but onnx-int8)"
-
-
 def default_threads() -> int:
     """The runtime's threads: the cores torch would use."""
     return max(1, torch.get_num_threads())

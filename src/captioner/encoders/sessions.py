@@ -3,6 +3,7 @@ the sessions' options. (:mod:`captioner.encoders.head_start` runs the encoder be
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -27,3 +28,20 @@ def session_options(threads: int):
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3  # errors only
     return so
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_is_valid(path: Path) -> bool:
+    """True when ``path`` exists and matches the hash written beside it when it was made."""
+    sha = path.with_suffix(".sha256")
+    try:
+        return path.is_file() and sha.read_text().strip() == file_sha256(path)
+    except (OSError, UnicodeDecodeError):
+        return False
