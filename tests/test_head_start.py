@@ -89,7 +89,7 @@ def test_features_leaves_a_hint_then_fills_the_same_store_without_torch(shapes, 
     assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "a"), *flags]) == 0
     key = features_key("efficientnet-lite0", None, SIZE, None, "onnx")
     hint = read_features_hint(key)  # the first run leaves it
-    assert hint is not None and hint["encoder"]["image_size"] == SIZE and len(hint["stamps"]) == 4
+    assert hint is not None and hint["encoder"]["image_size"] == SIZE and len(hint["stamps"]) == 1 and hint["code"]
     got = _hint_run(["features", "--images", str(shapes), "--out", str(tmp_path / "b"), *flags])
     assert got == {"rc": 0, "torch": False}
     a_names, a = _store(tmp_path / "a")
@@ -122,7 +122,8 @@ def test_a_stale_or_damaged_features_hint_takes_the_usual_path_and_is_made_again
     path = own_cache / f"features-{key}.json"
     good = json.loads(path.read_text())
     stale = {**good, "stamps": [[good["stamps"][0][0], 1, 1], *good["stamps"][1:]]}  # the weights file changed
-    for hint in (stale, {**good, "encoder": {**good["encoder"], "resize": "zoom"}}, {**good, "stamps": []}):
+    other_code = {**good, "code": "0" * 24}  # made by another checkout's code (of the same version)
+    for hint in (stale, other_code, {**good, "encoder": {**good["encoder"], "resize": "zoom"}}, {**good, "stamps": []}):
         path.write_text(json.dumps(hint))
         assert read_features_hint(key) is None
         assert _hint_run(["features", *flags, "--out", str(tmp_path / "b"), "--overwrite"]) == {"rc": 0,
@@ -147,13 +148,48 @@ def test_a_damaged_or_stale_hint_is_no_head_start(text, own_cache, shapes, tmp_p
     assert head.hint is None and head._thread is None and head.take(None) == []
 
 
-def test_a_file_onnx_runtime_cannot_load_is_no_result_and_no_error(own_cache, shapes, tmp_path):
+def test_a_file_onnx_runtime_cannot_load_or_a_damaged_one_is_no_result_and_no_error(own_cache, shapes, tmp_path):
+    from captioner.encoders.sessions import file_sha256
+
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx graph")
+    bad.with_suffix(".sha256").write_text(file_sha256(bad) + "\n")
     head = _finished(HeadStart("k", _sources(shapes)[2], max_pixels=DEFAULT_MAX_PIXELS,
                                hint=Hint(str(bad), SIZE, "squash")))
     assert head._done == []
     head.stop()
+    lite0 = ImageEncoder(get_encoder_spec("efficientnet-lite0", image_size=SIZE))
+    enc = with_runtime(lite0, "onnx", threads=1)
+    damaged = tmp_path / "damaged.onnx"  # loads, but is not the file its hash was made of
+    damaged.write_bytes(enc.path.read_bytes())
+    damaged.with_suffix(".sha256").write_text("0" * 64 + "\n")
+    head = _finished(HeadStart("k", _sources(shapes)[2], max_pixels=DEFAULT_MAX_PIXELS,
+                               hint=Hint(str(damaged), SIZE, "squash")))
+    assert head._done == []
+
+
+def test_a_head_start_on_another_file_hands_nothing_over_and_the_hint_is_mended(shapes, tmp_path, own_cache):
+    lite0 = ImageEncoder(get_encoder_spec("efficientnet-lite0", image_size=SIZE))
+    enc = with_runtime(lite0, "onnx", threads=1)  # exported into own_cache
+    other = tmp_path / "other.onnx"  # the same graph under another name: not the encoder's file
+    other.write_bytes(enc.path.read_bytes())
+    other.with_suffix(".sha256").write_bytes(enc.path.with_suffix(".sha256").read_bytes())
+    key = caption_key([str(tmp_path / "model")], "auto")
+    own_cache.mkdir(parents=True, exist_ok=True)
+    (own_cache / f"hint-{key}.json").write_text(json.dumps({"path": str(other), "image_size": SIZE,
+                                                            "resize": "squash"}))
+    _, _, sources = _sources(shapes)
+    head = _finished(HeadStart.start(key, sources, max_pixels=DEFAULT_MAX_PIXELS))
+    assert head.hint is not None and head._done  # it ran, on the other file
+    assert head.take(enc) == []
+    assert Hint.read(key) == Hint(str(enc.path.resolve()), SIZE, "squash")  # the next run's hint names the right one
+    # another image input is not the encoder's either
+    head = _finished(HeadStart(key, sources, max_pixels=DEFAULT_MAX_PIXELS, hint=Hint(str(enc.path), SIZE,
+                                                                                       "center-crop")))
+    assert head._done and head.take(enc) == []
+    # nor is an encoder that runs on torch
+    head = _finished(HeadStart(key, sources, max_pixels=DEFAULT_MAX_PIXELS, hint=Hint(str(enc.path), SIZE, "squash")))
+    assert head.take(lite0) == []
 
 
 def test_captioner_hints_0_turns_them_off(monkeypatch, own_cache, shapes, tmp_path):
@@ -165,6 +201,10 @@ def test_captioner_hints_0_turns_them_off(monkeypatch, own_cache, shapes, tmp_pa
     monkeypatch.setenv("CAPTIONER_HINTS", "0")
     assert not head_start.enabled() and HeadStart.start("k", ["a.jpg"], max_pixels=None).hint is None
     assert read_features_hint("k") is None
+    # and none is written
+    assert main(["features", "--images", str(shapes), "--out", str(tmp_path / "s"), "--image-size", str(SIZE),
+                 "--quiet"]) == 0
+    assert not list(own_cache.glob("features-*.json"))
 
 
 def test_keys_follow_what_decides_the_encoder(tmp_path):
@@ -200,8 +240,9 @@ def test_without_torch_an_unreadable_image_is_reported_and_the_rest_done(shapes,
 
 
 def test_features_threads_keep_the_order_of_rows_and_their_failures(shapes, tmp_path, own_cache, monkeypatch):
-    """Several threads, each decoding and encoding its own batches: every row lands where one thread puts it, an
-    unreadable image is a failed row and the rest are done."""
+    """Several threads, each decoding and encoding its own batches: every row lands where one thread with a decoding
+    process puts it (what runs with a single thread, as under torchrun), an unreadable image is a failed row and the
+    rest are done."""
     folder = tmp_path / "images"
     folder.mkdir()
     for p in shapes.iterdir():
@@ -213,8 +254,8 @@ def test_features_threads_keep_the_order_of_rows_and_their_failures(shapes, tmp_
     monkeypatch.setattr(extract, "default_threads", lambda: 3)
     kw = dict(image_size=SIZE, runtime="onnx", progress=False, batch_size=3, max_pixels=1_000_000)
     s = extract_features(root, names, tmp_path / "threads", **kw)
-    monkeypatch.setattr(extract, "default_threads", lambda: 1)  # one thread: the batches one after the other
-    extract_features(root, names, tmp_path / "one", **kw)
+    monkeypatch.setattr(extract, "default_threads", lambda: 1)  # one thread: decoding processes, as torch's path
+    extract_features(root, names, tmp_path / "one", workers=1, **kw)
     assert s["failed"] == 1 and s["computed"] == len(names) - 1
     a, b = FeatureStore.open(tmp_path / "threads"), FeatureStore.open(tmp_path / "one")
     assert a.images == b.images and np.array_equal(np.asarray(a.features), np.asarray(b.features))
@@ -263,6 +304,11 @@ def test_caption_takes_whole_batches_from_the_head_start_and_gives_the_same_resu
     got = [(r.source, r.caption, r.score) for r in bundled.iter_captions(good, batch_size=3, head_start=head)]
     assert len(handed[-1]) == len(good)
     assert got == [(r.source, r.caption, r.score) for r in bundled.iter_captions(good, batch_size=3)]
+    # a head start with another pixel limit than the captioner's: nothing taken
+    head = _finished(HeadStart("k", good, max_pixels=None, hint=hint))
+    encoded.clear()
+    got = [(r.source, r.caption, r.score) for r in bundled.iter_captions(good, batch_size=3, head_start=head)]
+    assert sum(encoded) == len(good)
     # a head start on other images: nothing taken
     head = _finished(HeadStart("k", good[::-1], max_pixels=DEFAULT_MAX_PIXELS, hint=hint))
     got = [(r.source, r.caption, r.score) for r in bundled.iter_captions(good, batch_size=3, head_start=head)]

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from captioner.data.images import RESIZE_POLICIES, ImageError, image_to_array, load_image
-from captioner.encoders.sessions import cache_dir, session_options
+from captioner.encoders.sessions import cache_dir, cached_is_valid, session_options
 
 HINT_FORMAT = 1  # bump when a hint's contents change
 CHUNK = 8  # images per encoder call, as the commands' own (captioner.inference.captioner.ENCODER_BATCH)
@@ -142,6 +142,8 @@ class HeadStart:
         try:
             import onnxruntime as ort
 
+            if not cached_is_valid(Path(self.hint.path)):  # damaged since: the command exports it again
+                return
             session = ort.InferenceSession(self.hint.path, session_options(self.threads),
                                            providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
@@ -196,7 +198,7 @@ class HeadStart:
         that runs on torch or in int8). A hint that cannot be written costs the next run its head start only."""
         path = getattr(encoder, "path", None)
         spec = getattr(encoder, "spec", None)
-        if path is None or spec is None or getattr(encoder, "precision", "fp32") != "fp32":
+        if not enabled() or path is None or spec is None or getattr(encoder, "precision", "fp32") != "fp32":
             return
         hint = Hint(str(Path(path).resolve()), int(spec.image_size), str(spec.resize))
         if hint == self.hint:

@@ -3,11 +3,12 @@
 Importing torch and building the encoder take about a second and a half of CPU at every start; ONNX Runtime needs
 neither once the encoder is exported (:mod:`captioner.encoders.onnx_cache`). So every run that encodes with ONNX
 Runtime in float32, in one process, leaves a hint (:func:`remember_features`): ``features-KEY.json`` in the cache
-folder names the exported file, the encoder as the store records it (``spec.to_dict()``), and the size and time of
-every file the exported network was made from (the ImageNet weights, the code that builds and exports the network).
+folder names the exported file, the encoder as the store records it (``spec.to_dict()``), the size and time of the
+ImageNet weights file and a digest of the code that builds and exports the network (as the running process has it).
 KEY hashes the command's encoder options (``--encoder --resize --image-size --grid``) and the versions installed
 (captioner, torch, ONNX Runtime, the EfficientNet package). The next run with the same options finds the hint before
-importing anything heavy and, when every file is as the hint says and the exported file matches its hash, fills the
+importing anything heavy and, when the weights and the code are as the hint says and the exported file matches its
+hash, fills the
 store here (:func:`features_without_torch`): the same rows as the torch-side path writes, the same meta.json,
 resumable the same way (:mod:`captioner.encoders.store_fill` does both). Anything else (no hint, a file changed,
 another device, precision, runtime or ``--cut``, torchrun) takes the usual path, which leaves a new hint.
@@ -17,6 +18,7 @@ another device, precision, runtime or ``--cut``, torchrun) takes the usual path,
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -43,22 +45,27 @@ def _hint_path(key: str) -> Path:
     return cache_dir() / f"features-{key}.json"
 
 
-def _code_files() -> list[str]:
-    return [importlib.util.find_spec(name).origin for name in CODE]
+def _code_digest() -> str:
+    """A digest of the contents of the code that makes the exported network, as this process would run it (another
+    checkout or install of the same version with other code has another digest)."""
+    h = hashlib.sha256()
+    for name in CODE:
+        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return h.hexdigest()[:24]
 
 
 def remember_features(key: str, encoder, described: dict) -> None:
     """Leave the hint for ``encoder`` (an OnnxImageEncoder in float32 of a Lite network) whose store records the
     encoder as ``described``. A hint that cannot be written costs the next run its quick start only."""
     name = str(described.get("name", ""))
-    if getattr(encoder, "precision", None) != "fp32" or not name.startswith("efficientnet-lite"):
+    if not enabled() or getattr(encoder, "precision", None) != "fp32" or not name.startswith("efficientnet-lite"):
         return
     try:
         from captioner.encoders.network import _lite_weights_path
 
-        files = [_lite_weights_path(int(name.rsplit("lite", 1)[1])), *_code_files()]
-        hint = {"path": str(Path(encoder.path).resolve()), "encoder": described,
-                "stamps": [file_stamp(Path(f)) for f in files]}
+        weights = _lite_weights_path(int(name.rsplit("lite", 1)[1]))
+        hint = {"path": str(Path(encoder.path).resolve()), "encoder": described, "code": _code_digest(),
+                "stamps": [file_stamp(Path(weights))]}
         target = _hint_path(key)
         if target.is_file() and json.loads(target.read_text()) == hint:
             return
@@ -84,16 +91,18 @@ def read_features_hint(key: str) -> dict | None:
             return None
         if any(not isinstance(s, list) or not s or file_stamp(Path(s[0])) != s for s in stamps):
             return None
+        if hint.get("code") != _code_digest():
+            return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return hint if cached_is_valid(path) else None
 
 
 def _threads() -> int:
-    """The threads that decode and encode: OMP_NUM_THREADS when set (as torch takes it), else the cores this
-    process may run on."""
+    """The threads that decode and encode: OMP_NUM_THREADS when set (its first number), else the cores this process
+    may run on (on a machine with SMT, torch's default, the physical cores, can be fewer)."""
     try:
-        asked = int(os.environ.get("OMP_NUM_THREADS", ""))
+        asked = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
     except ValueError:
         asked = 0
     if asked > 0:

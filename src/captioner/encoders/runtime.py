@@ -34,6 +34,7 @@ import torch
 from captioner.encoders.onnx_cache import exported_encoder
 from captioner.encoders.quantize import quantized_encoder
 from captioner.encoders.sessions import cache_dir, session_options
+from captioner.encoders.store_fill import precision_flags  # noqa: F401 - its name here before it moved
 
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 INT8_RUNTIMES = ("onnx-int8",)

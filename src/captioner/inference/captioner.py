@@ -253,8 +253,9 @@ class Captioner:
         batch) while the network runs; bytes and PIL images in this process. ``max_pixels`` (default
         :data:`captioner.data.images.DEFAULT_MAX_PIXELS`) refuses larger images before decoding them.
         With a seed, the k-th readable image draws from the stream ``(seed, seed_offset + k)``. ``head_start``: the
-        :class:`~captioner.encoders.head_start.HeadStart` the caller started on the same ``images`` before importing
-        torch; the whole batches it encoded are taken as they are (the ``caption`` command)."""
+        :class:`~captioner.encoders.head_start.HeadStart` the caller started on the same ``images`` with the same
+        ``max_pixels`` before importing torch (the ``caption`` command); what it encoded is taken, the batches staying
+        those of a call without it."""
         s = self.decoding_settings(settings, **overrides)
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: must be >= 1")
@@ -262,7 +263,8 @@ class Captioner:
         limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         items = [(im, im if isinstance(im, str) else os.fspath(im) if isinstance(im, os.PathLike) else f"image {i}")
                  for i, im in enumerate(images)]
-        ready, lead = self._head_started(head_start, items, batch_size, keep_images)
+        ready, lead = self._head_started(head_start, items, batch_size, keep_images or head_start is not None
+                                         and head_start.max_pixels != limit)
         items = items[sum(len(b) for b in ready):]
         all_paths = all(isinstance(src, (str, os.PathLike)) for src, _ in items)
         workers = check_workers(workers) if workers is not None else 1 if len(items) > batch_size else 0
@@ -295,14 +297,14 @@ class Captioner:
         yield from self._flush(held, s, return_attention)
 
     def _head_started(self, head_start: HeadStart | None, items: list[tuple[Any, str]], batch_size: int,
-                      keep_images: bool) -> tuple[list["_Encoded"], tuple[torch.Tensor, torch.Tensor | None] | None]:
+                      refuse: bool) -> tuple[list["_Encoded"], tuple[torch.Tensor, torch.Tensor | None] | None]:
         """(the whole batches ``head_start`` encoded of ``items``, as :meth:`_encoded` yields them; the features of
         the images it encoded after them, the first of the next batch, or None): nothing when it ran on other images
-        or another encoder, or when the images themselves are to be kept."""
+        or another encoder, or when ``refuse`` (the images themselves to be kept, another pixel limit)."""
         if head_start is None:
             return [], None
         got = head_start.take(self.encoder)
-        if keep_images or head_start.sources != [src for src, _ in items[:len(head_start.sources)]]:
+        if refuse or head_start.sources != [src for src, _ in items[:len(head_start.sources)]]:
             return [], None
         tuned = self.encoder_weights is not None  # as _encode_chunk: the concept head's input apart only then
 
