@@ -133,8 +133,8 @@ def _add_features(sub) -> None:
                         "the last block, ...): the maps before them (default 0: the encoder's grids)")
     s.add_argument("--batch-size", type=positive, default=8)
     s.add_argument("--workers", type=workers, default=1,
-                   help=f"image decoding processes of the torch encoder, up to {MAX_WORKERS} (0: decode in this "
-                        "process); with an inference runtime the encoder's threads decode their own images")
+                   help=f"image decoding processes, up to {MAX_WORKERS} (0: decode in this process); with an "
+                        "inference runtime and several threads, the encoder's threads decode their own images instead")
     s.add_argument("--max-pixels", type=positive, default=None, help="decompression-bomb limit")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
