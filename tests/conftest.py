@@ -45,6 +45,13 @@ def prepare_synthetic(root: Path, n_images: int = 400, seed: int = 0) -> Synthet
     return SyntheticData(root, root / "corpus.json", root / "vocab.json", root / "features")
 
 
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """The cache folder ($XDG_CACHE_HOME/captioner: exported encoders, hints) in this test's own temporary folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "captioner"
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> SyntheticData:
     return prepare_synthetic(tmp_path_factory.mktemp("synthetic"))

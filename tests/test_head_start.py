@@ -38,13 +38,6 @@ def shapes(tmp_path_factory):
     return root / "images"
 
 
-@pytest.fixture
-def own_cache(tmp_path, monkeypatch):
-    """The cache folder (exported encoders, hints) in this test's own temporary folder."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    return tmp_path / "xdg" / "captioner"
-
-
 def _finished(head: HeadStart) -> HeadStart:
     """Wait until the head start's thread has encoded every image it can (the commands take it when they are
     ready; a test waits, so that what it hands over does not depend on the machine's speed)."""

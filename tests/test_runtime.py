@@ -46,13 +46,6 @@ def shapes(tmp_path_factory):
     return root / "images"
 
 
-@pytest.fixture
-def own_cache(tmp_path, monkeypatch):
-    """The default cache folder ($XDG_CACHE_HOME/captioner) in this test's own temporary folder."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    return tmp_path / "xdg" / "captioner"
-
-
 def _batch(n: int = 6, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     smooth = rng.integers(0, 256, (n, SIZE // 8, SIZE // 8, 3)).repeat(8, axis=1).repeat(8, axis=2)

@@ -112,9 +112,10 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
         onnx = isinstance(enc, OnnxImageEncoder)  # not when auto fell back to torch
         if onnx and not cut and group.world == 1:
             remember_features(features_key(encoder, resize, image_size, grid, runtime), enc, described)
-        if onnx and default_threads() > 1:
+        threads = default_threads()
+        if onnx and threads > 1:
             # a session of one thread, called by as many threads as torch would use: each decodes and encodes its own
-            batches = threaded_batches(_grids(enc), ds, batch_size, default_threads())
+            batches = threaded_batches(_grids(enc), ds, batch_size, threads)
         else:  # the encoder's threads encode while `workers` processes decode (one thread: torchrun's default too)
             batches = _loader_batches(enc, ds, batch_size, workers)
         return fill_rows(enc.spec.name, ds, out, status, feats, batches, group=group, progress=progress,

@@ -37,7 +37,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from captioner.data.images import RESIZE_POLICIES, ImageError, image_to_array, load_image
+from captioner.data.images import RESIZE_POLICIES, image_to_array, load_image
+from captioner.data.text import write_json_atomic
 from captioner.encoders.sessions import cache_dir, cached_is_valid, session_options
 
 HINT_FORMAT = 1  # bump when a hint's contents change
@@ -156,10 +157,8 @@ class HeadStart:
                     images.append((image_to_array(img, self.hint), img.size))
                 out = session.run(None, {name: np.stack([a for a, _ in images])})
                 self._done.append((images, out))
-        except ImageError:
-            return  # an image it cannot read: the command reads it again and reports it
-        except Exception:  # noqa: BLE001 - ONNX Runtime's own errors too: the command encodes the rest itself
-            return  # (and reports a real problem when its own encoder meets it)
+        except Exception:  # noqa: BLE001 - an unreadable image (ImageError), ONNX Runtime's own errors: the command
+            return  # reads and encodes the rest itself, and reports a real problem when it meets it
 
     def stop(self) -> None:
         """Stop the thread (after the call it is in) and wait for it."""
@@ -183,35 +182,30 @@ class HeadStart:
         return per_image
 
     def _matches(self, encoder) -> bool:
-        path = getattr(encoder, "path", None)
-        spec = getattr(encoder, "spec", None)
-        if path is None or spec is None or getattr(encoder, "precision", "fp32") != "fp32":
-            return False
+        hint = _hint_of(encoder)
         try:
-            same_file = os.path.samefile(path, self.hint.path)
+            return hint is not None and os.path.samefile(hint.path, self.hint.path) and \
+                (hint.image_size, hint.resize) == (self.hint.image_size, self.hint.resize)
         except OSError:
             return False
-        return same_file and spec.image_size == self.hint.image_size and spec.resize == self.hint.resize
 
     def remember(self, encoder) -> None:
         """Leave the hint naming ``encoder``'s ONNX file and image input for the next run (nothing for an encoder
         that runs on torch or in int8). A hint that cannot be written costs the next run its head start only."""
-        path = getattr(encoder, "path", None)
-        spec = getattr(encoder, "spec", None)
-        if not enabled() or path is None or spec is None or getattr(encoder, "precision", "fp32") != "fp32":
+        hint = _hint_of(encoder)
+        if not enabled() or hint is None or hint == self.hint:
             return
-        hint = Hint(str(Path(path).resolve()), int(spec.image_size), str(spec.resize))
-        if hint == self.hint:
-            return
-        target = cache_dir() / f"hint-{self.key}.json"
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"path": hint.path, "image_size": hint.image_size, "resize": hint.resize}))
-            os.replace(tmp, target)
+            write_json_atomic(cache_dir() / f"hint-{self.key}.json",
+                              {"path": hint.path, "image_size": hint.image_size, "resize": hint.resize})
         except OSError:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+            pass
+
+
+def _hint_of(encoder) -> Hint | None:
+    """What ``encoder`` runs, as a hint: its ONNX file and image input; None for one on torch or in int8."""
+    path, spec = getattr(encoder, "path", None), getattr(encoder, "spec", None)
+    if path is None or spec is None or getattr(encoder, "precision", "fp32") != "fp32":
+        return None
+    return Hint(str(Path(path).resolve()), int(spec.image_size), str(spec.resize))
 

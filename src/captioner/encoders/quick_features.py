@@ -26,6 +26,7 @@ from pathlib import Path
 
 from captioner.data.features import stored_dims
 from captioner.data.images import RESIZE_POLICIES
+from captioner.data.text import write_json_atomic
 from captioner.encoders.head_start import enabled, file_stamp, hint_key, package_version
 from captioner.encoders.sessions import cache_dir, cached_is_valid, session_options
 from captioner.encoders.store_fill import DecodeDataset, fill_rows, fill_store, threaded_batches
@@ -67,12 +68,8 @@ def remember_features(key: str, encoder, described: dict) -> None:
         hint = {"path": str(Path(encoder.path).resolve()), "encoder": described, "code": _code_digest(),
                 "stamps": [file_stamp(Path(weights))]}
         target = _hint_path(key)
-        if target.is_file() and json.loads(target.read_text()) == hint:
-            return
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(hint))
-        os.replace(tmp, target)
+        if not (target.is_file() and json.loads(target.read_text()) == hint):
+            write_json_atomic(target, hint)
     except (OSError, ValueError, RuntimeError):
         return
 
