@@ -19,6 +19,7 @@ from captioner.decoding.search import generate
 from captioner.encoders.concepts import MAPPING_FILE, ConceptMapError, concept_head, read_mapping
 from captioner.encoders.network import ImageEncoder, get_encoder_spec
 from captioner.inference.captioner import Captioner
+from captioner.inference import guidance
 from captioner.inference.guidance import Guide, MentionError
 from captioner.inference.modeldir import resolve_model_path
 from captioner.models import available_architectures, build_decoder
@@ -245,6 +246,29 @@ def test_an_extension_survives_save_and_load(tiny, tmp_path):
     assert not (path / "extension.safetensors").exists()
     assert "vocab_extension" not in json.loads((path / "config.json").read_text())
     assert len(Captioner.from_pretrained(path).guide.extension) == 0
+
+
+def test_images_that_need_different_added_words_are_searched_at_once_as_each_alone(tiny, monkeypatch):
+    """The guided re-search: one search for images needing other added words (and none), each image's captions and
+    scores those of a search of it alone, whose vocabulary holds only the added words it needs."""
+    cap, _ = tiny
+    guide, V = cap.guide, len(cap.vocab)
+    s = cap.decoding_settings(beam_size=3, n_best=2, max_len=6, concepts="off")
+    feats = torch.randn(3, 49, 1280, generator=torch.Generator().manual_seed(3))
+    groups = [[[V]], [[V + 1]], [[cap.vocab.stoi["cat"]]]]  # kitten, giraffe, cat
+    alone = [guide._constrained(feats[b:b + 1], [g], [set()], s)[0] for b, g in enumerate(groups)]
+    calls = []
+    real = guidance.constrained_beam_search
+    monkeypatch.setattr(guidance, "constrained_beam_search", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    first = cap.decode_features(feats, s)
+    decoded = [guidance.Decoded([list(h) for h in first], None, [(b, feats[b], g, set(), 1.0)])
+               for b, g in enumerate(groups)]  # three batches of one image each
+    guide.search_again(decoded, s.replace(concept_margin=guidance.MAX_MARGIN))
+    assert calls == [3]
+    for b, (d, want, g) in enumerate(zip(decoded, alone, groups)):
+        got = d.hyps[b]
+        assert [h.tokens for h in got] == [h.tokens for h in want] and got[0].tokens and g[0][0] in got[0].tokens
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5, rel=0)
 
 
 def test_vocab_extend_and_show_through_the_cli(tiny, tmp_path, capsys):

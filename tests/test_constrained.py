@@ -215,6 +215,55 @@ def test_banned_rows_are_never_produced(models, feats, arch):
             assert all(holds(h, g[b]) for h in hs)
 
 
+class _Fewer:
+    """``model`` with only the words ``keep`` (ascending ids, a word's new id its place there): the log-softmax over
+    those words alone. A search of it is what ``absent_rows`` should give for the other words."""
+
+    def __init__(self, model, keep: list[int]):
+        self.model, self.keep = model, torch.tensor(keep)
+        self.shares_memory, self.training = getattr(model, "shares_memory", False), False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def encode(self, feats):
+        return self.model.encode(feats)
+
+    def init_state(self, memory):
+        return self.model.init_state(memory)
+
+    def step(self, prev, state, memory):
+        logp, state, att = self.model.step(self.keep[prev], state, memory)
+        return torch.log_softmax(logp[:, self.keep], dim=-1), state, att
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_absent_words_are_as_if_the_model_had_no_such_words(models, feats, arch):
+    """``absent_rows``: each image searched, in one batch, as a model without its absent words searches it alone
+    (how images that need different added words are searched together: inference/guidance.py)."""
+    model, s = models[arch], settings(n_best=2, length_penalty=0.5)
+    before = plain(model, feats, s)
+    groups = groups_for(before, 1, alternatives=False)
+    rows = torch.zeros(len(feats), V, dtype=torch.bool)
+    for b, h in enumerate(before):  # its own best first word and one other word, never the asked one
+        rows[b, [h[0].tokens[0], *absent(h, 1, skip=1)]] = True
+    together = cbs(model, feats, groups, s, absent_rows=rows)
+    for b, g in enumerate(groups):
+        keep = (~rows[b]).nonzero().flatten().tolist()  # the absent words are >= 4: <pad> ... <unk> keep their ids
+        new = {w: i for i, w in enumerate(keep)}
+        alone = cbs(_Fewer(model, keep), feats[b:b + 1], [[[new[w] for w in group] for group in g]], s)[0]
+        for h in alone:
+            h.tokens = [keep[i] for i in h.tokens]
+        same(together[b], alone, atol=1e-5)
+        assert together[b] and not any(rows[b, w] for h in together[b] for w in h.tokens)
+    # so the check above can fail: with every word, some image's captions are others
+    anyway = cbs(model, feats, groups, s)
+    assert any([h.tokens for h in x] != [h.tokens for h in y] for x, y in zip(together, anyway))
+
+
 def repeated_bigram(tokens: list[int]) -> bool:
     pairs = list(zip(tokens, tokens[1:]))
     return len(set(pairs)) < len(pairs)

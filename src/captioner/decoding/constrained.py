@@ -45,11 +45,15 @@ def _group_bits(groups: list[Groups], vocab_size: int, device) -> tuple[torch.Te
 def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list[Groups],
                             settings: DecodingSettings | None = None, *, start_id: int, end_id: int,
                             banned: tuple[int, ...] = (), banned_rows: torch.Tensor | None = None,
-                            **fields) -> list[list[Hypothesis]]:
+                            absent_rows: torch.Tensor | None = None, **fields) -> list[list[Hypothesis]]:
     """The ``n_best`` best hypotheses per image (features (B, P, C)) holding a word of each of its ``groups``.
 
     ``banned`` words are never chosen; ``banned_rows`` (B, V) bool bans words per image (words a model can
-    say only when asked to). Settings as for :func:`~captioner.decoding.search.beam_search`. An image leaves
+    say only when asked to). ``absent_rows`` (B, V) bool: words outside an image's vocabulary (words added for
+    other images of the batch): its log-probabilities are renormalised without them, as if the model's output
+    layer had no such rows, and they are never chosen; for a model whose step is one log-softmax over its words
+    (not an ensemble's mean of several), images that add different words are then searched together exactly as
+    each would be alone. Settings as for :func:`~captioner.decoding.search.beam_search`. An image leaves
     the batch when every hypothesis of its full state has ended (or every hypothesis at all has)."""
     s = _settings(settings, fields)
     k, lp, no_repeat = s.beam_size, s.length_penalty, s.no_repeat_ngram
@@ -57,6 +61,8 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     memory = model.encode(features.float())
     logp, state, att = model.step(torch.full((B,), start_id, dtype=torch.long, device=device),
                                   model.init_state(memory), memory)
+    if absent_rows is not None:
+        logp = _without(logp, absent_rows)
     V = logp.shape[-1]
     bits, start, G = _group_bits(groups, V, device)
     S, alive = 1 << G, list(range(B))  # alive: the images still searching, in the order of the working rows
@@ -73,6 +79,8 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     for t in range(s.max_len):
         if t:
             logp, state, att = model.step(prev, state, memory)
+            if absent_rows is not None:
+                logp = _without(logp, absent_rows.repeat_interleave(R, dim=0))
         n = len(alive)
         _check_step(logp, (~finished & (scores > float("-inf"))).view(-1))
         logp = _ban(logp, banned)
@@ -114,10 +122,18 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
             scores, finished, history, bits = scores[keep], finished[keep], history[keep], bits[keep]
             att_hist = att_hist[keep] if att_hist is not None else None
             banned_rows = banned_rows[keep] if banned_rows is not None else None
+            absent_rows = absent_rows[keep] if absent_rows is not None else None
     for i, b in enumerate(alive):
         ended.setdefault(b, (scores[i], history[i], att_hist[i] if att_hist is not None else None))
     return _check_hypotheses([_best_of(*ended[b], row_state, S - 1, end_id=end_id, length_penalty=lp)[:s.n_best]
                               for b in range(B)])
+
+
+def _without(logp: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (rows, V) renormalised over each row's words that are not ``absent`` (rows, V), which
+    become impossible (a row holding NaN or infinity stays non-finite, for the step's check to name)."""
+    logp = logp.masked_fill(absent, float("-inf"))
+    return logp - logp.logsumexp(dim=-1, keepdim=True)
 
 
 def _best_of(scores: torch.Tensor, history: torch.Tensor, att: torch.Tensor | None, row_state: torch.Tensor,

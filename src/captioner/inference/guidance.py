@@ -220,12 +220,15 @@ class Guide:
         """Search again, all together, the images of ``batches`` whose captions lack their words, and keep each
         new caption that the model finds likely enough (mentions: always)."""
         todo = [(d, *item) for d in batches for item in d.again]
-        # searched together by how many groups they hold (the search keeps 2**groups beams per image) and the added
-        # words they need (those join the vocabulary, so an image's scores never depend on another's words)
-        V = len(self.base)
+        # searched together by how many groups they hold (the search keeps 2**groups beams per image). The words
+        # added for some images are absent from the others' vocabulary (their log-probabilities renormalised
+        # without them), so an image's scores never depend on another's words; an ensemble's step is a mean of its
+        # members' log-probabilities, which no renormalisation after it gives, so its images are also searched apart
+        # by the added words they need
+        V, apart = len(self.base), hasattr(self.decoder, "extended")
         by_size: dict[tuple, list[tuple]] = {}
         for item in todo:
-            added = frozenset(i for g in item[3] for i in g if i >= V)
+            added = frozenset(i for g in item[3] for i in g if i >= V) if apart else frozenset()
             by_size.setdefault((len(item[3]), added), []).append(item)
         for items in by_size.values():
             found = self._constrained(torch.stack([it[2] for it in items]), [it[3] for it in items],
@@ -252,15 +255,20 @@ class Guide:
             local = {g: V + j for j, g in enumerate(used)}
             groups = [[[local.get(i, i) for i in g] for g in image] for image in groups]
             back = torch.tensor([*range(V), *used])
-        banned_rows = None
-        if used or any(bans):  # per image: its own bans, and the added words other images asked for
+        banned_rows = absent_rows = None
+        if any(bans):  # per image: its own bans
             banned_rows = torch.zeros(len(groups), V + len(used), dtype=torch.bool, device=features.device)
+            for b, ban in enumerate(bans):
+                banned_rows[b, sorted(ban)] = True
+        if used:  # per image: the added words other images asked for are not words of its vocabulary
+            absent_rows = torch.zeros(len(groups), V + len(used), dtype=torch.bool, device=features.device)
             for b, image in enumerate(groups):
                 mine = {i for g in image for i in g}
-                banned_rows[b, [V + j for j in range(len(used)) if V + j not in mine] + sorted(bans[b])] = True
+                absent_rows[b, [V + j for j in range(len(used)) if V + j not in mine]] = True
+            absent_rows = absent_rows if bool(absent_rows.any()) else None
         hyps = constrained_beam_search(decoder, features, groups, s, start_id=self.base.start_id,
                                        end_id=self.base.end_id, banned=banned_ids(self.base, s.allow_unk),
-                                       banned_rows=banned_rows)
+                                       banned_rows=banned_rows, absent_rows=absent_rows)
         if used:
             for image in hyps:
                 for h in image:

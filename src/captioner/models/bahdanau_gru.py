@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture, running_per_step
+from captioner.models.base import (Decoder, DecoderConfig, DecoderOutput, Memory, State, log_probs,
+                                   register_architecture, running_per_step)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class BahdanauGRUDecoder(Decoder):
 
     def step(self, prev_tokens: torch.Tensor, state: State, memory: Memory):
         h, alpha = self._advance(prev_tokens, state[0], *memory)
-        return F.log_softmax(self.head(h), dim=-1), (h,), alpha
+        return log_probs(self.head(h)), (h,), alpha
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         """Captions sorted by decreasing length: step t only runs the captions still going."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 State = tuple[torch.Tensor, ...]
@@ -74,6 +75,13 @@ class Decoder(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         """Teacher forcing. tokens (B, T+1) = <start> w1 .. wn <end> <pad>...; lengths = n+2."""
         raise NotImplementedError
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """A step's log-probabilities, in float32 whatever the logits' dtype. Under bfloat16 autocast on a CPU the
+    logits are bfloat16, and a log-softmax of them would be too: 8 bits, about 0.016 at a log-probability of -3,
+    which a beam's score sums over a caption's words (CUDA's autocast computes log_softmax in float32 already)."""
+    return F.log_softmax(logits.float(), dim=-1)
 
 
 def running_per_step(lengths: torch.Tensor, who: str) -> list[int]:

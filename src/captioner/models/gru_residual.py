@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.attention import MultiHeadAttention
-from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, log_probs, register_architecture
 
 
 @dataclass
@@ -64,7 +63,7 @@ class GRUResidualDecoder(Decoder):
     def step(self, prev_tokens: torch.Tensor, state: State, memory: Memory):
         o, h = self.gru(self.embed(prev_tokens).unsqueeze(1), state[0].unsqueeze(0).contiguous())
         logits, att = self._head(o, memory[0], memory[1])
-        return F.log_softmax(logits[:, 0], dim=-1), (h[0],), att[:, 0]
+        return log_probs(logits[:, 0]), (h[0],), att[:, 0]
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         k, v, mean = self.encode(features)

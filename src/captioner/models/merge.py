@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, log_probs, register_architecture
 
 
 @dataclass
@@ -62,7 +62,7 @@ class MergeDecoder(Decoder):
         h, c = (x.transpose(0, 1).contiguous() for x in state)  # (L, B, H) for nn.LSTM
         s, (h, c) = self.lstm(self.embed(prev_tokens).unsqueeze(1), (h, c))
         logits = self._head(memory[0], s[:, 0])
-        return F.log_softmax(logits, dim=-1), (h.transpose(0, 1), c.transpose(0, 1)), None
+        return log_probs(logits), (h.transpose(0, 1), c.transpose(0, 1)), None
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         (v,) = self.encode(features)

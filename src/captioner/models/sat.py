@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture, running_per_step
+from captioner.models.base import (Decoder, DecoderConfig, DecoderOutput, Memory, State, log_probs,
+                                   register_architecture, running_per_step)
 from captioner.runtime.devices import autocast_dtype
 
 
@@ -218,7 +219,7 @@ class SATDecoder(Decoder):
 
     def step(self, prev_tokens: torch.Tensor, state: State, memory: Memory):
         logits, state, alpha = self._advance(prev_tokens, state, *memory)
-        return F.log_softmax(logits, dim=-1), state, alpha
+        return log_probs(logits), state, alpha
 
     # --- teacher forcing ---
 

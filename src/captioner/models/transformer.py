@@ -21,11 +21,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.attention import MultiHeadAttention
-from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, register_architecture
+from captioner.models.base import Decoder, DecoderConfig, DecoderOutput, Memory, State, log_probs, register_architecture
 
 
 @dataclass
@@ -120,7 +119,7 @@ class TransformerDecoder(Decoder):
             new_state += [k, v]
             x, weights = layer(x, k, v, memory[2 * i], memory[2 * i + 1])
         logits = self.out(self.ln_out(x[:, 0]))
-        return F.log_softmax(logits, dim=-1), tuple(new_state), weights[:, :, 0].mean(dim=1)
+        return log_probs(logits), tuple(new_state), weights[:, :, 0].mean(dim=1)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         memory = self.encode(features)
