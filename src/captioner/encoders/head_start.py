@@ -42,7 +42,7 @@ from captioner.data.text import write_json_atomic
 from captioner.encoders.sessions import cache_dir, cached_is_valid, session_options
 
 HINT_FORMAT = 1  # bump when a hint's contents change
-CHUNK = 8  # images per encoder call, as the commands' own (captioner.inference.captioner.ENCODER_BATCH)
+CHUNK = 2  # images per encoder call, as caption's own (captioner.inference.captioner.ENCODER_BATCH)
 SWITCH_INTERVAL = 0.0005  # s: while the thread runs, it gets the GIL back sooner from the import (5 ms by default)
 
 

@@ -51,7 +51,9 @@ from captioner.runtime.devices import autocast, check_precision, resolve_device,
 from captioner.runtime.workers import check_workers, worker_init
 
 
-ENCODER_BATCH = 8  # images per encoder call (the feature extractor's default too)
+# images per encoder call: ONNX Runtime's one thread took 9.1-9.4 CPU ms an image in calls of 2 against 10.1-10.2 in
+# calls of 8 (a call's activations stay in the core's cache; bench/README.md)
+ENCODER_BATCH = 2
 # guided decoding: images to search again are gathered until there are this many, or this many batches wait
 AGAIN_IMAGES, AGAIN_BATCHES = 48, 8
 ENCODE_AHEAD = 3  # batches the encoder thread may run ahead of the decoder
