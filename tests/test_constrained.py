@@ -244,23 +244,26 @@ class _Fewer:
 def test_absent_words_are_as_if_the_model_had_no_such_words(models, feats, arch):
     """``absent_rows``: each image searched, in one batch, as a model without its absent words searches it alone
     (how images that need different added words are searched together: inference/guidance.py)."""
-    model, s = models[arch], settings(n_best=2, length_penalty=0.5)
+    model, s = models[arch], settings(n_best=2, length_penalty=0.5, no_repeat_ngram=2)
     before = plain(model, feats, s)
     groups = groups_for(before, 1, alternatives=False)
     rows = torch.zeros(len(feats), V, dtype=torch.bool)
-    for b, h in enumerate(before):  # its own best first word and one other word, never the asked one
+    bans = torch.zeros(len(feats), V, dtype=torch.bool)
+    for b, h in enumerate(before):  # its own best first word and one other word, never the asked one; a ban too
         rows[b, [h[0].tokens[0], *absent(h, 1, skip=1)]] = True
-    together = cbs(model, feats, groups, s, absent_rows=rows)
+        bans[b, absent(h, 1, skip=2)] = True
+    together = cbs(model, feats, groups, s, absent_rows=rows, banned_rows=bans)
     for b, g in enumerate(groups):
         keep = (~rows[b]).nonzero().flatten().tolist()  # the absent words are >= 4: <pad> ... <unk> keep their ids
         new = {w: i for i, w in enumerate(keep)}
-        alone = cbs(_Fewer(model, keep), feats[b:b + 1], [[[new[w] for w in group] for group in g]], s)[0]
+        alone = cbs(_Fewer(model, keep), feats[b:b + 1], [[[new[w] for w in group] for group in g]], s,
+                    banned_rows=bans[b:b + 1, keep])[0]
         for h in alone:
             h.tokens = [keep[i] for i in h.tokens]
         same(together[b], alone, atol=1e-5)
-        assert together[b] and not any(rows[b, w] for h in together[b] for w in h.tokens)
+        assert together[b] and not any(rows[b, w] or bans[b, w] for h in together[b] for w in h.tokens)
     # so the check above can fail: with every word, some image's captions are others
-    anyway = cbs(model, feats, groups, s)
+    anyway = cbs(model, feats, groups, s, banned_rows=bans)
     assert any([h.tokens for h in x] != [h.tokens for h in y] for x, y in zip(together, anyway))
 
 

@@ -175,6 +175,30 @@ def test_words_added_to_an_ensemble_get_each_members_own_rows(feats):
     assert isinstance(guide.extension, EnsembleExtension) and len(guide.extension.parts) == 2
 
 
+def test_an_ensembles_images_needing_other_added_words_are_searched_apart(feats, monkeypatch):
+    """An ensemble's step is the mean of its members' log-probabilities, which renormalising after it does not give
+    (inference/guidance.py): its images that need different added words are searched again one set of words at a
+    time, each getting what a search of it alone gives."""
+    from captioner.inference import guidance
+
+    v = vocab()
+    ens = Ensemble([decoder("sat", 0), decoder("sat", 1)]).eval()
+    guide = Guide(ens, v, {"decoding": {}}, transfer(ens, v, ["kitten", "giraffe"]))
+    V, s = len(v), DecodingSettings(beam_size=2, max_len=6, concept_margin=10.0)
+    groups = [[[V]], [[V + 1]], [[v.stoi["cat"]]]]  # kitten, giraffe, cat
+    alone = [guide._constrained(feats[b:b + 1], [g], [set()], s)[0] for b, g in enumerate(groups)]
+    calls = []
+    real = guidance.constrained_beam_search
+    monkeypatch.setattr(guidance, "constrained_beam_search", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    first = guide.generate(feats, s.replace(concepts="off"))[0]
+    decoded = [guidance.Decoded([list(h) for h in first], None, [(b, feats[b], g, set(), 1.0)])
+               for b, g in enumerate(groups)]
+    guide.search_again(decoded, s)
+    assert sorted(calls) == [1, 1, 1]
+    for b, (d, want) in enumerate(zip(decoded, alone)):
+        assert _flat([d.hyps[b]]) == _flat([want])
+
+
 # ---------------------------------------------------------------------------------------
 # model directories and the commands (tiny models trained on the synthetic shapes)
 

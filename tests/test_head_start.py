@@ -282,8 +282,8 @@ def test_caption_takes_whole_batches_from_the_head_start_and_gives_the_same_resu
     monkeypatch.setattr(HeadStart, "take", lambda self, *a: handed.append(real(self, *a)) or handed[-1])
 
     want = [(r.source, r.caption, r.score, r.error) for r in bundled.iter_captions(paths, batch_size=3)]
-    # the head start reads images 0-7 (its first call), stops at the unreadable 10th in its second: 8 images done,
-    # two whole batches of 3 and the first 2 of the third, whose last image the captioner encodes itself
+    # the head start reads images 0-7 (four calls of CHUNK = 2), stops at the unreadable 10th in its fifth: 8 images
+    # done, two whole batches of 3 and the first 2 of the third, whose last image the captioner encodes itself
     head = _finished(HeadStart("k", paths, max_pixels=DEFAULT_MAX_PIXELS, hint=hint))
     encoded = []
     real_chunk = type(bundled)._encode_chunk

@@ -52,8 +52,8 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     say only when asked to). ``absent_rows`` (B, V) bool: words outside an image's vocabulary (words added for
     other images of the batch): its log-probabilities are renormalised without them, as if the model's output
     layer had no such rows, and they are never chosen; for a model whose step is one log-softmax over its words
-    (not an ensemble's mean of several), images that add different words are then searched together exactly as
-    each would be alone. Settings as for :func:`~captioner.decoding.search.beam_search`. An image leaves
+    (not an ensemble's mean of several), images that add different words are then searched together as each
+    would be alone (up to float rounding). Settings as for :func:`~captioner.decoding.search.beam_search`. An image leaves
     the batch when every hypothesis of its full state has ended (or every hypothesis at all has)."""
     s = _settings(settings, fields)
     k, lp, no_repeat = s.beam_size, s.length_penalty, s.no_repeat_ngram
@@ -61,7 +61,7 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     memory = model.encode(features.float())
     logp, state, att = model.step(torch.full((B,), start_id, dtype=torch.long, device=device),
                                   model.init_state(memory), memory)
-    if absent_rows is not None:
+    if absent_rows is not None:  # one row per image at the first step; one per working row from then on
         logp = _without(logp, absent_rows)
     V = logp.shape[-1]
     bits, start, G = _group_bits(groups, V, device)
@@ -70,6 +70,7 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     row_state = torch.arange(S, device=device).repeat_interleave(k)  # (R,)
     memory, state, logp = _per_row(model, memory, R), _expand(state, R), logp.repeat_interleave(R, dim=0)
     att = att.repeat_interleave(R, dim=0) if att is not None else None
+    absent = absent_rows.repeat_interleave(R, dim=0) if absent_rows is not None else None
     scores = torch.full((B, R), float("-inf"), device=device, dtype=torch.float64)
     scores[torch.arange(B, device=device), start * k] = 0.0
     finished = torch.zeros(B, R, dtype=torch.bool, device=device)
@@ -79,8 +80,8 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     for t in range(s.max_len):
         if t:
             logp, state, att = model.step(prev, state, memory)
-            if absent_rows is not None:
-                logp = _without(logp, absent_rows.repeat_interleave(R, dim=0))
+            if absent is not None:
+                logp = _without(logp, absent)
         n = len(alive)
         _check_step(logp, (~finished & (scores > float("-inf"))).view(-1))
         logp = _ban(logp, banned)
@@ -122,7 +123,7 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
             scores, finished, history, bits = scores[keep], finished[keep], history[keep], bits[keep]
             att_hist = att_hist[keep] if att_hist is not None else None
             banned_rows = banned_rows[keep] if banned_rows is not None else None
-            absent_rows = absent_rows[keep] if absent_rows is not None else None
+            absent = absent[rows] if absent is not None else None
     for i, b in enumerate(alive):
         ended.setdefault(b, (scores[i], history[i], att_hist[i] if att_hist is not None else None))
     return _check_hypotheses([_best_of(*ended[b], row_state, S - 1, end_id=end_id, length_penalty=lp)[:s.n_best]
