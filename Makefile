@@ -41,7 +41,7 @@ browser:
 	  || echo "WARNING: could not install chromium (apt-get install chromium as root); tests/test_web.py will fail"; }
 
 # two test processes: much of the suite waits on the commands it starts (training, torchrun, servers), so two
-# share 2 cores well (1096 tests: about 8.5 min against 12 in one process); TEST_PROCESSES=0 runs it in one
+# share 2 cores well (1103 tests: about 9.5 min against 12 in one process); TEST_PROCESSES=0 runs it in one
 TEST_PROCESSES ?= 2
 
 test: $(STAMP) browser
