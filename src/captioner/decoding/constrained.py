@@ -53,8 +53,8 @@ def constrained_beam_search(model: Decoder, features: torch.Tensor, groups: list
     other images of the batch): its log-probabilities are renormalised without them, as if the model's output
     layer had no such rows, and they are never chosen; for a model whose step is one log-softmax over its words
     (not an ensemble's mean of several), images that add different words are then searched together as each
-    would be alone (up to float rounding). Settings as for :func:`~captioner.decoding.search.beam_search`. An image leaves
-    the batch when every hypothesis of its full state has ended (or every hypothesis at all has)."""
+    would be alone (up to float rounding). Settings as for :func:`~captioner.decoding.search.beam_search`. An
+    image leaves the batch when every hypothesis of its full state has ended (or every hypothesis at all has)."""
     s = _settings(settings, fields)
     k, lp, no_repeat = s.beam_size, s.length_penalty, s.no_repeat_ngram
     B, device = features.shape[0], features.device
