@@ -31,12 +31,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from captioner.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.data.text import Vocab, join_tokens
 from captioner.decoding.search import NonFiniteError
 from captioner.decoding.settings import DecodingSettings
 from captioner.encoders.head_start import HeadStart
-from captioner.encoders.network import ImageEncoder, get_encoder_spec, image_to_array
+from captioner.encoders.network import ImageEncoder, get_encoder_spec
 from captioner.encoders.tail import TailError, load_tail
 from captioner.encoders.runtime import resolve_runtime, with_runtime
 from captioner.inference import DEFAULT_MODEL
@@ -44,6 +44,7 @@ from captioner.inference.encoder_file import EncoderFileError, read_encoder_file
 from captioner.inference.guidance import Decoded, Guide
 from captioner.inference.ensemble_dir import ModelArg, encoder_dir, load_model, model_name, several
 from captioner.inference.modeldir import ModelDirError, save_model_dir
+from captioner.inference.prepared import Prepared, PrepareDataset, as_list, prepare
 from captioner.inference.results import Caption, CaptionResult
 from captioner.models.base import Decoder
 from captioner.models.extension import VocabExtension
@@ -57,41 +58,6 @@ ENCODER_BATCH = 2
 # guided decoding: images to search again are gathered until there are this many, or this many batches wait
 AGAIN_IMAGES, AGAIN_BATCHES = 48, 8
 ENCODE_AHEAD = 3  # batches the encoder thread may run ahead of the decoder
-
-
-class _Prepared:
-    """One input after loading: its source name, the encoder's uint8 array or an error."""
-
-    __slots__ = ("source", "array", "size", "error", "image")
-
-    def __init__(self, source, array=None, size=None, error=None, image=None):
-        self.source, self.array, self.size, self.error, self.image = source, array, size, error, image
-
-
-def _prepare(src: Any, source: str, spec, max_pixels: int | None, keep_image: bool) -> _Prepared:
-    try:
-        img = load_image(src, max_pixels=max_pixels, name=source)
-    except ImageError as e:
-        return _Prepared(source, error=str(e))
-    return _Prepared(source, image_to_array(img, spec), img.size, image=img if keep_image else None)
-
-
-class _PrepareDataset(torch.utils.data.Dataset):
-    """Image loading and resizing, run in DataLoader worker processes (paths only)."""
-
-    def __init__(self, items: list[tuple[Any, str]], spec, max_pixels, keep_images: bool):
-        self.items, self.spec, self.max_pixels, self.keep = items, spec, max_pixels, keep_images
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> _Prepared:
-        src, source = self.items[i]
-        return _prepare(src, source, self.spec, self.max_pixels, self.keep)
-
-
-def _as_list(batch):
-    return batch
 
 
 _ENCODERS: "OrderedDict[tuple, Any]" = OrderedDict()  # the last few encoders built, shared by Captioners
@@ -271,16 +237,16 @@ class Captioner:
         all_paths = all(isinstance(src, (str, os.PathLike)) for src, _ in items)
         workers = check_workers(workers) if workers is not None else 1 if len(items) > batch_size else 0
         if workers > 0 and all_paths:
-            loader = torch.utils.data.DataLoader(_PrepareDataset(items, spec, limit, keep_images),
-                                                 batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
+            loader = torch.utils.data.DataLoader(PrepareDataset(items, spec, limit, keep_images),
+                                                 batch_size=batch_size, num_workers=workers, collate_fn=as_list,
                                                  prefetch_factor=4, worker_init_fn=worker_init())  # die with us
-            batches: Iterable[list[_Prepared]] = loader
+            batches: Iterable[list[Prepared]] = loader
         else:
-            batches = ([_prepare(src, name, spec, limit, keep_images) for src, name in items[i:i + batch_size]]
+            batches = ([prepare(src, name, spec, limit, keep_images) for src, name in items[i:i + batch_size]]
                        for i in range(0, len(items), batch_size))
         batches = itertools.chain(ready, iter(batches))  # iter: the loader's workers start decoding now
         readable = 0  # readable images so far: the k-th draws from the random stream (seed, seed_offset + k)
-        held: list[tuple[list[_Prepared], Decoded]] = []  # decoded batches waiting for their images' re-search
+        held: list[tuple[list[Prepared], Decoded]] = []  # decoded batches waiting for their images' re-search
         ahead = _Ahead()
         for batch, feats in self._encoded(batches, ahead, lead):
             self._cores_back(ahead)
@@ -318,7 +284,7 @@ class Captioner:
         ready = []
         for i in range(0, whole, batch_size):
             part = got[i:i + batch_size]
-            batch = _Encoded(_Prepared(items[i + j][1], array, size) for j, (array, size, _) in enumerate(part))
+            batch = _Encoded(Prepared(items[i + j][1], array, size) for j, (array, size, _) in enumerate(part))
             batch.features = features(part)
             ready.append(batch)
         return ready, features(got[whole:]) if len(got) > whole else None
@@ -335,7 +301,7 @@ class Captioner:
             return self.guide.first_pass(feats.to(self.device), s, seed_offset=seed_offset,
                                          concept_features=concept_feats)
 
-    def _flush(self, held: list[tuple[list[_Prepared], Decoded]], s: DecodingSettings,
+    def _flush(self, held: list[tuple[list[Prepared], Decoded]], s: DecodingSettings,
                return_attention: bool) -> Iterator[CaptionResult]:
         """The results of the held batches, in order, after the re-search of the images that need one."""
         with self._running():
@@ -347,7 +313,7 @@ class Captioner:
                 yield (CaptionResult(p.source, error=p.error) if p.error is not None
                        else self._result(p, *next(it), s, return_attention))
 
-    def _chunks(self, batch: list[_Prepared], skip: int = 0) -> list[np.ndarray]:
+    def _chunks(self, batch: list[Prepared], skip: int = 0) -> list[np.ndarray]:
         """The readable images of a batch (but the first ``skip``) as the encoder's calls take them: ``ENCODER_BATCH``
         at a time (the encoder runs fastest in small batches that stay in cache, as `features` does; the decoder gains
         from large ones)."""
@@ -360,9 +326,9 @@ class Captioner:
         enc = self.encoder
         return enc.encode_all(chunk) if self.encoder_weights is not None else (enc.encode_arrays(chunk), None)
 
-    def _encoded(self, batches: Iterable[list[_Prepared]], ahead: "_Ahead",
+    def _encoded(self, batches: Iterable[list[Prepared]], ahead: "_Ahead",
                  lead: tuple[torch.Tensor, torch.Tensor | None] | None = None
-                 ) -> Iterator[tuple[list[_Prepared], tuple[torch.Tensor, torch.Tensor | None] | None]]:
+                 ) -> Iterator[tuple[list[Prepared], tuple[torch.Tensor, torch.Tensor | None] | None]]:
         """(batch, its features) with the next batches' encoder running in a thread while the caller decodes
         this one: the decoder's small matrix products leave a core idle that the encoder's convolutions fill.
         Up to ``ENCODE_AHEAD`` batches are encoded ahead, so that the encoder keeps working while the caller
@@ -408,7 +374,7 @@ class Captioner:
         mine = {i: self._encode_chunk(c) for i, ((c, _), t) in enumerate(zip(jobs, taken)) if t}  # before waiting
         return _joined([mine[i] if t else f.result() for i, ((_, f), t) in enumerate(zip(jobs, taken))])
 
-    def _result(self, p: _Prepared, hyps, concepts, s: DecodingSettings, return_attention: bool) -> CaptionResult:
+    def _result(self, p: Prepared, hyps, concepts, s: DecodingSettings, return_attention: bool) -> CaptionResult:
         best, vocab = hyps[0], self.guide.vocab
         # words and their attention rows together, skipping any special token the model emitted
         keep = [i for i, t in enumerate(best.tokens) if t not in self._specials]
@@ -424,7 +390,7 @@ class Captioner:
 
 
 class _Encoded(list):
-    """A batch of :class:`_Prepared` whose ``features`` (grids, concept inputs) are already computed."""
+    """A batch of :class:`Prepared` whose ``features`` (grids, concept inputs) are already computed."""
 
     features: tuple[torch.Tensor, torch.Tensor | None]
 
