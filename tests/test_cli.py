@@ -265,7 +265,7 @@ def test_training_on_a_busy_machine_says_how_to_share_it(monkeypatch, capsys):
 _SLOW_WORKER = textwrap.dedent("""
     import os, sys, time
     import captioner.encoders.store_fill as store_fill
-    import captioner.inference.captioner as inference
+    import captioner.inference.prepared as prepared
 
     def slow(*args, **kw):
         with open(sys.argv[1] + ".tmp", "w") as f:
@@ -273,7 +273,7 @@ _SLOW_WORKER = textwrap.dedent("""
         os.replace(sys.argv[1] + ".tmp", sys.argv[1])
         time.sleep(120)
 
-    store_fill.try_load_image = inference.load_image = slow
+    store_fill.try_load_image = prepared.load_image = slow
     from captioner.cli.main import main
     sys.exit(main(sys.argv[2:]))
 """)
