@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def run(a: argparse.Namespace) -> int:
     for name, value in overrides.items():  # each flag's own type and bounds before the model loads (seconds)
         if value is not None:  # None: not given
             SETTINGS[name].check(value)
-    head = _head_start(a, images)  # the first images encoded while torch is imported (encoders/head_start.py)
-    try:
+    # the first images encoded while torch is imported (encoders/head_start.py), stopped however this ends
+    with _head_start(a, images) as head:
         import torch
 
         from captioner.inference.captioner import Captioner  # torch: not for `captioner --help` or a bad flag
@@ -66,16 +67,14 @@ def run(a: argparse.Namespace) -> int:
             return _caption_all(model, images, settings, a, head)
         finally:
             torch.set_num_threads(threads)  # as it was (main() may be called in a process that goes on)
-    finally:
-        if head is not None:
-            head.stop()
 
 
 def _head_start(a: argparse.Namespace, images: list[str]):
-    """A head start on ``images`` when the encoder will run on ONNX Runtime in float32 on the CPU (a guess from the
-    flags: the captioner takes its work only if its encoder is the one the head start ran)."""
+    """A head start on ``images`` (a context that stops it; an empty one otherwise) when the encoder will run on ONNX
+    Runtime in float32 on the CPU (a guess from the flags: the captioner takes its work only if its encoder is the one
+    the head start ran)."""
     if a.runtime not in ("auto", "onnx") or a.device != "cpu" or a.precision == "bf16" or a.attention:
-        return None
+        return contextlib.nullcontext()
     from captioner.encoders.head_start import HeadStart, caption_key
 
     models = list(a.model) if isinstance(a.model, (list, tuple)) else [a.model]

@@ -71,8 +71,6 @@ def _without_torch(a: argparse.Namespace, root: Path, names: list[str]) -> dict 
         return None
     from captioner.encoders.quick_features import features_key, features_without_torch
 
-    if len(set(names)) != len(names):
-        return None  # the usual path says what is wrong
     return features_without_torch(root, names, Path(a.out), key=features_key(a.encoder, a.resize, a.image_size,
                                                                              a.grid, a.runtime),
                                   batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet,

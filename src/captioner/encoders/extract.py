@@ -89,8 +89,6 @@ def _extract(group, image_root, images, out_dir, *, encoder, resize, image_size,
     (:func:`captioner.encoders.store_fill.fill_store`)."""
     root, out = Path(image_root), Path(out_dir)
     names = list(images)
-    if len(set(names)) != len(names):
-        raise FeatureStoreError("the image list has duplicates; each image must appear once")
     try:
         spec = get_encoder_spec(encoder, resize=resize, image_size=image_size, grid=grid)
     except ValueError as e:

@@ -25,7 +25,6 @@ batch or the thread count; tests/test_head_start.py), and ``caption``'s batches 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -39,7 +38,7 @@ import numpy as np
 
 from captioner.data.images import RESIZE_POLICIES, image_to_array, load_image
 from captioner.data.text import write_json_atomic
-from captioner.encoders.sessions import cache_dir, cached_is_valid, session_options
+from captioner.encoders.sessions import cache_dir, cached_is_valid, package_version, session_options
 
 HINT_FORMAT = 1  # bump when a hint's contents change
 CHUNK = 2  # images per encoder call, as caption's own (captioner.inference.captioner.ENCODER_BATCH)
@@ -49,13 +48,6 @@ SWITCH_INTERVAL = 0.0005  # s: while the thread runs, it gets the GIL back soone
 def enabled() -> bool:
     """False when ``CAPTIONER_HINTS=0`` (or ``no``, ``off``, ``false``): no hint is read."""
     return os.environ.get("CAPTIONER_HINTS", "1").strip().lower() not in ("0", "no", "off", "false")
-
-
-def package_version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "-"
 
 
 def file_stamp(path: Path) -> list:
@@ -115,13 +107,11 @@ class HeadStart:
     hint ``key`` names; a HeadStart without a hint (or turned off) encodes nothing and only leaves the hint.
     Stops at the first image it cannot read (the command reads it again and reports it)."""
 
-    def __init__(self, key: str, sources: Sequence[Any], *, max_pixels: int | None, threads: int = 1,
-                 hint: Hint | None = None):
+    def __init__(self, key: str, sources: Sequence[Any], *, max_pixels: int | None, hint: Hint | None = None):
         self.key = key
         self.hint = hint
         self.sources = list(sources)
         self.max_pixels = max_pixels
-        self.threads = threads
         self._done: list[tuple[list[tuple[np.ndarray, tuple[int, int]]], list[np.ndarray]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -145,7 +135,7 @@ class HeadStart:
 
             if not cached_is_valid(Path(self.hint.path)):  # damaged since: the command exports it again
                 return
-            session = ort.InferenceSession(self.hint.path, session_options(self.threads),
+            session = ort.InferenceSession(self.hint.path, session_options(1),
                                            providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             for i in range(0, len(self.sources), CHUNK):
@@ -160,8 +150,14 @@ class HeadStart:
         except Exception:  # noqa: BLE001 - an unreadable image (ImageError), ONNX Runtime's own errors: the command
             return  # reads and encodes the rest itself, and reports a real problem when it meets it
 
+    def __enter__(self) -> "HeadStart":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
-        """Stop the thread (after the call it is in) and wait for it."""
+        """Stop the thread (after the call it is in) and wait for it (also on leaving a ``with`` block)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

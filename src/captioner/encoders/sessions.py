@@ -4,8 +4,17 @@ the sessions' options. (:mod:`captioner.encoders.head_start` runs the encoder be
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 from pathlib import Path
+
+
+def package_version(dist: str, missing: str = "-") -> str:
+    """The installed version of the distribution ``dist``, or ``missing`` when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return missing
 
 
 def cache_dir() -> Path:

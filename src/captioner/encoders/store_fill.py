@@ -64,6 +64,8 @@ def fill_store(group, root: Path, names: list[str], out: Path, encoder: dict, pr
     Rank 0 alone creates (or checks) the store and finally writes meta.json; every rank writes its own rows into
     the shared memory maps (disjoint rows, so no two ranks write the same bytes), and the layout is exactly that of
     a single-process run. Alone (world 1) this is the whole job."""
+    if len(set(names)) != len(names):
+        raise FeatureStoreError("the image list has duplicates; each image must appear once")
     # the others wait for the files to exist
     meta, already, left = group.on_rank0(lambda: open_store(out, root, names, encoder, precision, overwrite))
     status = np.load(out / "status.npy", mmap_mode="r+")
